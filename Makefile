@@ -1,0 +1,34 @@
+# Two commands a user needs: `make run` and `make test`. Both set up .venv/ first (idempotent).
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+TORCH_VERSION ?= 2.13.0
+STAMP := $(VENV)/.setup-done
+
+.PHONY: setup run test clean
+
+setup: $(STAMP)
+
+# Torch is pinned and installed first so that CPU machines never pull CUDA wheels; deepspeed and
+# megatron-core need --no-build-isolation (they import torch at build time), deepspeed with its
+# C++/CUDA ops disabled (DS_BUILD_OPS=0): they JIT-build on first use where a compiler exists.
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip setuptools wheel
+	$(PIP) install --quiet torch==$(TORCH_VERSION)
+	$(PIP) install --quiet -e '.[dev]'
+	DS_BUILD_OPS=0 $(PIP) install --quiet --no-build-isolation 'deepspeed>=0.16' 'megatron-core>=0.10' || \
+	  echo "warning: deepspeed / megatron-core extras did not install; tests that need them will be skipped"
+	touch $(STAMP)
+
+run: setup
+	$(VENV)/bin/spindle train configs/demo.yaml --run-dir runs/demo
+
+# pytest exits 5 when it collected nothing: that is a broken suite, not a pass.
+test: setup
+	@$(PY) -m pytest -q tests $(PYTEST_ARGS); rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "error: pytest collected no tests" >&2; exit 1; fi; exit $$rc
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,1 @@
+"""Measurement harnesses behind `spindle bench {kernels,cp,e2e}`; each module exposes main(argv) -> int."""
