@@ -6,7 +6,16 @@ validation live further down in this module; validation runs once, before anythi
 """
 from __future__ import annotations
 
+import copy
+import dataclasses
+import difflib
+import os
+import typing
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable
+
+import yaml
 
 
 @dataclass
@@ -31,6 +40,8 @@ class ModelConfig:
     "data" (a data-dependent per-head, per-token log-decay gate)."""
     feature_map: str = "identity"
     """Feature map applied to q and k in linear layers: "identity", "silu", "relu" or "elu1" (elu + 1)."""
+    output_gate: str = "sigmoid"
+    """Activation of the output gate of linear layers (TransNormerLLM style): "sigmoid" or "silu"."""
     rope_theta: float = 10000.0
     """RoPE base of softmax layers."""
     norm_eps: float = 1e-6
@@ -52,6 +63,9 @@ class DataConfig:
     """Element type of a .bin token file: "uint16" or "uint32" (ignored for .npy and synthetic)."""
     num_samples: int = 0
     """Distinct synthetic samples before the stream repeats; 0 means unlimited."""
+    recall_pairs: int = 0
+    """Key-value pairs (and queries) per sequence of "synthetic:recall"; 0 picks seq_len // 16.
+    Capped by the number of distinct keys, (vocab_size - 2) // 3."""
 
 
 @dataclass
@@ -153,3 +167,365 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
+
+
+# ---------------------------------------------------------------------------------------------
+# Errors, allowed values
+# ---------------------------------------------------------------------------------------------
+class ConfigError(ValueError):
+    """A configuration the user can fix: the message names the key, the bad value and what is allowed."""
+
+
+SECTIONS: dict[str, type] = {
+    "model": ModelConfig,
+    "data": DataConfig,
+    "parallel": ParallelConfig,
+    "train": TrainConfig,
+    "checkpoint": CheckpointConfig,
+    "logging": LoggingConfig,
+    "launch": LaunchConfig,
+}
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "model.decay": ("none", "constant", "data"),
+    "model.feature_map": ("identity", "silu", "relu", "elu1"),
+    "model.output_gate": ("sigmoid", "silu"),
+    "data.dtype": ("uint16", "uint32"),
+    "parallel.cp_layout": ("zigzag", "contiguous"),
+    "parallel.cp_linear": ("lasp2", "lasp1"),
+    "parallel.cp_softmax": ("allgather", "ring", "ulysses"),
+    "parallel.dp_engine": ("fsdp", "deepspeed"),
+    "parallel.activation_checkpointing": ("none", "full", "linear", "softmax"),
+    "train.precision": ("auto", "bf16", "fp32"),
+    "logging.wandb": ("offline", "online", "disabled"),
+    "launch.use_gpu": ("auto", "true", "false"),
+}
+
+SYNTHETIC_SOURCES = ("synthetic:recall", "synthetic:copy")
+LAYER_LETTERS = {"L": "linear attention", "A": "softmax attention"}
+
+
+def _quoted(values: Iterable[object]) -> str:
+    return ", ".join(repr(value) for value in values)
+
+
+def _did_you_mean(name: str, candidates: Iterable[str]) -> str:
+    matches = difflib.get_close_matches(name, list(candidates), n=1, cutoff=0.6)
+    return f" Did you mean '{matches[0]}'?" if matches else ""
+
+
+# ---------------------------------------------------------------------------------------------
+# Building a Config from plain data: unknown keys and wrong types are caught here
+# ---------------------------------------------------------------------------------------------
+def _field_types(section_class: type) -> dict[str, type]:
+    # The dataclasses use postponed annotations (strings); get_type_hints resolves them to classes.
+    return typing.get_type_hints(section_class)
+
+
+def _type_name(kind: type) -> str:
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}[kind]
+
+
+def _coerce_value(key: str, value: object, kind: type) -> object:
+    """Check a value read from YAML (or a dict) against the field type; returns the typed value."""
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+    elif kind is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif kind is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            # PyYAML reads "3e-3" (no dot) as a string; accept any spelling float() accepts.
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif kind is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, bool):
+            # YAML turns unquoted true/false/yes/no into booleans; string fields such as
+            # launch.use_gpu take them by their lower-case name.
+            return "true" if value else "false"
+    raise ConfigError(f"{key} = {value!r} has the wrong type: expected {_type_name(kind)}.")
+
+
+def _section_from_dict(section: str, values: object) -> object:
+    section_class = SECTIONS[section]
+    if values is None:
+        values = {}
+    if not isinstance(values, dict):
+        raise ConfigError(
+            f"{section} = {values!r} is not a mapping: expected a section of 'key: value' lines "
+            f"(keys: {_quoted(_field_types(section_class))}).")
+    types = _field_types(section_class)
+    typed: dict[str, object] = {}
+    for name, value in values.items():
+        if name not in types:
+            raise ConfigError(
+                f"{section}.{name} = {value!r} is not a known key of section '{section}'."
+                f"{_did_you_mean(str(name), types)} Allowed keys: {_quoted(types)}.")
+        typed[name] = _coerce_value(f"{section}.{name}", value, types[name])
+    return section_class(**typed)
+
+
+def config_from_dict(values: dict) -> Config:
+    """Build a Config from nested plain data (YAML or ``to_dict`` output); no range checks."""
+    if values is None:
+        values = {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"the config is {type(values).__name__} {values!r}: expected a mapping of sections "
+                          f"({_quoted(SECTIONS)}).")
+    for section in values:
+        if section not in SECTIONS:
+            raise ConfigError(
+                f"{section} = {values[section]!r} is not a known config section.{_did_you_mean(str(section), SECTIONS)} "
+                f"Allowed sections: {_quoted(SECTIONS)}.")
+    return Config(**{section: _section_from_dict(section, values.get(section)) for section in SECTIONS})
+
+
+def to_dict(config: Config) -> dict:
+    """Nested plain dict of every section and field (round-trips through ``config_from_dict``)."""
+    return dataclasses.asdict(config)
+
+
+def save_config(config: Config, path: str | os.PathLike) -> None:
+    """Write the config as YAML (sections and keys in declaration order)."""
+    with open(path, "w", encoding="utf-8") as handle:
+        yaml.safe_dump(to_dict(config), handle, sort_keys=False, default_flow_style=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# --set overrides
+# ---------------------------------------------------------------------------------------------
+_TRUE_WORDS = ("true", "1", "yes", "on")
+_FALSE_WORDS = ("false", "0", "no", "off")
+
+
+def _parse_override_value(key: str, text: str, kind: type) -> object:
+    """Turn the text of ``--set key=text`` into the field's type."""
+    try:
+        if kind is bool:
+            if text.lower() in _TRUE_WORDS:
+                return True
+            if text.lower() in _FALSE_WORDS:
+                return False
+            raise ValueError(text)
+        if kind is int:
+            return int(text)
+        if kind is float:
+            return float(text)
+    except ValueError:
+        raise ConfigError(f"--set {key}={text}: {text!r} is not {_type_name(kind)}, which {key} expects.") from None
+    return text
+
+
+def apply_overrides(values: dict, overrides: Iterable[str]) -> dict:
+    """Apply ``section.key=value`` strings to nested plain data; returns a new dict."""
+    result = {section: dict(content) if isinstance(content, dict) else content
+              for section, content in (values or {}).items()}
+    for override in overrides:
+        key, separator, text = override.partition("=")
+        key = key.strip()
+        section, dot, name = key.partition(".")
+        if not separator or not dot or not section or not name:
+            raise ConfigError(f"--set {override!r} is not of the form section.key=value "
+                              f"(for example --set train.steps=200).")
+        if section not in SECTIONS:
+            raise ConfigError(f"--set {key}: '{section}' is not a known config section."
+                              f"{_did_you_mean(section, SECTIONS)} Allowed sections: {_quoted(SECTIONS)}.")
+        types = _field_types(SECTIONS[section])
+        if name not in types:
+            raise ConfigError(f"--set {key}: '{name}' is not a known key of section '{section}'."
+                              f"{_did_you_mean(name, types)} Allowed keys: {_quoted(types)}.")
+        content = result.get(section)
+        content = dict(content) if isinstance(content, dict) else {}
+        content[name] = _parse_override_value(key, text, types[name])
+        result[section] = content
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------------------------
+def read_yaml(path: str | os.PathLike) -> dict:
+    """Read a YAML config file into plain data; missing files and YAML syntax errors are ConfigErrors."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist: pass the path of a YAML config "
+                          f"(for example configs/demo.yaml).")
+    try:
+        with open(path, encoding="utf-8") as handle:
+            values = yaml.safe_load(handle)
+    except yaml.YAMLError as error:
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {error}") from None
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"config file {str(path)!r} holds a {type(values).__name__}: expected a mapping of "
+                          f"sections ({_quoted(SECTIONS)}).")
+    return values
+
+
+def load_config(path: str | os.PathLike, overrides: Iterable[str] = (), *,
+                world_size: int | None = None) -> Config:
+    """Read YAML, apply ``--set`` overrides, build the typed config and validate it once.
+
+    Raises ConfigError (a ValueError) with one message naming the key, the value and what is allowed.
+    """
+    values = apply_overrides(read_yaml(path), overrides)
+    config = config_from_dict(values)
+    validate(config, world_size=world_size)
+    return config
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation: ranges, scheme names, cross-field rules, data files. Runs once, before anything starts.
+# ---------------------------------------------------------------------------------------------
+def _check_choices(config: Config) -> None:
+    for key, allowed in CHOICES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(config, section), name)
+        if value not in allowed:
+            raise ConfigError(f"{key} = {value!r} is not allowed: expected one of {_quoted(allowed)}."
+                              f"{_did_you_mean(str(value), allowed)}")
+
+
+def _check_at_least(key: str, value: float, minimum: float) -> None:
+    if value < minimum:
+        raise ConfigError(f"{key} = {value!r} is out of range: expected a value >= {minimum}.")
+
+
+def _check_positive(key: str, value: float) -> None:
+    if not value > 0:
+        raise ConfigError(f"{key} = {value!r} is out of range: expected a value > 0.")
+
+
+def _check_ranges(config: Config) -> None:
+    model, data, train = config.model, config.data, config.train
+    for key, value, minimum in [
+        ("model.n_layers", model.n_layers, 1), ("model.dim", model.dim, 1), ("model.heads", model.heads, 1),
+        ("model.kv_heads", model.kv_heads, 1), ("model.vocab_size", model.vocab_size, 2),
+        ("model.ffn_dim", model.ffn_dim, 0), ("data.seq_len", data.seq_len, 2),
+        ("data.num_samples", data.num_samples, 0), ("data.recall_pairs", data.recall_pairs, 0),
+        ("parallel.cp", config.parallel.cp, 1),
+        ("parallel.tp", config.parallel.tp, 1), ("train.steps", train.steps, 1),
+        ("train.global_batch", train.global_batch, 1), ("train.micro_batch", train.micro_batch, 0),
+        ("train.warmup_steps", train.warmup_steps, 0), ("train.weight_decay", train.weight_decay, 0),
+        ("train.grad_clip", train.grad_clip, 0), ("train.seed", train.seed, 0),
+        ("checkpoint.every", config.checkpoint.every, 0), ("checkpoint.keep", config.checkpoint.keep, 1),
+        ("logging.log_every", config.logging.log_every, 1), ("launch.max_failures", config.launch.max_failures, 0),
+        ("launch.cpus_per_worker", config.launch.cpus_per_worker, 1),
+    ]:
+        _check_at_least(key, value, minimum)
+    for key, value in [("model.rope_theta", model.rope_theta), ("model.norm_eps", model.norm_eps),
+                       ("model.init_std", model.init_std), ("train.lr", train.lr),
+                       ("launch.collective_timeout_s", config.launch.collective_timeout_s)]:
+        _check_positive(key, value)
+    if config.parallel.dp != -1:
+        _check_at_least("parallel.dp", config.parallel.dp, 1)
+    if config.parallel.zero_stage not in (1, 2, 3):
+        raise ConfigError(f"parallel.zero_stage = {config.parallel.zero_stage!r} is not allowed: expected 1, 2 or 3.")
+    if not 0.0 <= train.min_lr_ratio <= 1.0:
+        raise ConfigError(f"train.min_lr_ratio = {train.min_lr_ratio!r} is out of range: expected 0 <= value <= 1.")
+    for key, value in [("train.beta1", train.beta1), ("train.beta2", train.beta2)]:
+        if not 0.0 <= value < 1.0:
+            raise ConfigError(f"{key} = {value!r} is out of range: expected 0 <= value < 1.")
+    if not config.logging.project:
+        raise ConfigError("logging.project = '' is empty: expected a wandb project name such as 'spindle'.")
+
+
+def layer_pattern(model: ModelConfig) -> str:
+    """The resolved layer pattern: ``model.layers`` repeated and truncated to ``model.n_layers`` letters."""
+    repeats = -(-model.n_layers // max(len(model.layers), 1))
+    return (model.layers * repeats)[: model.n_layers]
+
+
+def _check_model(model: ModelConfig) -> None:
+    bad_letters = sorted(set(model.layers) - set(LAYER_LETTERS))
+    if not model.layers or bad_letters:
+        raise ConfigError(
+            f"model.layers = {model.layers!r} is not a layer pattern: expected a non-empty string of the letters "
+            f"{_quoted(LAYER_LETTERS)} (L = linear attention, A = softmax attention), e.g. 'LLLA'"
+            + (f"; found {_quoted(bad_letters)}." if bad_letters else "."))
+    if model.dim % model.heads:
+        raise ConfigError(f"model.dim = {model.dim} is not divisible by model.heads = {model.heads}: "
+                          f"dim must be a multiple of heads (head_dim = dim // heads).")
+    if model.heads % model.kv_heads:
+        raise ConfigError(f"model.heads = {model.heads} is not divisible by model.kv_heads = {model.kv_heads}: "
+                          f"kv_heads must divide heads (grouped-query attention).")
+    if (model.dim // model.heads) % 2:
+        raise ConfigError(f"model.dim // model.heads = {model.dim // model.heads} is odd: rotary position "
+                          f"embeddings need an even head_dim; change model.dim or model.heads.")
+
+
+def _check_parallel(config: Config, world_size: int | None) -> None:
+    model, parallel, seq_len = config.model, config.parallel, config.data.seq_len
+    for name, heads in [("model.heads", model.heads), ("model.kv_heads", model.kv_heads)]:
+        if heads % parallel.tp:
+            raise ConfigError(f"{name} = {heads} is not divisible by parallel.tp = {parallel.tp}: tensor "
+                              f"parallelism shards heads, so tp must divide both model.heads and model.kv_heads.")
+    chunks = 2 * parallel.cp if parallel.cp_layout == "zigzag" else parallel.cp
+    if seq_len % chunks:
+        raise ConfigError(
+            f"data.seq_len = {seq_len} is not divisible by {chunks} ({'2 * ' if parallel.cp_layout == 'zigzag' else ''}"
+            f"parallel.cp with parallel.cp_layout = {parallel.cp_layout!r}): use a multiple of {chunks}.")
+    if parallel.cp_softmax == "ulysses" and "A" in layer_pattern(model):
+        for name, heads in [("model.heads", model.heads), ("model.kv_heads", model.kv_heads)]:
+            if (heads // parallel.tp) % parallel.cp:
+                raise ConfigError(
+                    f"{name} = {heads} does not split over parallel.cp = {parallel.cp} with "
+                    f"parallel.cp_softmax = 'ulysses' (heads per tp rank: {heads // parallel.tp}): Ulysses needs "
+                    f"{name} / parallel.tp divisible by parallel.cp; use 'allgather' or 'ring', or change the heads.")
+    if world_size is not None:
+        dp = parallel.dp if parallel.dp != -1 else world_size // (parallel.cp * parallel.tp)
+        if dp < 1 or dp * parallel.cp * parallel.tp != world_size:
+            raise ConfigError(
+                f"parallel.dp * parallel.cp * parallel.tp = {parallel.dp} * {parallel.cp} * {parallel.tp} does not "
+                f"match the world size {world_size}: the product must equal the number of processes "
+                f"(or set parallel.dp = -1 with cp * tp dividing {world_size}).")
+
+
+def _check_batch(config: Config, world_size: int | None) -> None:
+    train, parallel = config.train, config.parallel
+    dp = parallel.dp
+    if dp == -1:
+        if world_size is None:
+            return
+        dp = world_size // (parallel.cp * parallel.tp)
+    if train.global_batch % dp:
+        raise ConfigError(f"train.global_batch = {train.global_batch} is not divisible by parallel.dp = {dp}: "
+                          f"every data-parallel rank takes the same number of sequences.")
+    per_rank = train.global_batch // dp
+    if train.micro_batch and per_rank % train.micro_batch:
+        raise ConfigError(f"train.micro_batch = {train.micro_batch} does not divide train.global_batch / "
+                          f"parallel.dp = {per_rank}: use a divisor of {per_rank} (or 0 for no accumulation).")
+
+
+def validate(config: Config, world_size: int | None = None) -> None:
+    """Check every rule the config must satisfy; raises ConfigError on the first violation.
+
+    ``world_size`` (the number of processes) adds the rule dp * cp * tp == world_size when it is known.
+    """
+    _check_choices(config)
+    _check_ranges(config)
+    _check_model(config.model)
+    _check_parallel(config, world_size)
+    _check_batch(config, world_size)
+    # Imported here: data.py imports ConfigError from this module.
+    from spindle.runtime.data import validate_data
+
+    validate_data(config.data, config.model.vocab_size)
+
+
+def resolve(config: Config, world_size: int = 1) -> Config:
+    """A copy with the derived values filled in: parallel.dp (when -1) and train.micro_batch (when 0)."""
+    resolved = copy.deepcopy(config)
+    if resolved.parallel.dp == -1:
+        resolved.parallel.dp = world_size // (resolved.parallel.cp * resolved.parallel.tp)
+    if resolved.train.micro_batch == 0:
+        resolved.train.micro_batch = resolved.train.global_batch // resolved.parallel.dp
+    return resolved

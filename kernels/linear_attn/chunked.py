@@ -43,6 +43,7 @@ def linear_attention_chunked(
     vb = _to_blocks(v, chunk_size, compute_dtype)  # [B, H, N, C, Dv]
     num_blocks = qb.shape[2]
     causal = torch.ones(chunk_size, chunk_size, dtype=torch.bool, device=q.device).tril()
+    strictly_causal = causal.tril(-1)
 
     if log_decay is None:
         scores = (qb @ kb.transpose(-1, -2)).masked_fill(~causal, 0.0)  # [B, H, N, C, C]
@@ -50,13 +51,19 @@ def linear_attention_chunked(
     else:
         gb = _to_blocks(log_decay[..., None], chunk_size, compute_dtype)[..., 0]  # [B, H, N, C]
         cumulative = gb.cumsum(-1)  # inclusive G_i within the block, <= 0
-        # differences G_i - G_j are <= 0 where j <= i; mask before exp so nothing overflows
+        # differences G_i - G_j are <= 0 where j < i; mask before exp so nothing overflows. The diagonal
+        # (weight exactly 1) is added as a constant: were it exp(G_i − G_i), its large gradient terms
+        # would cancel only after rounding and swamp the small decay gradient under strong decay.
         difference = cumulative[..., :, None] - cumulative[..., None, :]
-        decay = torch.exp(difference.masked_fill(~causal, float("-inf")))  # [B, H, N, C, C]
+        decay = torch.exp(difference.masked_fill(~strictly_causal, float("-inf")))
+        decay = decay + torch.eye(chunk_size, dtype=compute_dtype, device=q.device)  # [B, H, N, C, C]
         scores = (qb @ kb.transpose(-1, -2)) * decay
         query_decay = torch.exp(cumulative)[..., None]  # [B, H, N, C, 1]
         block_decay = torch.exp(cumulative[..., -1])  # [B, H, N]
-        key_decay = torch.exp(cumulative[..., -1:] - cumulative)[..., None]  # [B, H, N, C, 1]
+        # G_C − G_i as the exclusive suffix sum Σ_{u>i} g_u: the last token then has no dependence on g
+        # at all, instead of a +1/−1 pair of large gradient terms that cancel only after rounding
+        suffix = F.pad(gb.flip(-1).cumsum(-1).flip(-1)[..., 1:], (0, 1))
+        key_decay = torch.exp(suffix)[..., None]  # [B, H, N, C, 1]
     output = scores @ vb  # intra-block term, [B, H, N, C, Dv]
 
     # local block states M_n = (K ⊙ exp(G_C − G_i))ᵀ V, then the ordered chain S_n = Γ_n S_{n-1} + M_n

@@ -1,1 +1,27 @@
+"""Context parallelism: sequence layouts, communication objects, LASP-2 / LASP-1 for linear attention,
+all-gather / ring / Ulysses softmax attention. Every op takes this rank's shard and the CP group."""
 
+from .comm import AllGatherComm, CommStats, RingComm, comm_stats, record_comm, reset_comm_stats
+from .lasp1 import lasp1
+from .lasp2 import lasp2
+from .layout import LAYOUTS, layout_positions, local_positions, shard, unshard
+from .merge import decayed_prefix_chain, decayed_suffix_chain, merge_attention_block
+
+__all__ = [
+    "LAYOUTS",
+    "AllGatherComm",
+    "CommStats",
+    "RingComm",
+    "comm_stats",
+    "decayed_prefix_chain",
+    "decayed_suffix_chain",
+    "lasp1",
+    "lasp2",
+    "layout_positions",
+    "local_positions",
+    "merge_attention_block",
+    "record_comm",
+    "reset_comm_stats",
+    "shard",
+    "unshard",
+]

@@ -1,0 +1,116 @@
+"""Memory-bounded softmax attention in plain PyTorch: forward returning (o, lse) and a backward that
+uses a given (final) o and lse.
+
+Queries are processed in blocks so that at most `block · Tk` scores per (batch, head) live at once.
+The backward recomputes probabilities from lse: P = exp(scale·QKᵀ − L), D = rowsum(dO ⊙ O) − dL,
+dS = P ⊙ (dO Vᵀ − D). Because it takes o and lse as arguments, ring and all-gather attention can call
+it per key block with the final merged o and lse, which makes the blockwise backward exact
+(ALGORITHMS.md §3). Works on any device; arithmetic in fp32 (float64 for float64 inputs).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .naive import causal_mask
+
+# scores (over all batches and heads) alive at once: bounds memory at B·H·Tq·Tk -> B·H·block·Tk
+_MAX_SCORES_PER_BLOCK = 1 << 25
+
+
+def _query_block(query_length: int, key_length: int, batch_heads: int) -> int:
+    per_row = max(1, key_length * batch_heads)
+    return max(16, min(query_length, _MAX_SCORES_PER_BLOCK // per_row))
+
+
+def _grouped(q: torch.Tensor, kv_heads: int, dtype: torch.dtype) -> torch.Tensor:
+    """[B, T, H, D] -> [B, H_kv, G, T, D] where query head h = kv_head · G + g."""
+    batch, length, heads, dim = q.shape
+    return q.to(dtype).view(batch, length, kv_heads, heads // kv_heads, dim).permute(0, 2, 3, 1, 4)
+
+
+def _ungrouped(x: torch.Tensor) -> torch.Tensor:
+    """[B, H_kv, G, T, D] -> [B, T, H, D]."""
+    batch, kv_heads, groups, length, dim = x.shape
+    return x.permute(0, 3, 1, 2, 4).reshape(batch, length, kv_heads * groups, dim)
+
+
+def _block_scores(q_block, keys, start, query_length, causal, scale):
+    """Scores [B, H_kv, G, rows, Tk] for query rows [start, start + rows), masked with -inf."""
+    scores = scale * (q_block @ keys.transpose(-1, -2)[:, :, None])
+    if causal:
+        rows = q_block.shape[-2]
+        mask = causal_mask(query_length, keys.shape[-2], q_block.device)[start : start + rows]
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return scores
+
+
+def attention_forward_math(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """q: [B, Tq, H, D]; k, v: [B, Tk, H_kv, D] -> o [B, Tq, H, D] (dtype of q), lse [B, H, Tq] (fp32)."""
+    compute_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    batch, query_length, heads, _ = q.shape
+    kv_heads = k.shape[2]
+    qg = _grouped(q, kv_heads, compute_dtype)  # [B, H_kv, G, Tq, D]
+    keys = k.to(compute_dtype).transpose(1, 2)  # [B, H_kv, Tk, D]
+    values = v.to(compute_dtype).transpose(1, 2)  # [B, H_kv, Tk, Dv]
+    output = qg.new_empty(*qg.shape[:-1], v.shape[-1])
+    lse = qg.new_empty(qg.shape[:-1])
+    block = _query_block(query_length, k.shape[1], batch * heads)
+    for start in range(0, query_length, block):
+        scores = _block_scores(qg[..., start : start + block, :], keys, start, query_length, causal, scale)
+        block_lse = torch.logsumexp(scores, dim=-1)  # -inf on rows that see no key
+        finite = torch.where(torch.isinf(block_lse), torch.zeros_like(block_lse), block_lse)
+        probabilities = torch.exp(scores - finite[..., None])
+        output[..., start : start + block, :] = probabilities @ values[:, :, None]
+        lse[..., start : start + block] = block_lse
+    # lse [B, H_kv, G, Tq] -> [B, H, Tq]
+    return _ungrouped(output).to(q.dtype), lse.reshape(batch, heads, query_length)
+
+
+def attention_backward_math(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    o: torch.Tensor,
+    lse: torch.Tensor,
+    do: torch.Tensor,
+    causal: bool,
+    scale: float,
+    dlse: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of q, k, v given the (final) o [B, Tq, H, D] and lse [B, H, Tq]; dlse is optional.
+
+    Returns fp32 tensors (float64 for float64 inputs) so that callers summing blocks accumulate in fp32.
+    """
+    compute_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    batch, query_length, heads, _ = q.shape
+    kv_heads = k.shape[2]
+    groups = heads // kv_heads
+    qg = _grouped(q, kv_heads, compute_dtype)
+    dog = _grouped(do, kv_heads, compute_dtype)
+    og = _grouped(o, kv_heads, compute_dtype)
+    keys = k.to(compute_dtype).transpose(1, 2)
+    values = v.to(compute_dtype).transpose(1, 2)
+    lse_g = lse.to(compute_dtype).reshape(batch, kv_heads, groups, query_length)
+    finite_lse = torch.where(torch.isinf(lse_g), torch.zeros_like(lse_g), lse_g)
+    delta = (dog * og).sum(-1)  # D = rowsum(dO ⊙ O), [B, H_kv, G, Tq]
+    if dlse is not None:
+        delta = delta - dlse.to(compute_dtype).reshape(batch, kv_heads, groups, query_length)
+    dq = torch.empty_like(qg)
+    dk = torch.zeros_like(keys)
+    dv = torch.zeros_like(values)
+    block = _query_block(query_length, k.shape[1], batch * heads)
+    for start in range(0, query_length, block):
+        rows = slice(start, start + block)
+        scores = _block_scores(qg[..., rows, :], keys, start, query_length, causal, scale)
+        # masked entries are -inf, so they get probability 0; empty rows have lse -inf -> also 0
+        probabilities = torch.exp(scores - finite_lse[..., rows, None])
+        probabilities = torch.where(torch.isinf(lse_g[..., rows, None]), 0.0, probabilities)
+        d_probabilities = dog[..., rows, :] @ values.transpose(-1, -2)[:, :, None]
+        d_scores = probabilities * (d_probabilities - delta[..., rows, None]) * scale
+        dq[..., rows, :] = d_scores @ keys[:, :, None]
+        dk += (d_scores.transpose(-1, -2) @ qg[..., rows, :]).sum(2)
+        dv += (probabilities.transpose(-1, -2) @ dog[..., rows, :]).sum(2)
+    return _ungrouped(dq), dk.transpose(1, 2), dv.transpose(1, 2)

@@ -1,0 +1,145 @@
+"""The `spindle` command line.
+
+    spindle train CONFIG [--set key=value ...] [--run-dir DIR] [--address ADDR] [--resume auto|never|PATH]
+    spindle submit CONFIG --address http://HEAD:8265 [--set key=value ...]
+    spindle plan CONFIG [--set key=value ...]
+    spindle bench {kernels,cp,e2e} [...]
+    spindle report RUN_DIR
+    spindle ckpt ...
+
+A config error prints one message on stderr and exits with code 2 before anything is created on disk.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from pathlib import Path
+from typing import Callable
+
+from spindle.launch.ray_launcher import LaunchError
+from spindle.runtime.config import Config, ConfigError, load_config
+from spindle.runtime.main import add_train_arguments, default_run_dir
+
+USAGE_ERROR = 2
+BENCHMARKS = ("kernels", "cp", "e2e")
+
+
+def _error(message: str) -> int:
+    print(f"spindle: error: {message}", file=sys.stderr)
+    return USAGE_ERROR
+
+
+# ---------------------------------------------------------------------------------------------
+# train
+# ---------------------------------------------------------------------------------------------
+def launch_training(config: Config, run_dir: Path, resume: str, address: str | None) -> dict:
+    """Run the job on Ray Train workers (an embedded local cluster, or the one at ``address`` /
+    RAY_ADDRESS) and return rank 0's final metrics."""
+    from spindle.launch.ray_launcher import run_training
+
+    return run_training(config, run_dir, resume, address)
+
+
+def _train(arguments: argparse.Namespace) -> int:
+    run_dir = Path(arguments.run_dir) if arguments.run_dir else default_run_dir(arguments.config)
+    try:
+        config = load_config(arguments.config, arguments.overrides)
+        final = launch_training(config, run_dir, arguments.resume, arguments.address)
+    except (ConfigError, NotImplementedError) as error:
+        return _error(str(error))
+    except LaunchError as error:  # the cluster cannot host the job, or the job failed
+        print(f"spindle: error: {error}", file=sys.stderr)
+        return 1
+    if final:
+        print(f"spindle: finished step {final['step']}, loss {final['loss']:.4f} in {final['elapsed_s']:.1f} s; "
+              f"metrics in {run_dir / 'metrics.jsonl'} (plots: spindle report {run_dir})", flush=True)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# commands implemented elsewhere, and the ones still to come
+# ---------------------------------------------------------------------------------------------
+def _dispatch(module_name: str, argv: list[str], what: str) -> int:
+    """Hand the remaining arguments to ``module_name.main(argv)``."""
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as error:
+        if error.name and module_name.startswith(error.name):
+            return _error(f"{what} is not available in this installation ({module_name} is missing).")
+        raise
+    try:
+        return int(module.main(argv) or 0)
+    except SystemExit as exit_request:  # argparse inside the module: --help or a usage error
+        return int(exit_request.code or 0) if not isinstance(exit_request.code, str) else _error(exit_request.code)
+
+
+def _plan(argv: list[str]) -> int:
+    return _dispatch("spindle.runtime.plan", argv, "spindle plan")
+
+
+def _bench(argv: list[str]) -> int:
+    if not argv or argv[0] not in BENCHMARKS:
+        given = repr(argv[0]) if argv else "nothing"
+        return _error(f"spindle bench needs a benchmark name, got {given}: expected one of "
+                      f"{', '.join(BENCHMARKS)} (e.g. spindle bench kernels --help).")
+    return _dispatch(f"spindle.benchmarks.{argv[0]}", argv[1:], f"spindle bench {argv[0]}")
+
+
+def _not_available(command: str) -> Callable[[argparse.Namespace], int]:
+    def handler(arguments: argparse.Namespace) -> int:
+        return _error(f"spindle {command} is not available yet in this version of spindle.")
+    return handler
+
+
+def _report(arguments: argparse.Namespace) -> int:
+    from spindle.launch.report import main as report_main
+
+    return report_main([arguments.run_dir])
+
+
+# Commands whose arguments belong to another module's parser: everything after the name goes there.
+def _submit(argv: list[str]) -> int:
+    return _dispatch("spindle.launch.submit", argv, "spindle submit")
+
+
+PASS_THROUGH: dict[str, Callable[[list[str]], int]] = {"plan": _plan, "bench": _bench, "submit": _submit}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="spindle", description="Distributed long-context training runtime.")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    train = commands.add_parser("train", help="train a config (run directory: runs/<config name>)")
+    add_train_arguments(train)
+    train.add_argument("--address", metavar="ADDR", default=None, help="address of an existing Ray cluster")
+    train.set_defaults(handler=_train)
+
+    commands.add_parser("submit", help="run a config on a Ray cluster through the Jobs API", add_help=False)
+
+    commands.add_parser("plan", help="print the parallel plan and memory estimate of a config", add_help=False)
+    commands.add_parser("bench", help="run a benchmark: kernels, cp or e2e", add_help=False)
+
+    report = commands.add_parser("report", help="plot loss and throughput of a run directory")
+    report.add_argument("run_dir", metavar="RUN_DIR")
+    report.set_defaults(handler=_report)
+
+    checkpoint = commands.add_parser("ckpt", help="inspect checkpoints (not available yet)")
+    checkpoint.add_argument("rest", nargs=argparse.REMAINDER)
+    checkpoint.set_defaults(handler=_not_available("ckpt"))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in PASS_THROUGH:
+        return PASS_THROUGH[argv[0]](argv[1:])
+    try:
+        arguments = build_parser().parse_args(argv)
+    except SystemExit as exit_request:  # --help (0) or a usage error (2): return the code, don't exit
+        return int(exit_request.code or 0)
+    return arguments.handler(arguments)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

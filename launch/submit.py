@@ -1,0 +1,158 @@
+"""`spindle submit`: run `spindle train` on a remote Ray cluster through the Ray Jobs API.
+
+    submit_job(config, address, ...)
+      1. the address is checked (an http(s) dashboard address that answers within seconds)
+      2. the validated config (with every --set applied) is written to a fresh directory, which is the
+         job's runtime_env working_dir: the cluster trains exactly what was validated here
+      3. the job runs `spindle train config.yaml` on the head node, which joins the cluster through the
+         RAY_ADDRESS the Jobs API sets, so it goes through the same Ray Train launcher
+      4. the job id is printed; the job's logs stream here until it ends (or not, with wait=False)
+
+The exit code is the job's: 0 when it succeeded, 1 when it failed or was stopped.
+"""
+from __future__ import annotations
+
+import asyncio
+import re
+import shlex
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import TextIO
+from urllib.parse import urlparse
+
+from spindle.launch.ray_launcher import LaunchError, check_reachable
+from spindle.runtime.config import Config, save_config
+
+CONFIG_NAME = "config.yaml"
+DEFAULT_DASHBOARD_PORT = 8265
+GCS_PORT = 6379
+
+
+def dashboard_address(address: str) -> str:
+    """Normalize the Jobs API address to http(s)://HOST:PORT and check that something answers there."""
+    parsed = urlparse(address if "://" in address else f"http://{address}")
+    if parsed.scheme not in ("http", "https") or not parsed.hostname:
+        raise LaunchError(f"--address {address} is not a Ray dashboard address: expected http://HEAD:8265 (the "
+                          f"head node's dashboard / Jobs API port).")
+    port = parsed.port or DEFAULT_DASHBOARD_PORT
+    if port == GCS_PORT:
+        raise LaunchError(f"--address {address} points at port {GCS_PORT}, the cluster's GCS port: `spindle submit` "
+                          f"talks to the dashboard's Jobs API, usually http://{parsed.hostname}:{DEFAULT_DASHBOARD_PORT} "
+                          f"(`spindle train --address {parsed.hostname}:{GCS_PORT}` joins through the GCS port).")
+    check_reachable(parsed.hostname, port, address)
+    return f"{parsed.scheme}://{parsed.hostname}:{port}"
+
+
+def entrypoint(run_dir: str | None, resume: str | None) -> str:
+    """The shell command the job runs on the head node, in the uploaded working directory."""
+    words = ["spindle", "train", CONFIG_NAME]
+    if run_dir:
+        words += ["--run-dir", run_dir]
+    if resume:
+        words += ["--resume", resume]
+    return shlex.join(words)
+
+
+def submission_id(config_name: str) -> str:
+    """A readable, unique job id: spindle-<config name>-<UTC time>."""
+    stem = re.sub(r"[^A-Za-z0-9_-]+", "-", Path(config_name).stem).strip("-") or "job"
+    return f"spindle-{stem}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{time.time_ns() % 10**6:06d}"
+
+
+def submit_job(config: Config, config_name: str, address: str, *, run_dir: str | None = None,
+               resume: str | None = None, wait: bool = True, output: TextIO | None = None) -> int:
+    """Submit a validated config as a Ray job; return 0 when it succeeded (or was submitted, with
+    ``wait=False``) and 1 when it failed or was stopped. Raises LaunchError for a bad or dead address.
+
+    ``run_dir`` is a path on the cluster (a filesystem every node sees for multi-node jobs); without
+    it the job's run directory is runs/<config name> inside the job's working directory on the head.
+    """
+    from ray.job_submission import JobSubmissionClient
+
+    output = output or sys.stdout
+    address = dashboard_address(address)
+    try:
+        client = JobSubmissionClient(address)
+    except (ConnectionError, RuntimeError) as error:
+        raise LaunchError(f"the Ray Jobs API at {address} did not answer: {error}. Check that the head node runs "
+                          f"a dashboard (`ray start --head --dashboard-host 0.0.0.0`) and that the port is right.") \
+            from None
+    with tempfile.TemporaryDirectory(prefix="spindle-submit-") as working_dir:
+        save_config(config, Path(working_dir) / CONFIG_NAME)
+        job_id = client.submit_job(entrypoint=entrypoint(run_dir, resume), submission_id=submission_id(config_name),
+                                   runtime_env={"working_dir": working_dir},
+                                   metadata={"spindle_config": Path(config_name).name})
+    print(f"spindle: submitted job {job_id} to {address}", file=output, flush=True)
+    if not wait:
+        print(f"spindle: follow it with `ray job logs --follow {job_id} --address {address}`; stop it with "
+              f"`ray job stop {job_id} --address {address}`", file=output, flush=True)
+        return 0
+    try:
+        asyncio.run(_stream_logs(client, job_id, output))
+    except KeyboardInterrupt:
+        print(f"\nspindle: stopped following; job {job_id} keeps running (stop it with "
+              f"`ray job stop {job_id} --address {address}`)", file=output, flush=True)
+        return 130
+    return _final_status(client, job_id, output)
+
+
+async def _stream_logs(client: object, job_id: str, output: TextIO) -> None:
+    async for chunk in client.tail_job_logs(job_id):
+        output.write(chunk)
+        output.flush()
+
+
+def _final_status(client: object, job_id: str, output: TextIO, timeout_s: float = 30.0) -> int:
+    """Wait for the job to reach a terminal state (the log stream may close a moment earlier)."""
+    from ray.job_submission import JobStatus
+
+    deadline = time.monotonic() + timeout_s
+    info = client.get_job_info(job_id)
+    while not info.status.is_terminal() and time.monotonic() < deadline:
+        time.sleep(0.5)
+        info = client.get_job_info(job_id)
+    if info.status == JobStatus.SUCCEEDED:
+        print(f"spindle: job {job_id} succeeded", file=output, flush=True)
+        return 0
+    reason = f": {info.message}" if info.message else ""
+    print(f"spindle: job {job_id} {str(info.status.value).lower()}{reason}", file=output, flush=True)
+    return 1
+
+
+def build_parser() -> "argparse.ArgumentParser":
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="spindle submit",
+                                     description="Run `spindle train CONFIG` on a Ray cluster through the Jobs API.")
+    parser.add_argument("config", metavar="CONFIG", help="YAML config file, e.g. configs/demo.yaml")
+    parser.add_argument("--address", required=True, metavar="http://HEAD:8265",
+                        help="the head node's dashboard (Jobs API) address")
+    parser.add_argument("--set", dest="overrides", metavar="KEY=VALUE", action="append", default=[],
+                        help="override one config key, e.g. --set train.steps=200 (repeatable)")
+    parser.add_argument("--run-dir", metavar="DIR", default=None,
+                        help="run directory on the cluster: an absolute path on storage every node sees "
+                             "(default: runs/<config name> in the job's working directory on the head)")
+    parser.add_argument("--resume", metavar="auto|never|PATH", default=None,
+                        help="passed to `spindle train` on the cluster (default: auto)")
+    parser.add_argument("--no-wait", action="store_true",
+                        help="print the job id and return at once instead of streaming the logs")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`spindle submit`: exit 0 when the job succeeded, 1 when it failed, 2 for a bad config."""
+    from spindle.runtime.config import ConfigError, load_config
+
+    arguments = build_parser().parse_args(argv)
+    try:
+        config = load_config(arguments.config, arguments.overrides)
+        return submit_job(config, arguments.config, arguments.address, run_dir=arguments.run_dir,
+                          resume=arguments.resume, wait=not arguments.no_wait)
+    except ConfigError as error:
+        print(f"spindle: error: {error}", file=sys.stderr)
+        return 2
+    except LaunchError as error:
+        print(f"spindle: error: {error}", file=sys.stderr)
+        return 1

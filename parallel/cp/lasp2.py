@@ -1,0 +1,103 @@
+"""LASP-2: context parallelism for linear attention with ONE all-gather of d×d states per direction.
+
+Implemented from the math in ALGORITHMS.md §2, not from the released Linear-MoE code (which drops
+the intra term, leaks future tokens, ignores decay and assumes the contiguous layout).
+
+Forward, per rank: local chunk states M_c (and, for per-token decay, transitions Γ_c) -> start an
+asynchronous all-gather -> run the local kernel with a zero state while it is in flight -> wait ->
+fp32 prefix chain over all chunks in global order -> add the inter term scale·(q ⊙ e^G) S_in.
+Backward: state gradients dM_c -> one asynchronous all-gather -> local gradients of the outputs
+while it is in flight -> wait -> fp32 suffix chain -> gradients through this rank's final states.
+Bytes per rank and direction: (P-1)·slots·B·H·Dk·Dv·4 (+ (P-1)·slots·B·H·4 forward for per-token
+decay), independent of the sequence length.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from .comm import AllGatherComm
+from .layout import chunk_order, local_chunks
+from .linear import LinearContextParallel, LinearSetup, validate_linear_inputs
+from .merge import decayed_prefix_chain, decayed_suffix_chain
+
+
+class GatheredStateExchange:
+    """The LASP-2 scheme: every rank gathers every chunk's state and runs the chain itself."""
+
+    def __init__(
+        self, group: dist.ProcessGroup, setup: LinearSetup, log_decay: torch.Tensor | None, chunk_length: int
+    ) -> None:
+        self.comm = AllGatherComm(group)
+        self.setup = setup
+        self.chunk_length = chunk_length
+        order = chunk_order(setup.world_size, setup.layout)
+        # flat index rank·slots + slot of every chunk, in global order
+        self.order = [rank * setup.slots + slot for rank, slot in order]
+        self.mine = local_chunks(setup.rank, setup.world_size, setup.layout)
+        self.constant_log_decay = log_decay.detach() if setup.decay_kind == "constant" else None
+        self.chain_transitions: torch.Tensor | None = None
+        self.state_shape: torch.Size | None = None
+
+    def _global_order(self, gathered: torch.Tensor) -> torch.Tensor:
+        """[P, S, ...] -> [N, ...] in global chunk order."""
+        flat = gathered.reshape(-1, *gathered.shape[2:])
+        return flat[torch.tensor(self.order, device=flat.device)]
+
+    def start_forward(self, states: torch.Tensor, transitions: torch.Tensor | None) -> None:
+        self.state_shape = states.shape  # [S, B, H, Dk, Dv]
+        buffer = states.flatten(-2)  # [S, B, H, Dk·Dv]
+        if transitions is not None:  # per-token decay: Γ rides in the same gather, one extra element
+            buffer = torch.cat([buffer, transitions.to(buffer.dtype)[..., None]], dim=-1)
+        self.comm.start(buffer)
+
+    def finish_forward(self) -> torch.Tensor:
+        ordered = self._global_order(self.comm.wait())  # [N, B, H, Dk·Dv (+1)]
+        _, batch, heads, key_dim, value_dim = self.state_shape
+        states = ordered[..., : key_dim * value_dim].reshape(-1, batch, heads, key_dim, value_dim)
+        if self.setup.decay_kind == "token":
+            self.chain_transitions = ordered[..., -1]  # [N, B, H]
+        elif self.setup.decay_kind == "constant":
+            # every chunk has the same length m, so Γ = exp(m·g) for all of them: [1, 1, H] -> [N, 1, H]
+            gamma = torch.exp(self.chunk_length * self.constant_log_decay.to(states.dtype))
+            self.chain_transitions = gamma[None, None, :].expand(states.shape[0], 1, heads)
+        incoming = decayed_prefix_chain(states, self.chain_transitions)
+        return incoming[self.mine]
+
+    def start_backward(self, state_grads: torch.Tensor) -> None:
+        self.comm.start(state_grads.contiguous())
+
+    def finish_backward(self) -> torch.Tensor:
+        ordered = self._global_order(self.comm.wait())  # [N, B, H, Dk, Dv]
+        return decayed_suffix_chain(ordered, self.chain_transitions)[self.mine]
+
+
+def lasp2(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    group: dist.ProcessGroup,
+    *,
+    layout: str = "zigzag",
+    log_decay: torch.Tensor | None = None,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Causal linear attention with decay over a context-parallel group (LASP-2).
+
+    Args:
+        q, k: this rank's shard [B, n, H, Dk]; v: [B, n, H, Dv] (n = T / P tokens, in `layout` order).
+        group: the CP process group; rank and world size come from it.
+        layout: "zigzag" (default; the two chunks are chained in global order) or "contiguous".
+        log_decay: None, [H] (constant per head; replicated, its gradient on each rank is this
+            rank's contribution, summed by the usual gradient reduction), or this rank's shard
+            [B, n, H] of a per-token decay (sharded like q). Values <= 0.
+        scale: multiplies q; default Dk ** -0.5.
+
+    Returns:
+        o, [B, n, H, Dv] in the dtype of q: equal to spindle.kernels.linear_attention on the
+        unsharded tensors, sharded the same way. Differentiable in q, k, v and log_decay.
+    """
+    setup = validate_linear_inputs("lasp2", q, k, v, group, layout, log_decay, scale)
+    exchange = GatheredStateExchange(group, setup, log_decay, chunk_length=q.shape[1] // setup.slots)
+    return LinearContextParallel.apply(q, k, v, log_decay, setup, exchange)

@@ -1,0 +1,614 @@
+"""Sharded checkpoints: save, commit, verify, resume and reshard.
+
+A checkpoint is a directory ``RUN_DIR/checkpoints/step_<8 digits>/`` holding
+
+- the torch.distributed.checkpoint (DCP) files of the model, the optimizer, the LR scheduler and the
+  train counters (``.metadata`` and ``__<rank>_<n>.distcp``); model and optimizer state are keyed by
+  parameter FQN (``get_state_dict``), which is what lets DCP reshard them onto another dp/cp/tp layout;
+- one ``rng_rank<k>.pt`` per rank (torch CPU/CUDA, python ``random`` and numpy generator states);
+- ``manifest.json``, written last by rank 0.
+
+Commit protocol: every rank finishes writing -> rank 0 checksums every file (crc32) and writes the
+manifest atomically -> ``checkpoints/latest`` (a text file naming the directory) moves atomically ->
+old checkpoints are pruned down to ``checkpoint.keep``. A directory without a manifest is not a
+checkpoint; a crash at any point leaves the previous committed checkpoint as ``latest``.
+
+The trainer needs four calls::
+
+    checkpointer = Checkpointer(run_dir, config, model, optimizer, scheduler, degrees=context.degrees)
+    resumed = checkpointer.restore(resume)          # None on a fresh start
+    ...  # every optimizer step:
+    checkpointer.maybe_save(step, data_cursor=cursor, wandb_run_id=run_id)
+    checkpointer.close()                            # waits for an asynchronous save to commit
+
+No Ray import here; the ``spindle ckpt`` command lives in ``spindle.launch.ckpt``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import random
+import shutil
+import sys
+import time
+import warnings
+import zlib
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+import spindle
+from spindle.parallel.layout import ParallelDegrees
+
+log = logging.getLogger(__name__)
+
+CHECKPOINTS_DIR = "checkpoints"
+LATEST_FILE = "latest"
+MANIFEST_FILE = "manifest.json"
+MANIFEST_FORMAT = 1
+STEP_PREFIX = "step_"
+FAULT_ENV = "SPINDLE_CHECKPOINT_FAULT"
+"""Test hook: ``before_manifest`` (or ``before_manifest@STEP``) raises after the shards are written and
+before the manifest, the window a crash of rank 0 would hit."""
+
+_CHECKSUM_CHUNK = 16 << 20
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used: missing, incomplete, corrupt or incompatible with the run."""
+
+
+class ChecksumMismatchError(CheckpointError):
+    """A file of a committed checkpoint differs from what its manifest recorded."""
+
+
+class InjectedCheckpointFault(RuntimeError):
+    """Raised by the ``SPINDLE_CHECKPOINT_FAULT`` test hook."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Names and listing
+# ----------------------------------------------------------------------------------------------
+
+def step_dir_name(step: int) -> str:
+    return f"{STEP_PREFIX}{step:08d}"
+
+
+def checkpoints_dir(run_dir: str | os.PathLike) -> Path:
+    return Path(run_dir) / CHECKPOINTS_DIR
+
+
+def _step_of(directory: Path) -> int | None:
+    """The step encoded in a ``step_<digits>`` directory name, None for any other name."""
+    name = directory.name
+    digits = name[len(STEP_PREFIX):]
+    if not name.startswith(STEP_PREFIX) or not digits.isdigit():
+        return None
+    return int(digits)
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """One committed checkpoint as its manifest describes it."""
+
+    path: Path
+    step: int
+    layout: dict[str, int]
+    size_bytes: int
+    manifest: dict[str, Any]
+
+
+def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
+    """The manifest of checkpoint directory ``path``; CheckpointError if there is none (not committed)."""
+    manifest_path = Path(path) / MANIFEST_FILE
+    if not manifest_path.is_file():
+        raise CheckpointError(
+            f"{path} is not a committed checkpoint: it has no {MANIFEST_FILE} (the save did not finish, or "
+            f"this is not a checkpoint directory). Pass a checkpoints/step_<8 digits> directory that has one.")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise CheckpointError(f"{manifest_path} cannot be read as JSON ({error}); the checkpoint is damaged.") from error
+    if manifest.get("format") != MANIFEST_FORMAT:
+        raise CheckpointError(
+            f"{manifest_path} has format {manifest.get('format')!r}; this spindle reads format {MANIFEST_FORMAT}.")
+    return manifest
+
+
+def list_checkpoints(run_dir: str | os.PathLike, *, warn_incomplete: bool = True) -> list[CheckpointInfo]:
+    """Committed checkpoints of ``run_dir``, oldest first. Incomplete directories are skipped (logged)."""
+    root = checkpoints_dir(run_dir)
+    if not root.is_dir():
+        return []
+    found = []
+    for directory in sorted(root.iterdir()):
+        step = _step_of(directory)
+        if step is None or not directory.is_dir():
+            continue
+        if not (directory / MANIFEST_FILE).is_file():
+            if warn_incomplete:
+                log.warning("skipping %s: no %s, the save did not complete", directory, MANIFEST_FILE)
+            continue
+        try:
+            manifest = read_manifest(directory)
+        except CheckpointError as error:
+            log.warning("skipping %s: %s", directory, error)
+            continue
+        size = sum(entry["bytes"] for entry in manifest["files"].values())
+        found.append(CheckpointInfo(directory, manifest["step"], manifest["layout"], size, manifest))
+    return sorted(found, key=lambda info: info.step)
+
+
+def read_latest(run_dir: str | os.PathLike) -> Path | None:
+    """The directory ``checkpoints/latest`` names, or None when there is no pointer yet."""
+    pointer = checkpoints_dir(run_dir) / LATEST_FILE
+    if not pointer.is_file():
+        return None
+    name = pointer.read_text().strip()
+    return checkpoints_dir(run_dir) / name if name else None
+
+
+# ----------------------------------------------------------------------------------------------
+# Checksums
+# ----------------------------------------------------------------------------------------------
+
+def _file_crc32(path: Path) -> str:
+    checksum = 0
+    with open(path, "rb") as handle:
+        while chunk := handle.read(_CHECKSUM_CHUNK):
+            checksum = zlib.crc32(chunk, checksum)
+    return f"{checksum:08x}"
+
+
+def checksum_files(directory: Path) -> dict[str, dict[str, Any]]:
+    """crc32 and size of every file of a checkpoint directory except the manifest. zlib releases the GIL
+    on large buffers, so a small thread pool reads several shards at once."""
+    names = sorted(entry.name for entry in directory.iterdir()
+                   if entry.is_file() and entry.name != MANIFEST_FILE and not entry.name.endswith(".tmp"))
+    with ThreadPoolExecutor(max_workers=min(8, max(1, len(names)))) as pool:
+        sums = list(pool.map(lambda name: _file_crc32(directory / name), names))
+    return {name: {"bytes": (directory / name).stat().st_size, "crc32": crc} for name, crc in zip(names, sums)}
+
+
+def verify_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Check every file of a committed checkpoint against its manifest; returns the manifest.
+
+    Raises CheckpointError when there is no manifest and ChecksumMismatchError naming the first file
+    that is missing or differs."""
+    directory = Path(path)
+    manifest = read_manifest(directory)
+    recorded = manifest["files"]
+    for name in recorded:
+        if not (directory / name).is_file():
+            raise ChecksumMismatchError(f"checkpoint {directory} is corrupt: file {name} is missing.")
+    names = sorted(recorded)
+    with ThreadPoolExecutor(max_workers=min(8, max(1, len(names)))) as pool:
+        actual = dict(zip(names, pool.map(lambda name: _file_crc32(directory / name), names)))
+    for name in names:
+        size = (directory / name).stat().st_size
+        if actual[name] != recorded[name]["crc32"] or size != recorded[name]["bytes"]:
+            raise ChecksumMismatchError(
+                f"checkpoint {directory} is corrupt: file {name} has crc32 {actual[name]} and {size} bytes, the "
+                f"manifest recorded crc32 {recorded[name]['crc32']} and {recorded[name]['bytes']} bytes. Resume "
+                f"from an earlier checkpoint (--resume auto falls back to one).")
+    return manifest
+
+
+# ----------------------------------------------------------------------------------------------
+# Choosing the checkpoint to resume from
+# ----------------------------------------------------------------------------------------------
+
+def resolve_resume(run_dir: str | os.PathLike, resume: str | os.PathLike) -> Path | None:
+    """The checkpoint directory a run should resume from, verified against its manifest's checksums.
+
+    ``resume``: "never" -> None. "auto" -> the checkpoint ``checkpoints/latest`` names (or the newest
+    committed one when there is no pointer); if it is corrupt, the previous committed one, with a
+    warning; None when RUN_DIR has no committed checkpoint. Anything else is a PATH: a checkpoint
+    directory, or a run directory whose latest checkpoint is meant; errors say why it cannot be used.
+    """
+    resume = os.fspath(resume)
+    if resume == "never":
+        return None
+    if resume == "auto":
+        return _resolve_auto(run_dir, required=False)
+    if not resume:
+        raise ValueError("resume must be 'auto', 'never' or a checkpoint path; got an empty string.")
+    path = Path(resume)
+    if not path.exists():
+        raise CheckpointError(f"--resume {resume}: no such file or directory. Pass a checkpoints/step_<8 digits> "
+                              f"directory, a run directory, 'auto' or 'never'.")
+    if not (path / MANIFEST_FILE).is_file() and checkpoints_dir(path).is_dir():
+        return _resolve_auto(path, required=True)
+    verify_checkpoint(path)
+    return path
+
+
+def _resolve_auto(run_dir: str | os.PathLike, *, required: bool) -> Path | None:
+    committed = list_checkpoints(run_dir)
+    latest = read_latest(run_dir)
+    if latest is not None:
+        latest_step = _step_of(latest)
+        newer = [info for info in committed if latest_step is not None and info.step > latest_step]
+        if newer:
+            log.warning("checkpoints newer than latest (%s) are ignored: %s", latest.name,
+                        ", ".join(info.path.name for info in newer))
+        committed = [info for info in committed if latest_step is None or info.step <= latest_step]
+    if not committed:
+        if required:
+            raise CheckpointError(f"{run_dir} has no committed checkpoint under {CHECKPOINTS_DIR}/.")
+        log.info("no committed checkpoint in %s: starting from scratch", checkpoints_dir(run_dir))
+        return None
+    failures = []
+    for info in reversed(committed):
+        try:
+            verify_checkpoint(info.path)
+        except CheckpointError as error:
+            failures.append(str(error))
+            log.warning("skipping %s and falling back to an earlier checkpoint: %s", info.path.name, error)
+            continue
+        return info.path
+    raise CheckpointError(
+        f"every committed checkpoint of {run_dir} failed verification:\n  " + "\n  ".join(failures)
+        + "\nStart over with --resume never, or repair the files.")
+
+
+# ----------------------------------------------------------------------------------------------
+# Random number generator state
+# ----------------------------------------------------------------------------------------------
+
+def capture_rng_state() -> dict[str, Any]:
+    """This process's generator states in a form ``torch.load(weights_only=True)`` accepts."""
+    kind, keys, position, has_gauss, cached_gaussian = np.random.get_state()
+    state: dict[str, Any] = {
+        "torch_cpu": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, cached_gaussian),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["torch_cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def restore_rng_state(state: Mapping[str, Any]) -> None:
+    torch.set_rng_state(state["torch_cpu"])
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+    kind, keys, position, has_gauss, cached_gaussian = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), position, has_gauss, cached_gaussian))
+    if "torch_cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["torch_cuda"])
+
+
+def reseed_rng(seed: int, step: int, rank: int) -> None:
+    """Seed every generator from (seed, step, rank): used when the layout changed, so per-rank streams
+    cannot be carried over, but the result must still be reproducible."""
+    words = np.random.SeedSequence([seed, step, rank]).generate_state(4, dtype=np.uint32)
+    torch.manual_seed(int(words[0]) << 32 | int(words[1]))
+    random.seed(int(words[2]))
+    np.random.seed(int(words[3]))
+
+
+# ----------------------------------------------------------------------------------------------
+# Compatibility of a checkpoint with the run that wants to load it
+# ----------------------------------------------------------------------------------------------
+
+def _as_dict(config: Any) -> dict[str, Any]:
+    if dataclasses.is_dataclass(config) and not isinstance(config, type):
+        return dataclasses.asdict(config)
+    if isinstance(config, Mapping):
+        return json.loads(json.dumps(dict(config), default=str))
+    raise TypeError(f"config must be a Config dataclass or a mapping of sections, got {type(config).__name__}.")
+
+
+def _layout_of(degrees: ParallelDegrees) -> dict[str, int]:
+    return {"dp": degrees.dp, "cp": degrees.cp, "tp": degrees.tp, "world_size": degrees.world_size}
+
+
+def check_layout_change(manifest: Mapping[str, Any], config: Mapping[str, Any], degrees: ParallelDegrees) -> bool:
+    """True when the layout differs from the checkpoint's. A change of dp is refused unless the global
+    batch is unchanged: the data cursor and the loss curve are defined per global batch."""
+    saved = manifest["layout"]
+    current = _layout_of(degrees)
+    changed = any(saved[name] != current[name] for name in ("dp", "cp", "tp"))
+    saved_batch = manifest["config"]["train"]["global_batch"]
+    batch = config["train"]["global_batch"]
+    if saved["dp"] != current["dp"] and saved_batch != batch:
+        raise CheckpointError(
+            f"the checkpoint was saved with parallel.dp={saved['dp']} and train.global_batch={saved_batch}; "
+            f"this run has parallel.dp={current['dp']} and train.global_batch={batch}. Changing dp is allowed "
+            f"only with the same global batch: set train.global_batch={saved_batch}.")
+    return changed
+
+
+def check_shapes(path: Path, model_state: Mapping[str, Any], manifest: Mapping[str, Any],
+                 config: Mapping[str, Any]) -> None:
+    """Refuse a checkpoint whose model parameters do not match this model, naming the parameter."""
+    metadata = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    saved = {key[len("model."):]: entry.size for key, entry in metadata.items()
+             if key.startswith("model.") and isinstance(entry, TensorStorageMetadata)}
+    problems = []
+    for name, value in model_state.items():
+        if name not in saved:
+            problems.append(f"parameter {name} is in this model but not in the checkpoint")
+        elif tuple(saved[name]) != tuple(value.shape):
+            problems.append(f"parameter {name} has shape {tuple(saved[name])} in the checkpoint and "
+                            f"{tuple(value.shape)} in this model")
+    problems += [f"parameter {name} is in the checkpoint but not in this model"
+                 for name in saved if name not in model_state]
+    if problems:
+        saved_model, model = manifest["config"].get("model", {}), config.get("model", {})
+        differences = [f"model.{key}: {saved_model.get(key)!r} in the checkpoint, {model.get(key)!r} now"
+                       for key in sorted(set(saved_model) | set(model)) if saved_model.get(key) != model.get(key)]
+        hint = ("; config differences: " + ", ".join(differences)) if differences else ""
+        raise CheckpointError(
+            f"checkpoint {path} does not fit the model: " + "; ".join(problems[:5])
+            + (f" (and {len(problems) - 5} more)" if len(problems) > 5 else "") + hint
+            + ". Resume with the checkpoint's model config, or start a new run with --resume never.")
+
+
+# ----------------------------------------------------------------------------------------------
+# The checkpointer the trainer owns
+# ----------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ResumeState:
+    """What a loaded checkpoint tells the trainer besides the restored objects."""
+
+    path: Path
+    step: int
+    """Optimizer steps already taken; training continues with step + 1."""
+    data_cursor: int
+    """Global index of the next training sample."""
+    wandb_run_id: str | None
+    layout_changed: bool
+
+
+@dataclass
+class SaveStats:
+    step: int
+    blocking_s: float
+    """Time training was held up by the save (staging only, when asynchronous)."""
+    total_s: float
+    """From the start of the save to the commit."""
+    size_bytes: int
+
+
+class Checkpointer:
+    """Saves and restores model, optimizer, scheduler, counters and per-rank RNG of one run.
+
+    Works for plain modules and FSDP2/DTensor-parallel ones alike (``get_state_dict`` keys everything
+    by parameter FQN). Collective: every rank of ``process_group`` (default: the world) calls every
+    method. With ``checkpoint.async_save`` the shards are written by a background thread over a
+    dedicated gloo group, so they never interleave with training collectives on the default group.
+    """
+
+    def __init__(self, run_dir: str | os.PathLike, config: Any, model: torch.nn.Module,
+                 optimizer: torch.optim.Optimizer, scheduler: Any | None = None, *,
+                 degrees: ParallelDegrees | None = None, process_group: dist.ProcessGroup | None = None) -> None:
+        self.run_dir = Path(run_dir)
+        self.config = _as_dict(config)
+        self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+        self.degrees = degrees or ParallelDegrees(1, 1, 1)
+        section = self.config["checkpoint"]
+        self.every, self.keep, self.async_save = int(section["every"]), int(section["keep"]), bool(section["async_save"])
+        if self.keep < 1:
+            raise ValueError(f"checkpoint.keep={self.keep}: at least one committed checkpoint must be kept; use keep >= 1.")
+        self.distributed = dist.is_available() and dist.is_initialized()
+        if not self.distributed:
+            # DCP warns on every single-process save/load that it "assumes" one process; that is the intent.
+            warnings.filterwarnings("ignore", category=UserWarning,
+                                    message="torch.distributed is disabled, unavailable or uninitialized")
+        if self.distributed and self.async_save and process_group is None:
+            process_group = dist.new_group(backend="gloo")
+        self.group = process_group
+        self.rank = dist.get_rank(self.group) if self.distributed else 0
+        self.last_save: SaveStats | None = None
+        self._pending: Future | None = None
+
+    # -- saving ---------------------------------------------------------------------------------
+
+    def maybe_save(self, step: int, *, data_cursor: int, wandb_run_id: str | None = None) -> bool:
+        """Save when ``checkpoint.every`` divides ``step``; returns whether a save started."""
+        if self.every <= 0 or step % self.every != 0:
+            return False
+        self.save(step, data_cursor=data_cursor, wandb_run_id=wandb_run_id)
+        return True
+
+    def save(self, step: int, *, data_cursor: int, wandb_run_id: str | None = None) -> None:
+        """Write ``checkpoints/step_<step>/`` and commit it (asynchronously with ``async_save``)."""
+        self.wait()
+        started = time.perf_counter()
+        directory = checkpoints_dir(self.run_dir) / step_dir_name(step)
+        self._prepare_directory(directory)
+        torch.save(capture_rng_state(), directory / f"rng_rank{self.rank}.pt")
+        model_state, optimizer_state = get_state_dict(self.model, self.optimizer)
+        state = {"model": model_state, "optimizer": optimizer_state,
+                 "train": {"step": step, "data_cursor": data_cursor}}
+        if self.scheduler is not None:
+            state["scheduler"] = self.scheduler.state_dict()
+        manifest = self._manifest(step, data_cursor, wandb_run_id)
+        if self.async_save:
+            upload = dcp.async_save(state, checkpoint_id=str(directory), process_group=self.group,
+                                    no_dist=not self.distributed)
+            upload = getattr(upload, "upload_completion", upload)
+            blocking = time.perf_counter() - started
+            pending: Future = Future()
+            self._pending = pending
+            upload.add_done_callback(
+                lambda done: self._commit_when_written(done, pending, directory, manifest, started, blocking))
+        else:
+            dcp.save(state, checkpoint_id=str(directory), process_group=self.group, no_dist=not self.distributed)
+            blocking = time.perf_counter() - started
+            self._commit(directory, manifest, started, blocking)
+
+    def wait(self) -> None:
+        """Block until an asynchronous save is written and committed; re-raise its failure."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+
+    def close(self) -> None:
+        """End of training: the last asynchronous save must commit before the process exits."""
+        self.wait()
+
+    def _prepare_directory(self, directory: Path) -> None:
+        """Rank 0 clears leftovers of an earlier attempt at this step (files of another world size
+        would otherwise be checksummed into the manifest); everyone then waits for the fresh directory."""
+        if self.rank == 0:
+            if directory.exists():
+                _remove_checkpoint(directory)
+            directory.mkdir(parents=True)
+        if self.distributed:
+            dist.barrier(group=self.group)
+
+    def _manifest(self, step: int, data_cursor: int, wandb_run_id: str | None) -> dict[str, Any]:
+        return {
+            "format": MANIFEST_FORMAT, "step": step, "data_cursor": data_cursor, "wandb_run_id": wandb_run_id,
+            "layout": _layout_of(self.degrees), "config": self.config,
+            "versions": {"torch": torch.__version__, "spindle": spindle.__version__,
+                         "python": sys.version.split()[0]},
+        }
+
+    def _commit_when_written(self, upload: Future, pending: Future, directory: Path, manifest: dict[str, Any],
+                             started: float, blocking: float) -> None:
+        """Runs on the DCP writer thread when the shards are on disk (or the write failed)."""
+        try:
+            upload.result()
+            self._commit(directory, manifest, started, blocking)
+        except BaseException as error:  # handed to the training thread through wait()
+            pending.set_exception(error)
+            return
+        pending.set_result(None)
+
+    def _commit(self, directory: Path, manifest: dict[str, Any], started: float, blocking: float) -> None:
+        """Manifest, then ``latest``, then pruning; rank 0 only. DCP returns on rank 0 only after every
+        rank reported its writes, and each rank wrote its RNG file before entering DCP."""
+        _maybe_inject_fault(manifest["step"])
+        if self.rank != 0:
+            return
+        files = checksum_files(directory)
+        total = time.perf_counter() - started
+        manifest = {**manifest, "files": files, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                    "save_blocking_s": round(blocking, 4), "save_total_s": round(total, 4)}
+        _write_atomically(directory / MANIFEST_FILE, json.dumps(manifest, indent=1, sort_keys=True))
+        _write_atomically(checkpoints_dir(self.run_dir) / LATEST_FILE, directory.name + "\n")
+        self.last_save = SaveStats(manifest["step"], blocking, total, sum(entry["bytes"] for entry in files.values()))
+        log.info("checkpoint %s committed: %.1f MB, %.2f s (%.2f s blocking)", directory.name,
+                 self.last_save.size_bytes / 1e6, total, blocking)
+        prune_checkpoints(self.run_dir, self.keep, committed_step=manifest["step"])
+
+    # -- restoring ------------------------------------------------------------------------------
+
+    def restore(self, resume: str | os.PathLike) -> ResumeState | None:
+        """Resolve ``--resume`` on rank 0 (checksums are read once), share the choice, and load it."""
+        choice: list[Any] = [None]
+        if self.rank == 0:
+            try:
+                choice[0] = resolve_resume(self.run_dir, resume)
+            except (CheckpointError, ValueError) as error:
+                choice[0] = error
+        if self.distributed:
+            dist.broadcast_object_list(choice, src=dist.get_global_rank(self.group, 0) if self.group else 0,
+                                       group=self.group)
+        if isinstance(choice[0], Exception):
+            raise choice[0]
+        return None if choice[0] is None else self.load(choice[0])
+
+    def load(self, path: str | os.PathLike) -> ResumeState:
+        """Load checkpoint ``path`` into the model, optimizer and scheduler (resharding when the layout
+        differs) and restore, or deterministically reseed, this rank's RNG."""
+        path = Path(path)
+        manifest = read_manifest(path)
+        layout_changed = check_layout_change(manifest, self.config, self.degrees)
+        model_state, optimizer_state = get_state_dict(self.model, self.optimizer)
+        check_shapes(path, model_state, manifest, self.config)
+        state = {"model": model_state, "optimizer": optimizer_state, "train": {"step": 0, "data_cursor": 0}}
+        if self.scheduler is not None:
+            state["scheduler"] = self.scheduler.state_dict()
+        try:
+            dcp.load(state, checkpoint_id=str(path), process_group=self.group, no_dist=not self.distributed)
+        except CheckpointException as error:
+            raise CheckpointError(
+                f"loading {path} failed: {error}\nThe checkpoint does not hold the state this run expects (was it "
+                f"saved with another optimizer or LR-scheduler setup?); resume with that setup or use --resume "
+                f"never.") from error
+        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
+                       optim_state_dict=state["optimizer"])
+        if self.scheduler is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
+        step = int(state["train"]["step"])
+        if layout_changed:
+            log.info("layout changed from %s: reseeding RNG from (seed, step, rank)", manifest["layout"])
+            reseed_rng(int(self.config["train"]["seed"]), step, self.rank)
+        else:
+            restore_rng_state(torch.load(path / f"rng_rank{self.rank}.pt", weights_only=True))
+        log.info("resumed from %s at step %d", path, step)
+        return ResumeState(path, step, int(state["train"]["data_cursor"]), manifest.get("wandb_run_id"),
+                           layout_changed)
+
+
+# ----------------------------------------------------------------------------------------------
+# Files on disk
+# ----------------------------------------------------------------------------------------------
+
+def _write_atomically(path: Path, text: str) -> None:
+    """Readers see the old file or the whole new one: write a temporary file, fsync, os.replace."""
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(temporary, "w") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temporary, path)
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+
+
+def _remove_checkpoint(directory: Path) -> None:
+    """Un-commit first (the manifest goes), so a crash halfway through deleting never leaves a
+    directory that looks committed but misses files."""
+    (directory / MANIFEST_FILE).unlink(missing_ok=True)
+    shutil.rmtree(directory)
+
+
+def prune_checkpoints(run_dir: str | os.PathLike, keep: int, *, committed_step: int) -> list[Path]:
+    """Delete committed checkpoints beyond the ``keep`` newest up to ``committed_step`` and incomplete
+    directories older than it; never the one just committed. Checkpoints after ``committed_step``
+    (left by an abandoned timeline) are not touched. Returns the deleted directories."""
+    keep = max(1, keep)
+    root = checkpoints_dir(run_dir)
+    candidates = [(step, directory) for directory in root.iterdir()
+                  if directory.is_dir() and (step := _step_of(directory)) is not None and step <= committed_step]
+    committed = sorted((step, directory) for step, directory in candidates if (directory / MANIFEST_FILE).is_file())
+    kept = {directory for _, directory in committed[-keep:]}
+    removed = []
+    for step, directory in sorted(candidates):
+        if directory in kept or step == committed_step:
+            continue
+        _remove_checkpoint(directory)
+        removed.append(directory)
+    if removed:
+        log.info("pruned %s", ", ".join(directory.name for directory in removed))
+    return removed
+
+
+def _maybe_inject_fault(step: int) -> None:
+    value = os.environ.get(FAULT_ENV, "")
+    if not value:
+        return
+    point, _, only_step = value.partition("@")
+    if point == "before_manifest" and (not only_step or int(only_step) == step):
+        raise InjectedCheckpointFault(f"{FAULT_ENV}={value}: failing the save of step {step} before its manifest")

@@ -1,0 +1,291 @@
+"""Layers of the hybrid decoder: norms, SwiGLU MLP, RoPE, and the two token mixers.
+
+No distributed code lives here (STYLE.md principle 1). Parallelism is applied from outside:
+- the token-mixer kernels are reached through instance attributes (``LinearAttention.sequence_op``,
+  ``SoftmaxAttention.attention_op``) that context parallelism swaps for its sharded ops;
+- RoPE angles come from the ``positions`` the caller passes (global positions of the local tokens);
+- head counts are read from tensor sizes at run time (``view(B, T, -1, head_dim)``), so a tensor-
+  parallel step can shard q/k/v/gate/decay projections column-wise and output projections row-wise,
+  and slice the per-head ``log_decay_slopes`` buffer, without touching this file.
+
+Tensors are BSHD: [batch, seq, heads, head_dim].
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from spindle import kernels
+
+DECAY_KINDS = ("none", "constant", "data")
+FEATURE_MAPS = ("identity", "silu", "relu", "elu1")
+OUTPUT_GATES = ("sigmoid", "silu")
+
+# Per-token (cos, sin) tables of RoPE, each [B or 1, T, 1, head_dim // 2].
+Rotary = tuple[torch.Tensor, torch.Tensor]
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * weight over the last dimension, computed in at least fp32."""
+
+    def __init__(self, size: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(size))
+
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        compute = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+        normed = compute * torch.rsqrt(compute.pow(2).mean(dim=-1, keepdim=True) + self.eps)
+        return normed.to(x.dtype) * self.weight.to(x.dtype)
+
+
+class SwiGLU(nn.Module):
+    """down(silu(gate(x)) * up(x)); gate/up are column-shardable, down row-shardable."""
+
+    def __init__(self, dim: int, hidden_dim: int) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, hidden_dim, bias=False)
+        self.up_proj = nn.Linear(dim, hidden_dim, bias=False)
+        self.down_proj = nn.Linear(hidden_dim, dim, bias=False)
+
+    def reset_parameters(self, init_std: float, output_std: float) -> None:
+        nn.init.normal_(self.gate_proj.weight, std=init_std)
+        nn.init.normal_(self.up_proj.weight, std=init_std)
+        nn.init.normal_(self.down_proj.weight, std=output_std)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+# ---------------------------------------------------------------------------------------------
+# RoPE
+# ---------------------------------------------------------------------------------------------
+
+
+class RotaryEmbedding(nn.Module):
+    """Turns explicit token positions into RoPE (cos, sin) tables.
+
+    Positions are never generated here: under context parallelism each rank passes the global
+    positions of its local tokens (in zigzag order), and RoPE must follow them.
+    """
+
+    def __init__(self, head_dim: int, theta: float) -> None:
+        super().__init__()
+        if head_dim % 2:
+            raise ValueError(f"RoPE needs an even head_dim, got {head_dim}; pick model.dim and "
+                             f"model.heads so that dim // heads is even")
+        self.head_dim = head_dim
+        self.theta = theta
+        # Derived constant, not state: kept out of checkpoints (persistent=False).
+        self.register_buffer("inv_freq", self._inverse_frequencies(), persistent=False)
+
+    def _inverse_frequencies(self) -> torch.Tensor:
+        exponents = torch.arange(0, self.head_dim, 2, dtype=torch.float64) / self.head_dim
+        return self.theta ** -exponents  # [head_dim // 2], float64
+
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> Rotary:
+        """positions: [T] or [B, T] integers -> (cos, sin), each [B or 1, T, 1, head_dim // 2]."""
+        # The angle product is formed in float64: at a million tokens an fp32 product
+        # position * inv_freq is off by ~0.06 rad, which would blur long-range positions.
+        angles = positions.to(torch.float64)[..., None] * self.inv_freq.to(
+            device=positions.device, dtype=torch.float64)  # [..., T, head_dim // 2]
+        if angles.dim() == 2:
+            angles = angles[None]  # [1, T, head_dim // 2]
+        angles = angles[:, :, None, :]  # [B or 1, T, 1, head_dim // 2]
+        table_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+        return angles.cos().to(table_dtype), angles.sin().to(table_dtype)
+
+
+def apply_rotary(x: torch.Tensor, rotary: Rotary) -> torch.Tensor:
+    """Rotate pairs (i, i + head_dim/2) of x [B, T, H, head_dim] by the per-token angles."""
+    cos, sin = rotary
+    compute = x.to(cos.dtype)
+    first, second = compute.chunk(2, dim=-1)  # each [B, T, H, head_dim // 2]
+    rotated = torch.cat((first * cos - second * sin, second * cos + first * sin), dim=-1)
+    return rotated.to(x.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Token mixers
+# ---------------------------------------------------------------------------------------------
+
+
+def single_device_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
+                                   log_decay: torch.Tensor | None = None,
+                                   scale: float | None = None) -> torch.Tensor:
+    """The default ``sequence_op``: spindle.kernels.linear_attention without states, returning o.
+
+    Same call signature and return as ``spindle.parallel.cp.lasp2`` with its group bound, so context
+    parallelism swaps one for the other.
+    """
+    return kernels.linear_attention(q, k, v, log_decay=log_decay, scale=scale)[0]
+
+
+def _feature_map(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    maps: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+        "identity": lambda x: x,
+        "silu": F.silu,
+        "relu": F.relu,
+        "elu1": lambda x: F.elu(x) + 1.0,
+    }
+    return maps[name]
+
+
+def constant_log_decay(heads: int, layer_index: int, n_layers: int) -> torch.Tensor:
+    """Per-head log-decay -s_h of layer l (MiniMax-01, ALGORITHMS.md §1), float32 [heads].
+
+    s_h = 2^(-8 (h+1) / H) · (1 - l / (L - 1) + 1e-5): ALiBi-style geometric slopes, strongest in
+    the first layer and fading to almost no decay in the last, so deep layers keep long memory.
+    """
+    head_index = torch.arange(heads, dtype=torch.float64)
+    slopes = 2.0 ** (-8.0 * (head_index + 1) / heads)
+    depth = 1.0 - layer_index / (n_layers - 1) + 1e-5 if n_layers > 1 else 1.0
+    return (-slopes * depth).to(torch.float32)
+
+
+def data_decay_bias(heads: int) -> torch.Tensor:
+    """Bias of the data-dependent decay gate: logsigmoid(bias_h) = -s_h with the geometric slopes.
+
+    A zero bias would start every head at log-decay log(1/2) (forgetting half the state per token);
+    this start gives half-lives from a few tokens to a few hundred, and the gate learns from there.
+    Inverting logsigmoid: -softplus(-b) = -s  =>  b = -log(expm1(s)).
+    """
+    head_index = torch.arange(heads, dtype=torch.float64)
+    slopes = 2.0 ** (-8.0 * (head_index + 1) / heads)
+    return (-torch.log(torch.expm1(slopes))).to(torch.float32)
+
+
+class LinearAttention(nn.Module):
+    """Linear attention with decay (TransNormerLLM / Lightning Attention style).
+
+    x -> q, k, v (feature map on q, k) -> sequence_op with per-head decay -> RMSNorm per head
+      -> * gate(x) -> out_proj.
+    Decay: "none"; "constant" (buffer ``log_decay_slopes`` [H], ≤ 0, indexable by head for TP);
+    "data" (``decay_proj`` Linear(dim, H) -> logsigmoid, [B, T, H], ≤ 0).
+    """
+
+    def __init__(self, dim: int, heads: int, *, decay: str, feature_map: str, output_gate: str,
+                 layer_index: int, n_layers: int, norm_eps: float) -> None:
+        super().__init__()
+        self.head_dim = dim // heads
+        self.decay = decay
+        self.output_gate = output_gate
+        self.feature_map = _feature_map(feature_map)
+        self.q_proj = nn.Linear(dim, dim, bias=False)
+        self.k_proj = nn.Linear(dim, dim, bias=False)
+        self.v_proj = nn.Linear(dim, dim, bias=False)
+        self.gate_proj = nn.Linear(dim, dim, bias=False)
+        self.decay_proj = nn.Linear(dim, heads, bias=True) if decay == "data" else None
+        self.output_norm = RMSNorm(self.head_dim, norm_eps)
+        self.out_proj = nn.Linear(dim, dim, bias=False)
+        if decay == "constant":
+            # A derived constant (persistent=False): a TP step slices it per rank, which must not
+            # turn it into differently shaped state-dict entries.
+            self.register_buffer("log_decay_slopes", constant_log_decay(heads, layer_index, n_layers),
+                                 persistent=False)
+        else:
+            self.log_decay_slopes = None
+        self.sequence_op: Callable[..., torch.Tensor] = single_device_linear_attention
+
+    def reset_parameters(self, init_std: float, output_std: float) -> None:
+        for projection in (self.q_proj, self.k_proj, self.v_proj, self.gate_proj):
+            nn.init.normal_(projection.weight, std=init_std)
+        nn.init.normal_(self.out_proj.weight, std=output_std)
+        self.output_norm.reset_parameters()
+        if self.decay_proj is not None:
+            nn.init.normal_(self.decay_proj.weight, std=init_std)
+            with torch.no_grad():
+                heads = self.decay_proj.bias.shape[0]
+                self.decay_proj.bias.copy_(data_decay_bias(heads))
+
+    def log_decay(self, x: torch.Tensor) -> torch.Tensor | None:
+        """None, the constant [H_local] slopes, or the data-dependent [B, T, H_local] gate, all ≤ 0."""
+        if self.decay == "constant":
+            return self.log_decay_slopes
+        if self.decay == "data":
+            # The gate runs in fp32 outside autocast: its logits sit near the bias (~5), where bf16
+            # spacing is ~0.03, and the kernel sums these log-decays over the whole sequence.
+            with torch.autocast(device_type=x.device.type, enabled=False):
+                # Called as a module (not F.linear on its weight) so tensor parallelism's hooks apply.
+                compute_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+                logits = self.decay_proj(x.to(self.decay_proj.weight.dtype)).to(compute_dtype)
+                return F.logsigmoid(logits)  # [B, T, H_local]
+        return None
+
+    def forward(self, x: torch.Tensor, rotary: Rotary | None = None) -> torch.Tensor:
+        """x: [B, T, dim] -> [B, T, dim]. ``rotary`` is unused (linear layers carry no RoPE)."""
+        batch, length, _ = x.shape
+        q = self.feature_map(self.q_proj(x).view(batch, length, -1, self.head_dim))  # [B, T, H, hd]
+        k = self.feature_map(self.k_proj(x).view(batch, length, -1, self.head_dim))  # [B, T, H, hd]
+        v = self.v_proj(x).view(batch, length, -1, self.head_dim)  # [B, T, H, hd]
+        o = self.sequence_op(q, k, v, log_decay=self.log_decay(x), scale=self.head_dim ** -0.5)
+        o = self.output_norm(o).reshape(batch, length, -1)  # [B, T, H * hd]
+        gate = self.gate_proj(x)  # [B, T, H * hd]
+        gate = torch.sigmoid(gate) if self.output_gate == "sigmoid" else F.silu(gate)
+        return self.out_proj(o * gate)
+
+
+class SoftmaxAttention(nn.Module):
+    """Causal grouped-query softmax attention with RoPE, through ``attention_op``."""
+
+    def __init__(self, dim: int, heads: int, kv_heads: int) -> None:
+        super().__init__()
+        self.head_dim = dim // heads
+        self.q_proj = nn.Linear(dim, heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(dim, kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(dim, kv_heads * self.head_dim, bias=False)
+        self.out_proj = nn.Linear(heads * self.head_dim, dim, bias=False)
+        self.attention_op: Callable[..., torch.Tensor] = kernels.attention
+
+    def reset_parameters(self, init_std: float, output_std: float) -> None:
+        for projection in (self.q_proj, self.k_proj, self.v_proj):
+            nn.init.normal_(projection.weight, std=init_std)
+        nn.init.normal_(self.out_proj.weight, std=output_std)
+
+    def forward(self, x: torch.Tensor, rotary: Rotary | None = None) -> torch.Tensor:
+        """x: [B, T, dim], rotary: (cos, sin) of the tokens' positions -> [B, T, dim]."""
+        if rotary is None:
+            raise ValueError("SoftmaxAttention needs the RoPE tables of the tokens' positions")
+        batch, length, _ = x.shape
+        q = self.q_proj(x).view(batch, length, -1, self.head_dim)  # [B, T, H, hd]
+        k = self.k_proj(x).view(batch, length, -1, self.head_dim)  # [B, T, H_kv, hd]
+        v = self.v_proj(x).view(batch, length, -1, self.head_dim)  # [B, T, H_kv, hd]
+        q, k = apply_rotary(q, rotary), apply_rotary(k, rotary)
+        o = self.attention_op(q, k, v, causal=True, scale=self.head_dim ** -0.5)  # [B, T, H, hd]
+        return self.out_proj(o.reshape(batch, length, -1))  # [B, T, H * hd] -> [B, T, dim]
+
+
+class DecoderBlock(nn.Module):
+    """Pre-norm block: x + mixer(norm(x)), then x + mlp(norm(x)). ``kind`` is "L" or "A"."""
+
+    def __init__(self, kind: str, mixer: LinearAttention | SoftmaxAttention, dim: int,
+                 ffn_dim: int, norm_eps: float) -> None:
+        super().__init__()
+        self.kind = kind
+        self.mixer_norm = RMSNorm(dim, norm_eps)
+        self.mixer = mixer
+        self.mlp_norm = RMSNorm(dim, norm_eps)
+        self.mlp = SwiGLU(dim, ffn_dim)
+
+    def reset_parameters(self, init_std: float, output_std: float) -> None:
+        self.mixer_norm.reset_parameters()
+        self.mlp_norm.reset_parameters()
+        self.mixer.reset_parameters(init_std, output_std)
+        self.mlp.reset_parameters(init_std, output_std)
+
+    def forward(self, x: torch.Tensor, rotary: Rotary | None) -> torch.Tensor:
+        x = x + self.mixer(self.mixer_norm(x), rotary)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+def default_ffn_dim(dim: int) -> int:
+    """8/3 · dim rounded up to a multiple of 64 (SwiGLU's usual width at ~4·dim MLP cost)."""
+    return int(math.ceil(8 * dim / 3 / 64) * 64)

@@ -1,0 +1,1110 @@
+"""The planner behind `spindle plan`: memory, communication, FLOPs and step time of a config.
+
+Pure arithmetic on a ``Config``: no torch, no torch.distributed, no Ray, so it answers in
+milliseconds on a laptop for a 64-GPU job. Everything is per GPU (per rank) unless a name says
+otherwise. The numbers follow the code as written (runtime/model.py, runtime/layers.py, the chunked
+cross-entropy) running on a GPU; the assumptions that are not visible in those files are:
+
+- parameters, gradients and AdamW's two moments are fp32 (4 + 4 + 8 bytes per parameter); "bf16"
+  (and "auto", since the plan is for a GPU) runs the forward under bf16 autocast (runtime/trainer.py).
+  With FSDP2 over more than one replica (dp·cp > 1) parallel/parallelize.py adds a bf16
+  MixedPrecisionPolicy: the forward then sees bf16 weights and the residual stream is bf16. Otherwise
+  (one replica, or DeepSpeed) the weights stay fp32, the residual stream is fp32 and autocast keeps a
+  bf16 copy of every matmul weight and a bf16 cast of every matmul input;
+- both data-parallel engines shard over the dp × cp replicas (weights are replicated over cp,
+  ALGORITHMS.md §4; parallel/parallelize.py's FSDP2 mesh);
+- tensor parallelism shards the blocks' heads and MLP width; embedding, output layer and norms stay
+  replicated, and activations on the residual stream are not split (no sequence parallelism);
+- GPU kernels save only their inputs, output and log-sum-exp (flash-attn with native GQA for softmax
+  layers; the Triton chunked kernel for linear layers, which recomputes its chunk states);
+- all-gather attention re-gathers K/V in the backward pass and reduce-scatters fp32 dK/dV, ring
+  attention carries fp32 dK/dV around the ring, so both move about 3× the forward bytes backward;
+- a checkpointed layer keeps only its input and recomputes the rest (and repeats its forward
+  communication) during the backward pass; memory counts every saved tensor once.
+
+The per-token byte counts of each block were checked against the tensors autograd actually saves
+(saved-tensor hooks on CPU, with stand-ins that save what the GPU kernels save): equal for both
+layer kinds in bf16 autocast and fp32.
+
+Memory is the peak over a step: model state + weight copies + every layer's saved activations
++ the loss buffers + the largest one-layer transient (a checkpointed layer's recomputed activations,
+its gradients in flight, and the communication buffers of its context-parallel scheme). A plan fits
+when that total is at most the device's usable memory (``GpuSpec.usable_bytes``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import sys
+from dataclasses import dataclass
+from typing import Sequence
+
+from spindle.runtime.config import Config, ConfigError, layer_pattern, load_config, resolve
+
+GIB = 1024**3
+CHECKPOINTING_POLICIES = ("none", "softmax", "linear", "full")
+# Tokens per chunk of the chunked cross-entropy (kernels/cross_entropy/chunked.py's default).
+LOSS_CHUNK_TOKENS = 4096
+# Tokens per chunk of the linear-attention kernels (intra-chunk FLOPs in the hardware count).
+LINEAR_CHUNK = 64
+GPUS_PER_NODE = 8
+# Fraction of peak FLOP/s that well-tuned training kernels reach; the step-time estimate divides by it.
+DEFAULT_EFFICIENCY = 0.5
+DEFAULT_INTER_NODE_GBPS = 50.0
+
+
+# ---------------------------------------------------------------------------------------------
+# Hardware
+# ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class GpuSpec:
+    """One accelerator: dense bf16 peak, HBM bandwidth, memory and its NVLink bandwidth."""
+
+    name: str
+    peak_flops: float
+    """Dense bf16 matmul peak, FLOP/s."""
+    hbm_bytes_per_s: float
+    memory_bytes: float
+    nvlink_bytes_per_s: float
+    """Per-GPU, per-direction bandwidth to GPUs in the same node."""
+
+    @property
+    def usable_bytes(self) -> float:
+        """Memory a training step may plan for: 5% for allocator fragmentation and 2 GiB for the
+        CUDA context, NCCL buffers and library workspaces stay free."""
+        return 0.95 * self.memory_bytes - 2 * GIB
+
+
+# H200 numbers as issue 9 states them; H100 SXM and A100 SXM (80 GB) from the vendor data sheets.
+GPUS: dict[str, GpuSpec] = {
+    "h200": GpuSpec("H200", 790e12, 4.3e12, 141e9, 450e9),
+    "h100": GpuSpec("H100", 989e12, 3.35e12, 80e9, 450e9),
+    "a100": GpuSpec("A100", 312e12, 2.0e12, 80e9, 300e9),
+}
+
+
+@dataclass(frozen=True)
+class Network:
+    """Per-GPU, per-direction link bandwidths and per-message latencies."""
+
+    intra_node_bytes_per_s: float
+    inter_node_bytes_per_s: float
+    intra_node_latency_s: float = 5e-6
+    inter_node_latency_s: float = 15e-6
+    gpus_per_node: int = GPUS_PER_NODE
+
+
+def network_for(gpu: GpuSpec, inter_node_gbps: float = DEFAULT_INTER_NODE_GBPS) -> Network:
+    """NVLink inside a node (the GPU's own figure), ``inter_node_gbps`` GB/s between nodes."""
+    return Network(gpu.nvlink_bytes_per_s, inter_node_gbps * 1e9)
+
+
+def gpu_spec(name: str | GpuSpec) -> GpuSpec:
+    if isinstance(name, GpuSpec):
+        return name
+    key = str(name).lower()
+    if key not in GPUS:
+        raise ValueError(f"gpu={name!r} is not a known GPU: expected one of {', '.join(GPUS)}.")
+    return GPUS[key]
+
+
+# ---------------------------------------------------------------------------------------------
+# Model shape and parameter counts
+# ---------------------------------------------------------------------------------------------
+def default_ffn_dim(dim: int) -> int:
+    """8/3 · dim rounded up to a multiple of 64 (the model's rule for ffn_dim = 0)."""
+    return int(math.ceil(8 * dim / 3 / 64) * 64)
+
+
+@dataclass(frozen=True)
+class Shape:
+    """The numbers of ModelConfig the arithmetic needs, with defaults resolved."""
+
+    pattern: str
+    dim: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    ffn_dim: int
+    vocab_size: int
+    tie_embeddings: bool
+    decay: str
+    feature_map: str
+    output_gate: str
+
+    @property
+    def linear_layers(self) -> int:
+        return self.pattern.count("L")
+
+    @property
+    def softmax_layers(self) -> int:
+        return self.pattern.count("A")
+
+
+def shape_of(config: Config) -> Shape:
+    model = config.model
+    return Shape(
+        pattern=layer_pattern(model), dim=model.dim, heads=model.heads, kv_heads=model.kv_heads,
+        head_dim=model.dim // model.heads, ffn_dim=model.ffn_dim or default_ffn_dim(model.dim),
+        vocab_size=model.vocab_size, tie_embeddings=model.tie_embeddings, decay=model.decay,
+        feature_map=model.feature_map, output_gate=getattr(model, "output_gate", "sigmoid"))
+
+
+@dataclass(frozen=True)
+class ParameterCounts:
+    """Parameters by place; ``*_sharded`` is what tensor parallelism splits, the rest is replicated."""
+
+    embedding: int
+    output: int
+    """0 when tied to the embedding."""
+    linear_layer: int
+    softmax_layer: int
+    final_norm: int
+    linear_layer_replicated: int
+    """Norm gains inside one linear layer (two block norms + the per-head output norm)."""
+    softmax_layer_replicated: int
+    total: int
+    matmul: int
+    """Every parameter except the input embedding table: the FLOP convention of model.flops_per_token."""
+
+
+def parameter_counts(shape: Shape) -> ParameterCounts:
+    """Exact counts of runtime/model.py's HybridModel, derived from the shape alone."""
+    dim, hidden = shape.dim, shape.heads * shape.head_dim
+    kv = shape.kv_heads * shape.head_dim
+    mlp = 3 * dim * shape.ffn_dim
+    block_norms = 2 * dim
+    # q, k, v, gate, out projections; the data-dependent decay gate is Linear(dim, heads) + bias.
+    linear_mixer = 5 * dim * hidden + (dim * shape.heads + shape.heads if shape.decay == "data" else 0)
+    linear_replicated = block_norms + shape.head_dim
+    linear_layer = linear_mixer + mlp + linear_replicated
+    softmax_layer = 2 * dim * hidden + 2 * dim * kv + mlp + block_norms
+    embedding = shape.vocab_size * dim
+    output = 0 if shape.tie_embeddings else shape.vocab_size * dim
+    total = (embedding + output + dim + shape.linear_layers * linear_layer
+             + shape.softmax_layers * softmax_layer)
+    matmul = total - (0 if shape.tie_embeddings else embedding)
+    return ParameterCounts(embedding, output, linear_layer, softmax_layer, dim, linear_replicated,
+                           block_norms, total, matmul)
+
+
+def count_parameters(config: Config) -> int:
+    """Total parameters of HybridModel(config.model) (a tied table counts once)."""
+    return parameter_counts(shape_of(config)).total
+
+
+def model_flops_per_token(shape: Shape, seq_len: int) -> float:
+    """Training FLOPs per token by model.flops_per_token's convention (no recomputation):
+    6·N_matmul + 12·head_dim·dim per linear layer + 6·seq_len·dim per softmax layer."""
+    counts = parameter_counts(shape)
+    return float(6 * counts.matmul + shape.linear_layers * 12 * shape.head_dim * shape.dim
+                 + shape.softmax_layers * 6 * seq_len * shape.dim)
+
+
+# ---------------------------------------------------------------------------------------------
+# Layout: degrees, batch split, precision
+# ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Layout:
+    dp: int
+    cp: int
+    tp: int
+    micro_batch: int
+    accumulation: int
+    """Micro-batches per optimizer step on one dp rank."""
+    seq_len: int
+    local_tokens: int
+    """Tokens of one sequence on one cp rank: seq_len / cp."""
+    checkpointing: str
+    cp_layout: str
+    cp_linear: str
+    cp_softmax: str
+    dp_engine: str
+    zero_stage: int
+    offload_optimizer: bool
+    compute_bytes: int
+    """Bytes per activation element: 2 under bf16 autocast, 4 in fp32."""
+
+    @property
+    def world_size(self) -> int:
+        return self.dp * self.cp * self.tp
+
+    @property
+    def replicas(self) -> int:
+        """Ranks holding the same weights (dp × cp): the group gradients are summed and sharded over."""
+        return self.dp * self.cp
+
+    @property
+    def autocast(self) -> bool:
+        return self.compute_bytes == 2
+
+    @property
+    def bf16_parameters(self) -> bool:
+        """FSDP2 with a bf16 MixedPrecisionPolicy (parallel/parallelize.py applies it when dp·cp > 1):
+        the forward runs on bf16 weights, so the residual stream is bf16 and autocast makes no copies."""
+        return self.autocast and self.dp_engine == "fsdp" and self.replicas > 1
+
+    @property
+    def residual_bytes(self) -> int:
+        """The residual stream follows the embedding's dtype: fp32 weights keep it fp32."""
+        return 2 if self.bf16_parameters else 4
+
+    @property
+    def states_per_rank(self) -> int:
+        """Contiguous chunks of the sequence one cp rank owns (zigzag: two)."""
+        return 2 if self.cp_layout == "zigzag" and self.cp > 1 else 1
+
+
+def layout_of(config: Config, world_size: int | None = None) -> Layout:
+    """Degrees and batch split of a validated config; ``world_size`` resolves parallel.dp = -1."""
+    parallel = config.parallel
+    if parallel.dp == -1 and world_size is None:
+        raise ValueError("parallel.dp = -1 infers dp from the number of GPUs: pass the GPU count "
+                         "(spindle plan --gpus N).")
+    resolved = resolve(config, world_size or parallel.dp * parallel.cp * parallel.tp)
+    dp, micro = resolved.parallel.dp, resolved.train.micro_batch
+    return Layout(
+        dp=dp, cp=parallel.cp, tp=parallel.tp, micro_batch=micro,
+        accumulation=config.train.global_batch // dp // micro, seq_len=config.data.seq_len,
+        local_tokens=config.data.seq_len // parallel.cp, checkpointing=parallel.activation_checkpointing,
+        cp_layout=parallel.cp_layout, cp_linear=parallel.cp_linear, cp_softmax=parallel.cp_softmax,
+        dp_engine=parallel.dp_engine, zero_stage=parallel.zero_stage,
+        offload_optimizer=parallel.offload_optimizer,
+        compute_bytes=4 if config.train.precision == "fp32" else 2)
+
+
+def checkpointed(kind: str, policy: str) -> bool:
+    """Does ``policy`` recompute layers of kind "L" / "A"?"""
+    return policy == "full" or (policy == "linear" and kind == "L") or (policy == "softmax" and kind == "A")
+
+
+# ---------------------------------------------------------------------------------------------
+# Memory: model state
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class ModelStateMemory:
+    parameters: float
+    gradients: float
+    optimizer: float
+    optimizer_cpu: float
+    """Optimizer bytes kept in host memory (DeepSpeed offload_optimizer)."""
+    weight_copies: float
+    """bf16 copies of the matmul weights that autocast makes (and keeps for backward) in the forward."""
+    gathered: float
+    """Unsharded weights and gradients of sharded engines: the root unit (embedding, output) stays
+    gathered, two blocks are gathered at a time (current + prefetch), one block's gradients are
+    reduce-scattered at a time."""
+    optimizer_step: float
+    """The AdamW (foreach) step's temporary: one fp32 buffer per optimized parameter."""
+
+
+def _sharding(layout: Layout) -> tuple[int, int, int]:
+    """Ways (parameters, gradients, optimizer state) are split over the dp × cp replicas: FSDP2 all
+    three; ZeRO stage 1 the optimizer, 2 also gradients, 3 also parameters."""
+    replicas = layout.replicas
+    if layout.dp_engine == "fsdp":
+        return replicas, replicas, replicas
+    stage = layout.zero_stage
+    return (replicas if stage >= 3 else 1), (replicas if stage >= 2 else 1), replicas
+
+
+def local_parameters(shape: Shape, tp: int) -> float:
+    """Parameters one tp rank holds before sharding: tensor parallelism splits the blocks' projection
+    and MLP matrices; embedding, output layer and norm gains stay replicated (parallel/parallelize.py)."""
+    counts = parameter_counts(shape)
+    block_matrices = (shape.linear_layers * (counts.linear_layer - counts.linear_layer_replicated)
+                      + shape.softmax_layers * (counts.softmax_layer - counts.softmax_layer_replicated))
+    return block_matrices / tp + (counts.total - block_matrices)
+
+
+def _largest_block(shape: Shape, tp: int) -> float:
+    counts = parameter_counts(shape)
+    return max(counts.linear_layer if shape.linear_layers else 0,
+               counts.softmax_layer if shape.softmax_layers else 0) / tp
+
+
+def model_state_memory(shape: Shape, layout: Layout) -> ModelStateMemory:
+    """fp32 parameters (4 B), gradients (4 B) and AdamW moments (8 B), sharded per engine and stage."""
+    counts = parameter_counts(shape)
+    local = local_parameters(shape, layout.tp)
+    parameter_shards, gradient_shards, optimizer_shards = _sharding(layout)
+    optimizer = 8 * local / optimizer_shards
+    offloaded = layout.dp_engine == "deepspeed" and layout.offload_optimizer
+    copies = 0.0
+    if layout.autocast and not layout.bf16_parameters:
+        # every matmul weight (the output layer included, the embedding lookup not) is cast once
+        copies = 2 * (local - (0 if shape.tie_embeddings else counts.embedding))
+    gathered = 0.0
+    if parameter_shards > 1:
+        weight_bytes = 2 if layout.bf16_parameters else 4
+        root = (counts.embedding + counts.output) * weight_bytes
+        block = _largest_block(shape, layout.tp)
+        gathered = root + 2 * block * weight_bytes + block * (weight_bytes + 4)
+    return ModelStateMemory(
+        parameters=4 * local / parameter_shards, gradients=4 * local / gradient_shards,
+        optimizer=0.0 if offloaded else optimizer, optimizer_cpu=optimizer if offloaded else 0.0,
+        weight_copies=copies, gathered=gathered,
+        optimizer_step=0.0 if offloaded else 4 * local / optimizer_shards)
+
+
+# ---------------------------------------------------------------------------------------------
+# Memory: activations
+# ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class LayerActivations:
+    """Bytes one layer needs for one micro-batch on one rank."""
+
+    saved: float
+    """Everything autograd keeps until the layer's backward pass, input included."""
+    checkpoint: float
+    """What a checkpointed layer keeps instead: its input (the residual stream)."""
+    workspace: float
+    """Gradients in flight while the layer's backward pass runs."""
+    comm_saved: float
+    """Context-parallel tensors saved for backward (LASP's incoming d×d states)."""
+    comm_transient: float
+    """Context-parallel buffers alive during the layer's forward or backward only."""
+
+
+def _norm_saved(dim: int, layout: Layout, readers: int) -> float:
+    """Per token, what RMSNorm (computed in fp32) and the matmuls reading it keep, its input aside:
+    an fp32 copy of a bf16 input, 1/rms (4 B), the normalized tensor (in the input's dtype), and the
+    output the ``readers`` matmuls save: under autocast over fp32 weights each makes its own bf16 cast,
+    otherwise they share the output."""
+    x_bytes = layout.residual_bytes
+    upcast = 4 * dim if x_bytes == 2 else 0
+    output = readers * 2 * dim if layout.autocast and x_bytes == 4 else x_bytes * dim
+    return upcast + 4 + x_bytes * dim + output
+
+
+def _mixer_saved_per_token(kind: str, shape: Shape, layout: Layout) -> float:
+    """Per token, tensors the token mixer keeps for backward (q/k/v/o as the GPU kernels save them)."""
+    e, tp = layout.compute_bytes, layout.tp
+    hidden, heads = shape.heads * shape.head_dim / tp, shape.heads / tp
+    if kind == "A":
+        kv = 2 * shape.kv_heads * shape.head_dim / tp
+        # rotated q, k and v, the output o (also out_proj's input), fp32 log-sum-exp
+        return (hidden + kv) * e + hidden * e + 4 * heads
+    saved = 3 * hidden * e  # q, k, v as the kernel keeps them
+    if shape.feature_map != "identity":
+        saved += 2 * hidden * e  # q, k before the feature map
+    if shape.decay == "data":
+        # gate logits and log-decay (fp32); the fp32 gate keeps an fp32 copy of its input under autocast
+        saved += 2 * 4 * heads + (4 * shape.dim if layout.autocast else 0)
+    saved += 4 * hidden + 4 * heads + 2 * hidden * e  # output RMSNorm: fp32 input, 1/rms, normalized, output
+    gate = 2 if shape.output_gate == "silu" else 1
+    saved += gate * hidden * e + hidden * e  # gate activation(s), o·gate (out_proj's input)
+    return saved
+
+
+def _layer_saved_per_token(kind: str, shape: Shape, layout: Layout) -> float:
+    """Per token, everything a non-checkpointed block keeps: input x, mixer half, MLP half."""
+    dim, ffn, residual = shape.dim, shape.ffn_dim / layout.tp, layout.residual_bytes
+    readers = 3 if kind == "A" else 4  # q, k, v (and the output gate) read the mixer norm's output
+    mixer = _norm_saved(dim, layout, readers) + _mixer_saved_per_token(kind, shape, layout)
+    # MLP: norm (gate and up read it), gate output, silu(gate), up, their product (down's input)
+    mlp = _norm_saved(dim, layout, 2) + 4 * ffn * layout.compute_bytes
+    return residual * dim + mixer + residual * dim + mlp  # block input and mid-block residual
+
+
+def _workspace_per_token(kind: str, shape: Shape, layout: Layout) -> float:
+    """Per token, the gradients alive at once in a block's backward: the residual gradient coming in
+    and going out, plus the widest intermediate gradients (MLP: d(h), d(gate), d(up); mixer: dq,
+    dk, dv)."""
+    e, tp = layout.compute_bytes, layout.tp
+    kv_heads = shape.kv_heads if kind == "A" else shape.heads
+    mixer_width = (shape.heads + 2 * kv_heads) * shape.head_dim / tp
+    return 2 * layout.residual_bytes * shape.dim + max(3 * shape.ffn_dim / tp, mixer_width) * e
+
+
+def _linear_state_bytes(shape: Shape, layout: Layout) -> float:
+    """One d_k × d_v fp32 state per head of one micro-batch: B·H·dk·dv·4."""
+    return layout.micro_batch * shape.heads / layout.tp * shape.head_dim**2 * 4
+
+
+def _context_parallel_memory(kind: str, shape: Shape, layout: Layout) -> tuple[float, float]:
+    """(saved, transient) bytes of one layer's context-parallel scheme."""
+    P = layout.cp
+    if P == 1:
+        return 0.0, 0.0
+    e, batch, n = layout.compute_bytes, layout.micro_batch, layout.local_tokens
+    if kind == "L":
+        states = layout.states_per_rank * _linear_state_bytes(shape, layout)
+        if layout.cp_linear == "lasp2":
+            return states, P * states  # incoming states kept; all P ranks' states gathered
+        return states, 2 * states  # LASP-1: incoming state kept; one in flight
+    kv_local = 2 * batch * n * shape.kv_heads / layout.tp * shape.head_dim  # elements of local K and V
+    if layout.cp_softmax == "allgather":
+        # backward: the re-gathered K/V of the whole sequence plus their fp32 gradients
+        return 0.0, P * kv_local * (e + 4)
+    if layout.cp_softmax == "ring":
+        # two K/V blocks and two fp32 dK/dV blocks in flight, plus the fp32 dQ accumulator
+        hidden = batch * n * shape.heads / layout.tp * shape.head_dim
+        return 0.0, 2 * kv_local * (e + 4) + 4 * hidden
+    # Ulysses: all-to-all send and receive buffers of q, k, v
+    qkv = batch * n * (shape.heads + 2 * shape.kv_heads) / layout.tp * shape.head_dim
+    return 0.0, 2 * qkv * e
+
+
+def allgather_kv_bytes(shape: Shape, layout: Layout) -> float:
+    """The gathered K/V of one all-gather attention layer: 2·B·T·H_kv·d·bytes (per tp rank)."""
+    return 2 * layout.micro_batch * layout.seq_len * shape.kv_heads / layout.tp * shape.head_dim * layout.compute_bytes
+
+
+def layer_activations(kind: str, shape: Shape, layout: Layout) -> LayerActivations:
+    tokens = layout.micro_batch * layout.local_tokens
+    comm_saved, comm_transient = _context_parallel_memory(kind, shape, layout)
+    # the largest weight gradient is produced in the compute dtype, then accumulated in fp32
+    largest_matrix = max(shape.dim * shape.ffn_dim, shape.dim * shape.heads * shape.head_dim) / layout.tp
+    return LayerActivations(
+        saved=tokens * _layer_saved_per_token(kind, shape, layout),
+        checkpoint=tokens * layout.residual_bytes * shape.dim,
+        workspace=tokens * _workspace_per_token(kind, shape, layout) + largest_matrix * (layout.compute_bytes + 4),
+        comm_saved=comm_saved, comm_transient=comm_transient)
+
+
+@dataclass
+class ActivationMemory:
+    saved: float
+    """All layers' saved tensors (inputs only for checkpointed layers), with RoPE tables."""
+    transient: float
+    """Peak one-layer extra during the backward pass (recompute + gradients + comm buffers)."""
+    loss: float
+    """Final norm and the chunked cross-entropy's stashed fp32 d(hidden) and d(output weight)."""
+    loss_chunk: float
+    """One [chunk, vocab] fp32 logits block and its gradient (forward only)."""
+    allgather_kv: float
+    """Gathered K/V of one all-gather attention layer (0 without it); part of ``transient``."""
+
+
+def activation_memory(shape: Shape, layout: Layout) -> ActivationMemory:
+    tokens = layout.micro_batch * layout.local_tokens
+    saved, transient = 0.0, 0.0
+    for kind in sorted(set(shape.pattern)):
+        layer = layer_activations(kind, shape, layout)
+        recomputed = checkpointed(kind, layout.checkpointing)
+        kept = (layer.checkpoint if recomputed else layer.saved) + layer.comm_saved
+        saved += shape.pattern.count(kind) * kept
+        extra = (layer.saved - layer.checkpoint if recomputed else 0.0) + layer.workspace + layer.comm_transient
+        transient = max(transient, extra)
+    if shape.softmax_layers:
+        saved += tokens * shape.head_dim * 4  # RoPE cos and sin tables, fp32, shared by all layers
+    # final norm (its input, internals; its output is not saved) and the loss's fp32 d(hidden), d(weight)
+    final_norm = tokens * (layout.residual_bytes * shape.dim + _norm_saved(shape.dim, layout, 0))
+    loss = final_norm + tokens * shape.dim * 4 + shape.vocab_size * shape.dim * 4
+    chunk = min(LOSS_CHUNK_TOKENS, tokens) * shape.vocab_size * 8  # fp32 logits + fp32 softmax gradient
+    uses_allgather = shape.softmax_layers and layout.cp > 1 and layout.cp_softmax == "allgather"
+    return ActivationMemory(saved=saved, transient=transient, loss=loss, loss_chunk=chunk,
+                            allgather_kv=allgather_kv_bytes(shape, layout) if uses_allgather else 0.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Communication
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class CommVolume:
+    """One kind of traffic in one optimizer step, seen from one rank."""
+
+    name: str
+    group: str
+    """"cp", "tp" or "dp*cp": the process group it runs over."""
+    bytes: float
+    """Bytes each rank receives per step (for a ring/chain: on the critical path)."""
+    messages: int
+    """Dependent messages per step (latency terms)."""
+    overlapped: bool
+    """True when the scheme hides it behind computation (then only the excess shows)."""
+
+
+def _linear_cp_volumes(shape: Shape, layout: Layout, passes: float) -> list[CommVolume]:
+    """LASP-2: one all-gather of the d×d states per linear layer, forward and backward, independent of
+    T: (P−1)·B·H·dk·dv·4 each; LASP-1 moves the same bytes in P−1 dependent hops."""
+    P = layout.cp
+    per_pass = (P - 1) * layout.states_per_rank * _linear_state_bytes(shape, layout)
+    lasp2 = layout.cp_linear == "lasp2"
+    name = "LASP-2 state all-gather" if lasp2 else "LASP-1 state chain"
+    return [CommVolume(name, "cp", passes * per_pass, int(passes * (P - 1)), overlapped=lasp2)]
+
+
+def _softmax_cp_volumes(shape: Shape, layout: Layout, forwards: float) -> list[CommVolume]:
+    """Per softmax layer; ``forwards`` is 2 when the layer is recomputed, else 1."""
+    P, e = layout.cp, layout.compute_bytes
+    batch, n, tp, d = layout.micro_batch, layout.local_tokens, layout.tp, shape.head_dim
+    if layout.cp_softmax == "ulysses":
+        # all-to-all of q, k, v in and o out; backward mirrors it (dO in, dq, dk, dv out)
+        local = batch * n * (2 * shape.heads + 2 * shape.kv_heads) / tp * d * e
+        volume = (P - 1) / P * local
+        return [CommVolume("Ulysses all-to-all", "cp", (forwards + 1) * volume, int(4 * (forwards + 1)), False)]
+    kv = (P - 1) * 2 * batch * n * shape.kv_heads / tp * d  # elements of the other ranks' K and V
+    forward, backward = kv * e, kv * (e + 4)  # backward: K/V again plus fp32 dK/dV
+    ring = layout.cp_softmax == "ring"
+    name = "ring attention K/V" if ring else "all-gather attention K/V"
+    messages = int((forwards + 2) * (P - 1))
+    return [CommVolume(name, "cp", forwards * forward + backward, messages, overlapped=ring)]
+
+
+def _tensor_parallel_volumes(shape: Shape, layout: Layout) -> list[CommVolume]:
+    """Megatron-style, without sequence parallelism: per block, forward all-reduces after out_proj and
+    down_proj, backward one all-reduce of the input gradient per column-parallel projection (q, k, v,
+    (gate), gate, up); a recomputed block repeats its forward ones."""
+    t = layout.tp
+    if t == 1:
+        return []
+    tokens = layout.micro_batch * layout.local_tokens
+    all_reduce = 2 * (t - 1) / t * tokens * shape.dim * layout.compute_bytes
+    count = 0
+    for kind in shape.pattern:
+        forwards = 2 if checkpointed(kind, layout.checkpointing) else 1
+        count += 2 * forwards + (3 if kind == "A" else 4) + 2
+    return [CommVolume("TP all-reduce", "tp", count * all_reduce, count, overlapped=False)]
+
+
+def _data_parallel_volumes(shape: Shape, layout: Layout) -> list[CommVolume]:
+    """Gradient synchronization over the dp × cp replicas (fp32) and the sharded engines' weight
+    gathers (bf16 under FSDP2 mixed precision); one synchronization per optimizer step."""
+    replicas = layout.replicas
+    if replicas == 1:
+        return []
+    local = local_parameters(shape, layout.tp)
+    parameter_shards, gradient_shards, _ = _sharding(layout)
+    fraction = (replicas - 1) / replicas
+    if gradient_shards > 1:
+        volumes = [CommVolume("gradient reduce-scatter", "dp*cp", fraction * 4 * local, replicas - 1, True)]
+    else:
+        volumes = [CommVolume("gradient all-reduce", "dp*cp", 2 * fraction * 4 * local, 2 * (replicas - 1), True)]
+    if parameter_shards > 1:
+        weight_bytes = 2 if layout.bf16_parameters else 4
+        gathers = 2 * layout.accumulation  # forward and backward of every micro-batch
+        volumes.append(CommVolume("parameter all-gather", "dp*cp", gathers * fraction * weight_bytes * local,
+                                  gathers * (replicas - 1), True))
+    else:
+        volumes.append(CommVolume("updated-parameter all-gather", "dp*cp", fraction * 4 * local, replicas - 1, True))
+    return volumes
+
+
+def communication(shape: Shape, layout: Layout) -> list[CommVolume]:
+    """Every traffic of one optimizer step, per rank; empty on one GPU."""
+    volumes: list[CommVolume] = []
+    micro = layout.accumulation
+    if layout.cp > 1:
+        for kind in sorted(set(shape.pattern)):
+            layers = shape.pattern.count(kind)
+            forwards = 2 if checkpointed(kind, layout.checkpointing) else 1
+            per_layer = (_linear_cp_volumes(shape, layout, forwards + 1) if kind == "L"
+                         else _softmax_cp_volumes(shape, layout, forwards))
+            volumes += [dataclasses.replace(v, bytes=v.bytes * layers * micro, messages=v.messages * layers * micro)
+                        for v in per_layer]
+    volumes += [dataclasses.replace(v, bytes=v.bytes * micro, messages=v.messages * micro)
+                for v in _tensor_parallel_volumes(shape, layout)]
+    volumes += _data_parallel_volumes(shape, layout)
+    return volumes
+
+
+def group_bandwidth(group: str, layout: Layout, network: Network) -> tuple[float, float]:
+    """(bytes/s, latency) of a group: NVLink when all its ranks share a node (mesh order dp, cp, tp,
+    tp innermost), the inter-node link otherwise."""
+    span = {"tp": layout.tp, "cp": layout.cp * layout.tp, "dp*cp": layout.world_size}[group]
+    if span <= network.gpus_per_node:
+        return network.intra_node_bytes_per_s, network.intra_node_latency_s
+    return network.inter_node_bytes_per_s, network.inter_node_latency_s
+
+# ---------------------------------------------------------------------------------------------
+# FLOPs and step time
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class Flops:
+    model_per_token: float
+    """model.flops_per_token(seq_len): what MFU divides by."""
+    model_per_step: float
+    """Model FLOPs of one optimizer step, all GPUs together."""
+    hardware_per_step_per_gpu: float
+    """FLOPs one GPU executes per step: recomputation included, and the slowest cp rank's causal
+    attention share under the contiguous layout."""
+
+
+def _forward_flops_per_token(kind: str, shape: Shape, seq_len: int) -> float:
+    """Forward FLOPs per token of one layer (weights 2·N; attention as in the model's count / 3)."""
+    counts = parameter_counts(shape)
+    if kind == "L":
+        return 2 * counts.linear_layer + 4 * shape.head_dim * shape.dim
+    return 2 * counts.softmax_layer + 2 * seq_len * shape.dim
+
+
+def flops(shape: Shape, layout: Layout) -> Flops:
+    per_token = model_flops_per_token(shape, layout.seq_len)
+    tokens_per_step = layout.dp * layout.micro_batch * layout.accumulation * layout.seq_len
+    recompute = sum(_forward_flops_per_token(kind, shape, layout.seq_len)
+                    for kind in shape.pattern if checkpointed(kind, layout.checkpointing))
+    # intra-chunk products of the linear kernels (not in the model count): 2 matmuls over C/2 keys, ×3
+    linear_intra = shape.linear_layers * 3 * 2 * LINEAR_CHUNK * shape.dim
+    hardware_per_token = per_token + recompute + linear_intra
+    if layout.cp_layout == "contiguous" and layout.cp > 1:
+        # the last cp rank attends to the most keys: (2P−1)/P of the average
+        attention = shape.softmax_layers * 6 * layout.seq_len * shape.dim
+        hardware_per_token += attention * ((2 * layout.cp - 1) / layout.cp - 1)
+    return Flops(model_per_token=per_token, model_per_step=per_token * tokens_per_step,
+                 hardware_per_step_per_gpu=hardware_per_token * tokens_per_step / layout.world_size)
+
+
+@dataclass
+class StepTime:
+    compute_s: float
+    communication_s: float
+    """Communication that is not hidden behind computation."""
+    optimizer_s: float
+    step_s: float
+    tokens_per_s: float
+    """All GPUs together."""
+    mfu: float
+    """Model FLOPs utilization the estimate implies."""
+
+
+def _exposed_seconds(volume: CommVolume, layout: Layout, network: Network, hide_under: float) -> float:
+    bandwidth, latency = group_bandwidth(volume.group, layout, network)
+    seconds = volume.bytes / bandwidth + volume.messages * latency
+    return max(0.0, seconds - hide_under) if volume.overlapped else seconds
+
+
+def _overlap_window(volume: CommVolume, shape: Shape, layout: Layout, compute: float,
+                    flop_rate: float) -> float:
+    """Seconds of computation an overlapped transfer can hide behind: the linear kernels' work for
+    LASP-2 (the intra-chunk part runs while the states travel), the softmax layers' attention for
+    ring attention, the backward pass (2/3 of the compute) for dp gradient traffic."""
+    if not volume.overlapped:
+        return 0.0
+    if volume.group not in ("cp",):
+        return compute * 2 / 3
+    tokens = layout.micro_batch * layout.local_tokens * layout.accumulation
+    if volume.name.startswith("LASP"):
+        per_token = shape.linear_layers * 3 * (4 * shape.head_dim * shape.dim + 2 * LINEAR_CHUNK * shape.dim)
+    else:
+        per_token = shape.softmax_layers * 6 * layout.seq_len * shape.dim
+    return tokens * per_token / layout.tp / flop_rate
+
+
+def step_time(shape: Shape, layout: Layout, gpu: GpuSpec, network: Network,
+              efficiency: float = DEFAULT_EFFICIENCY) -> StepTime:
+    """Compute at ``efficiency`` × peak, plus exposed communication, plus the memory-bound AdamW step.
+
+    Overlapped traffic (LASP-2, ring attention, dp gradient sync) only shows where it exceeds the
+    computation it hides behind (the mixers' share for CP, the whole backward for dp).
+    """
+    counted = flops(shape, layout)
+    flop_rate = gpu.peak_flops * efficiency
+    compute = counted.hardware_per_step_per_gpu / flop_rate
+    exposed = 0.0
+    for volume in communication(shape, layout):
+        hide_under = _overlap_window(volume, shape, layout, compute, flop_rate)
+        exposed += _exposed_seconds(volume, layout, network, hide_under)
+    state = model_state_memory(shape, layout)
+    local_optimized = (state.optimizer + state.optimizer_cpu) / 8
+    # AdamW reads parameter, gradient and both moments and writes three of them: 28 B per parameter
+    if state.optimizer_cpu:
+        optimizer = local_optimized * 28 / 50e9 + local_optimized * 8 / 25e9  # host memory + PCIe
+    else:
+        optimizer = local_optimized * 28 / gpu.hbm_bytes_per_s
+    total = compute + exposed + optimizer
+    tokens_per_s = layout.dp * layout.micro_batch * layout.accumulation * layout.seq_len / total
+    mfu = counted.model_per_token * tokens_per_s / (gpu.peak_flops * layout.world_size)
+    return StepTime(compute, exposed, optimizer, total, tokens_per_s, mfu)
+
+
+# ---------------------------------------------------------------------------------------------
+# The plan
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class MemoryPlan:
+    """Peak bytes per GPU, by item; ``total`` is what must fit into ``usable``."""
+
+    parameters: float
+    gradients: float
+    optimizer: float
+    weight_copies: float
+    gathered: float
+    activations_saved: float
+    activation_transient: float
+    loss: float
+    loss_chunk: float
+    optimizer_step: float
+    allgather_kv: float
+    optimizer_cpu: float
+    total: float
+    usable: float
+
+
+def memory_plan(shape: Shape, layout: Layout, gpu: GpuSpec) -> MemoryPlan:
+    """The peak is the later of two moments: the start of the backward pass (every saved activation,
+    the loss buffers, the weight copies and the largest transient) and the optimizer step (model
+    state plus AdamW's temporary, activations freed)."""
+    state = model_state_memory(shape, layout)
+    activations = activation_memory(shape, layout)
+    model_state = state.parameters + state.gradients + state.optimizer
+    # the loss chunk lives at the end of the forward pass, a layer's transient during the backward
+    backward = (state.weight_copies + state.gathered + activations.saved + activations.loss
+                + max(activations.transient, activations.loss_chunk))
+    return MemoryPlan(
+        parameters=state.parameters, gradients=state.gradients, optimizer=state.optimizer,
+        weight_copies=state.weight_copies, gathered=state.gathered,
+        activations_saved=activations.saved, activation_transient=activations.transient,
+        loss=activations.loss, loss_chunk=activations.loss_chunk, optimizer_step=state.optimizer_step,
+        allgather_kv=activations.allgather_kv, optimizer_cpu=state.optimizer_cpu,
+        total=model_state + max(backward, state.optimizer_step), usable=gpu.usable_bytes)
+
+
+@dataclass
+class Plan:
+    gpu: GpuSpec
+    network: Network
+    shape: Shape
+    layout: Layout
+    parameters: int
+    memory: MemoryPlan
+    communication: list[CommVolume]
+    flops: Flops
+    time: StepTime
+
+    @property
+    def fits(self) -> bool:
+        return self.memory.total <= self.memory.usable
+
+
+def make_plan(config: Config, gpu: str | GpuSpec = "h200", *,
+              inter_node_gbps: float = DEFAULT_INTER_NODE_GBPS, world_size: int | None = None,
+              efficiency: float = DEFAULT_EFFICIENCY) -> Plan:
+    """Memory, communication, FLOPs and step time of a validated config on ``gpu``."""
+    spec = gpu_spec(gpu)
+    if not 0 < efficiency <= 1:
+        raise ValueError(f"efficiency={efficiency!r} must be in (0, 1]: the fraction of peak FLOP/s reached.")
+    if not inter_node_gbps > 0:
+        raise ValueError(f"inter_node_gbps={inter_node_gbps!r} must be positive (GB/s per GPU between nodes).")
+    network = network_for(spec, inter_node_gbps)
+    shape, layout = shape_of(config), layout_of(config, world_size)
+    return Plan(gpu=spec, network=network, shape=shape, layout=layout,
+                parameters=parameter_counts(shape).total, memory=memory_plan(shape, layout, spec),
+                communication=communication(shape, layout), flops=flops(shape, layout),
+                time=step_time(shape, layout, spec, network, efficiency))
+
+
+class PlanDoesNotFit(ValueError):
+    """The planned peak memory per GPU exceeds the device's usable memory."""
+
+
+def _detected_gpu() -> GpuSpec | None:
+    """The spec of cuda:0 with its real memory size; None without a GPU (nothing to check)."""
+    import torch  # only here: the rest of the planner runs without torch
+
+    if not torch.cuda.is_available():
+        return None
+    properties = torch.cuda.get_device_properties(0)
+    known = next((spec for key, spec in GPUS.items() if key in properties.name.lower()), GPUS["h100"])
+    return dataclasses.replace(known, name=properties.name, memory_bytes=float(properties.total_memory))
+
+
+def check_fits(config: Config, gpu: str | GpuSpec | None = None, *, world_size: int | None = None) -> None:
+    """Raise PlanDoesNotFit, with the numbers and a layout that fits, when the plan of ``config``
+    needs more memory per GPU than ``gpu`` has. ``gpu=None`` checks against cuda:0 (its actual
+    memory size) and does nothing on a machine without a GPU."""
+    spec = _detected_gpu() if gpu is None else gpu_spec(gpu)
+    if spec is None:
+        return
+    plan = make_plan(config, spec, world_size=world_size)
+    if plan.fits:
+        return
+    memory = plan.memory
+    items = ", ".join(f"{name} {value / GIB:.1f}" for name, value in _memory_items(memory) if value)
+    layout = plan.layout
+    message = (f"the plan needs {memory.total / GIB:.1f} GiB per GPU but the {spec.name} has "
+               f"{memory.usable / GIB:.1f} GiB usable ({spec.memory_bytes / GIB:.1f} GiB total). "
+               f"GiB per GPU: {items}. Layout: dp={layout.dp} cp={layout.cp} tp={layout.tp}, "
+               f"micro_batch={layout.micro_batch}, seq_len={layout.seq_len}, "
+               f"activation_checkpointing={layout.checkpointing!r}.")
+    best = next((c for c in recommend(config, layout.world_size, spec) if c.fits), None)
+    if best is not None:
+        message += (f" A layout that fits on {layout.world_size} GPU(s): {best.settings()} "
+                    f"({best.memory_bytes / GIB:.1f} GiB).")
+    else:
+        message += (f" No dp/cp/tp/checkpointing layout fits on {layout.world_size} GPU(s): use more GPUs, "
+                    f"a shorter data.seq_len or a smaller model.")
+    raise PlanDoesNotFit(message + " See `spindle plan CONFIG`.")
+
+
+# ---------------------------------------------------------------------------------------------
+# Recommendation
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class Candidate:
+    dp: int
+    cp: int
+    tp: int
+    micro_batch: int
+    checkpointing: str
+    memory_bytes: float
+    step_s: float
+    tokens_per_s: float
+    mfu: float
+    fits: bool
+
+    def settings(self) -> str:
+        """The --set arguments that select this layout."""
+        return (f"--set parallel.dp={self.dp} --set parallel.cp={self.cp} --set parallel.tp={self.tp} "
+                f"--set train.micro_batch={self.micro_batch} "
+                f"--set parallel.activation_checkpointing={self.checkpointing}")
+
+
+def _divisors(number: int) -> list[int]:
+    return [d for d in range(1, number + 1) if number % d == 0]
+
+
+def _layout_allowed(config: Config, dp: int, cp: int, tp: int) -> bool:
+    """The config rules on degrees (runtime/config.py validate) for one candidate layout."""
+    model, parallel = config.model, config.parallel
+    if model.heads % tp or model.kv_heads % tp:
+        return False
+    chunks = 2 * cp if parallel.cp_layout == "zigzag" else cp
+    if config.data.seq_len % chunks or config.train.global_batch % dp:
+        return False
+    if parallel.cp_softmax == "ulysses" and "A" in layer_pattern(model):
+        return (model.heads // tp) % cp == 0 and (model.kv_heads // tp) % cp == 0
+    return True
+
+
+def _candidate_configs(config: Config, num_gpus: int) -> list[Config]:
+    pattern = layer_pattern(config.model)
+    # with one layer kind, "linear"/"softmax" equal "full" or "none": offer only distinct policies
+    policies = CHECKPOINTING_POLICIES if len(set(pattern)) == 2 else ("none", "full")
+    configs = []
+    for tp in (t for t in _divisors(num_gpus) if t <= GPUS_PER_NODE):
+        for cp in _divisors(num_gpus // tp):
+            dp = num_gpus // (tp * cp)
+            if not _layout_allowed(config, dp, cp, tp):
+                continue
+            per_rank = config.train.global_batch // dp
+            for micro in sorted({per_rank, 1}):
+                for policy in policies:
+                    candidate = dataclasses.replace(
+                        config, parallel=dataclasses.replace(config.parallel, dp=dp, cp=cp, tp=tp,
+                                                             activation_checkpointing=policy),
+                        train=dataclasses.replace(config.train, micro_batch=micro))
+                    configs.append(candidate)
+    return configs
+
+
+def recommend(config: Config, num_gpus: int, gpu: str | GpuSpec = "h200", *,
+              inter_node_gbps: float = DEFAULT_INTER_NODE_GBPS, target_seq_len: int | None = None,
+              efficiency: float = DEFAULT_EFFICIENCY) -> list[Candidate]:
+    """Every dp × cp × tp layout of ``num_gpus`` GPUs (tp inside a node), micro-batch and
+    checkpointing policy for ``target_seq_len`` (default data.seq_len), best first: layouts that
+    fit by estimated step time, then the rest by memory. The config's schemes (cp_linear,
+    cp_softmax, cp_layout, dp_engine) are kept."""
+    if isinstance(num_gpus, bool) or not isinstance(num_gpus, int) or num_gpus < 1:
+        raise ValueError(f"num_gpus={num_gpus!r} must be a positive integer.")
+    if target_seq_len is not None:
+        if isinstance(target_seq_len, bool) or not isinstance(target_seq_len, int) or target_seq_len < 2:
+            raise ValueError(f"target_seq_len={target_seq_len!r} must be an integer >= 2.")
+        config = dataclasses.replace(config, data=dataclasses.replace(config.data, seq_len=target_seq_len))
+    candidates = []
+    for candidate in _candidate_configs(config, num_gpus):
+        plan = make_plan(candidate, gpu, inter_node_gbps=inter_node_gbps, efficiency=efficiency)
+        layout = plan.layout
+        candidates.append(Candidate(layout.dp, layout.cp, layout.tp, layout.micro_batch, layout.checkpointing,
+                                    plan.memory.total, plan.time.step_s, plan.time.tokens_per_s,
+                                    plan.time.mfu, plan.fits))
+    return sorted(candidates, key=lambda c: (not c.fits, c.step_s if c.fits else c.memory_bytes, c.memory_bytes))
+
+
+# ---------------------------------------------------------------------------------------------
+# Output: JSON and the human-readable table
+# ---------------------------------------------------------------------------------------------
+def _memory_items(memory: MemoryPlan) -> list[tuple[str, float]]:
+    return [
+        ("parameters (fp32)", memory.parameters),
+        ("gradients (fp32)", memory.gradients),
+        ("optimizer states (fp32 AdamW)", memory.optimizer),
+        ("bf16 weight copies (autocast)", memory.weight_copies),
+        ("gathered weights and gradients (sharded)", memory.gathered),
+        ("activations saved for backward", memory.activations_saved),
+        ("loss buffers (final norm, d_hidden, d_weight)", memory.loss),
+        ("peak transient: one layer's backward", memory.activation_transient),
+        ("peak transient: loss chunk (forward)", memory.loss_chunk),
+        ("AdamW step temporary (after backward)", memory.optimizer_step),
+    ]
+
+
+def plan_to_dict(plan: Plan) -> dict:
+    """Everything in the plan as JSON-ready data (bytes, seconds, FLOPs)."""
+    return {
+        "gpu": dataclasses.asdict(plan.gpu) | {"usable_bytes": plan.gpu.usable_bytes},
+        "network": dataclasses.asdict(plan.network),
+        "model": dataclasses.asdict(plan.shape) | {"parameters": plan.parameters},
+        "layout": dataclasses.asdict(plan.layout) | {"world_size": plan.layout.world_size},
+        "memory": dataclasses.asdict(plan.memory),
+        "fits": plan.fits,
+        "communication": [dataclasses.asdict(volume) for volume in plan.communication],
+        "flops": dataclasses.asdict(plan.flops),
+        "time": dataclasses.asdict(plan.time),
+    }
+
+
+def _human(number: float, unit: str = "") -> str:
+    for scale, prefix in ((1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(number) >= scale:
+            return f"{number / scale:.2f} {prefix}{unit}"
+    return f"{number:.2f} {unit}".rstrip()
+
+
+def format_plan(plan: Plan) -> str:
+    shape, layout, memory, gpu = plan.shape, plan.layout, plan.memory, plan.gpu
+    lines = [
+        f"GPU      {gpu.name}: {gpu.peak_flops / 1e12:.0f} TFLOP/s bf16, {gpu.hbm_bytes_per_s / 1e12:.1f} TB/s HBM, "
+        f"{gpu.memory_bytes / 1e9:.0f} GB; links {plan.network.intra_node_bytes_per_s / 1e9:.0f} GB/s in a node, "
+        f"{plan.network.inter_node_bytes_per_s / 1e9:.0f} GB/s between nodes",
+        f"model    {len(shape.pattern)} layers ({shape.linear_layers} linear, {shape.softmax_layers} softmax; "
+        f"{_abbreviated(shape.pattern)}), dim {shape.dim}, heads {shape.heads}/{shape.kv_heads} kv, "
+        f"ffn {shape.ffn_dim}, vocab {shape.vocab_size}: {plan.parameters:,} parameters",
+        f"layout   dp {layout.dp} × cp {layout.cp} × tp {layout.tp} = {layout.world_size} GPU(s); seq_len "
+        f"{layout.seq_len:,} ({layout.local_tokens:,} per cp rank); micro_batch {layout.micro_batch} × "
+        f"{layout.accumulation} accumulation; checkpointing {layout.checkpointing}; "
+        f"{'bf16 autocast' if layout.autocast else 'fp32'}; {_engine(layout)}",
+        "",
+        f"{'memory per GPU':<48}{'GiB':>10}",
+    ]
+    lines += [f"  {name:<46}{value / GIB:>10.2f}" for name, value in _memory_items(memory) if value]
+    verdict = "fits" if plan.fits else "DOES NOT FIT"
+    lines.append(f"  {'total':<46}{memory.total / GIB:>10.2f}   of {memory.usable / GIB:.1f} usable: {verdict}")
+    if memory.optimizer_cpu:
+        lines.append(f"  {'optimizer states in host memory':<46}{memory.optimizer_cpu / GIB:>10.2f}")
+    if memory.allgather_kv:
+        lines.append(f"  (all-gather attention K/V of one layer: {memory.allgather_kv / GIB:.2f} GiB, in the transient)")
+    lines += ["", f"{'communication per step per GPU':<48}{'GiB':>10}{'group':>8}{'overlap':>9}"]
+    for volume in plan.communication:
+        lines.append(f"  {volume.name:<46}{volume.bytes / GIB:>10.3f}{volume.group:>8}"
+                     f"{'yes' if volume.overlapped else 'no':>9}")
+    if not plan.communication:
+        lines.append("  none (one GPU)")
+    time = plan.time
+    lines += [
+        "",
+        f"FLOPs    {_human(plan.flops.model_per_token, 'FLOP')} per token (model), "
+        f"{_human(plan.flops.model_per_step, 'FLOP')} per step (all GPUs), "
+        f"{_human(plan.flops.hardware_per_step_per_gpu, 'FLOP')} per GPU incl. recompute",
+        f"time     {time.step_s:.3f} s per step = compute {time.compute_s:.3f} + exposed communication "
+        f"{time.communication_s:.3f} + optimizer {time.optimizer_s:.3f}; {time.tokens_per_s:,.0f} tokens/s, "
+        f"MFU {100 * time.mfu:.1f}%",
+    ]
+    return "\n".join(lines)
+
+
+def _abbreviated(pattern: str) -> str:
+    return pattern if len(pattern) <= 16 else pattern[:16] + "…"
+
+
+def _engine(layout: Layout) -> str:
+    if layout.dp_engine == "fsdp":
+        return "FSDP2"
+    return f"DeepSpeed ZeRO-{layout.zero_stage}" + (" + optimizer offload" if layout.offload_optimizer else "")
+
+
+def format_candidates(candidates: list[Candidate], num_gpus: int, seq_len: int, limit: int = 8) -> str:
+    lines = [f"recommendation for {num_gpus} GPU(s) at seq_len {seq_len:,} (best first)",
+             f"  {'dp':>4}{'cp':>5}{'tp':>4}{'micro':>6}  {'checkpointing':<14}{'GiB':>8}{'step s':>10}"
+             f"{'tokens/s':>12}{'MFU':>7}  fits"]
+    for candidate in candidates[:limit]:
+        lines.append(f"  {candidate.dp:>4}{candidate.cp:>5}{candidate.tp:>4}{candidate.micro_batch:>6}  "
+                     f"{candidate.checkpointing:<14}{candidate.memory_bytes / GIB:>8.1f}{candidate.step_s:>10.3f}"
+                     f"{candidate.tokens_per_s:>12,.0f}{100 * candidate.mfu:>6.1f}%  {'yes' if candidate.fits else 'no'}")
+    if not candidates:
+        lines.append("  no layout satisfies the divisibility rules (heads, kv_heads, seq_len, global_batch)")
+    elif candidates[0].fits:
+        lines.append(f"  use: {candidates[0].settings()}")
+    else:
+        lines.append("  nothing fits: use more GPUs, a shorter sequence or a smaller model")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI: spindle plan CONFIG [--set k=v ...] [--json] [--gpu NAME] [--link-gbps N] [--target-seq-len N]
+# ---------------------------------------------------------------------------------------------
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be a positive integer")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0 or not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} must be a positive number")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="spindle plan",
+        description="Per-GPU memory, communication, FLOPs and step time of a training config, and the "
+                    "dp/cp/tp/checkpointing layout that fits a sequence length on a number of GPUs.")
+    parser.add_argument("config", help="YAML config file (e.g. configs/hybrid-1m-1gpu.yaml)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config value, e.g. --set data.seq_len=262144 (repeatable)")
+    parser.add_argument("--json", action="store_true", help="print the plan as JSON")
+    parser.add_argument("--gpu", default="h200", type=str.lower, choices=sorted(GPUS),
+                        help="GPU to plan for (default h200)")
+    parser.add_argument("--link-gbps", type=_positive_float, default=DEFAULT_INTER_NODE_GBPS, metavar="N",
+                        help="inter-node bandwidth per GPU in GB/s (gigabytes per second; default 50); "
+                             "GPUs inside a node use the GPU's NVLink figure")
+    parser.add_argument("--target-seq-len", type=_positive_int, default=None, metavar="N",
+                        help="sequence length the recommendation must fit (default data.seq_len)")
+    parser.add_argument("--gpus", type=_positive_int, default=None, metavar="N",
+                        help="GPUs for the recommendation and for parallel.dp = -1 (default dp*cp*tp)")
+    parser.add_argument("--efficiency", type=_positive_float, default=DEFAULT_EFFICIENCY, metavar="F",
+                        help=f"fraction of peak FLOP/s assumed reachable (default {DEFAULT_EFFICIENCY})")
+    return parser
+
+
+def run(args: argparse.Namespace) -> tuple[dict, str]:
+    """The plan and recommendation as (JSON data, table text); raises ValueError on bad input."""
+    if args.efficiency > 1:
+        raise ValueError(f"--efficiency {args.efficiency} must be at most 1 (a fraction of peak FLOP/s).")
+    config = load_config(args.config, args.overrides, world_size=args.gpus)
+    plan = make_plan(config, args.gpu, inter_node_gbps=args.link_gbps, world_size=args.gpus,
+                     efficiency=args.efficiency)
+    num_gpus = args.gpus or plan.layout.world_size
+    seq_len = args.target_seq_len or config.data.seq_len
+    candidates = recommend(config, num_gpus, args.gpu, inter_node_gbps=args.link_gbps,
+                           target_seq_len=seq_len, efficiency=args.efficiency)
+    data = {"config": str(args.config), "overrides": list(args.overrides), **plan_to_dict(plan),
+            "recommendation": {"num_gpus": num_gpus, "seq_len": seq_len,
+                               "best": dataclasses.asdict(candidates[0]) if candidates and candidates[0].fits else None,
+                               "candidates": [dataclasses.asdict(c) for c in candidates[:8]]}}
+    text = (f"spindle plan {args.config}" + "".join(f" --set {o}" for o in args.overrides) + "\n\n"
+            + format_plan(plan) + "\n\n" + format_candidates(candidates, num_gpus, seq_len))
+    return data, text
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`spindle plan`: 0 on success, 2 on bad input (argparse, config or planner errors)."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_request:  # argparse: --help (0) or a usage error (2), already printed
+        return int(exit_request.code or 0)
+    try:
+        data, text = run(args)
+    except (ConfigError, ValueError) as error:
+        print(f"spindle plan: error: {error}", file=sys.stderr)
+        return 2
+    print(json.dumps(data, indent=2) if args.json else text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,239 @@
+"""The per-process training loop.
+
+    Trainer.fit
+      for each step:  micro-batches of this rank's share of the global batch  (BatchProvider)
+                      -> train_step: forward/backward per micro-batch, clip, AdamW step
+                      -> metrics.jsonl, wandb, progress bar on rank 0
+
+The loss is the global-token mean: the sum of token losses over the whole global batch divided by
+the number of label tokens in it (ALGORITHMS.md §4), so the same global batch gives the same loss
+and gradients however it is split into ranks and micro-batches.
+
+Everything that depends on where this process sits in a parallel job goes through a
+``ParallelContext``. The single-process context here is the placeholder that the composition of
+data, context and tensor parallelism replaces: it moves batches to the device, shards them over
+context-parallel ranks (not yet: identity) and sums over the ranks that share the batch.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from spindle.runtime.config import Config
+from spindle.runtime.data import IGNORE_INDEX, Dataset
+from spindle.runtime.metrics import (
+    MetricsWriter,
+    model_flops_utilization,
+    peak_flops_per_second,
+    peak_memory_gb,
+)
+from spindle.runtime.optim import learning_rate, set_learning_rate
+from spindle.runtime.tracking import NullTracker, Tracker
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+@dataclass
+class ParallelContext:
+    """Where this process sits in the job. This single-process version has one rank holding the
+    whole global batch; the parallel composition supplies one built from the DeviceMesh."""
+
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    rank: int = 0
+    world_size: int = 1
+    dp_rank: int = 0
+    dp_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        """The rank that writes metrics, wandb and the progress bar."""
+        return self.rank == 0
+
+    def prepare(self, tokens: torch.Tensor, labels: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(tokens, labels, positions) of this rank's part of a micro-batch, on the device.
+        Context parallelism shards the sequence here and returns the global positions."""
+        return tokens.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True), None
+
+    def sum_over_batch_ranks(self, value: torch.Tensor) -> torch.Tensor:
+        """Sum over every rank that holds a different part of the global batch (dp × cp)."""
+        return value
+
+
+class BatchProvider:
+    """Micro-batches of one rank's share of each global batch.
+
+    Step s uses global sample indices [s·G, (s+1)·G) with G = global_batch; data-parallel rank r takes
+    the r-th contiguous slice of G / dp samples and splits it into micro-batches. Samples depend only
+    on their index, so a resumed run and a run on another layout see exactly the same data.
+    """
+
+    def __init__(self, dataset: Dataset, global_batch: int, micro_batch: int, dp_rank: int = 0,
+                 dp_size: int = 1) -> None:
+        if global_batch % dp_size or (global_batch // dp_size) % micro_batch:
+            raise ValueError(f"global_batch={global_batch} must split into dp_size={dp_size} ranks of whole "
+                             f"micro-batches of micro_batch={micro_batch}")
+        self.dataset, self.global_batch, self.micro_batch = dataset, global_batch, micro_batch
+        self.per_rank = global_batch // dp_size
+        self.dp_rank = dp_rank
+
+    def indices(self, step: int) -> range:
+        """This rank's global sample indices at ``step``."""
+        start = step * self.global_batch + self.dp_rank * self.per_rank
+        return range(start, start + self.per_rank)
+
+    def micro_batches(self, step: int) -> list[Batch]:
+        indices = self.indices(step)
+        return [self.dataset.batch(indices[offset : offset + self.micro_batch])
+                for offset in range(0, self.per_rank, self.micro_batch)]
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """bf16 for "bf16", and for "auto" on a GPU; None (plain fp32) otherwise."""
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return None
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+@dataclass
+class StepResult:
+    loss: torch.Tensor
+    """Global-token mean loss of the step (a scalar tensor; read it only when logging)."""
+    grad_norm: torch.Tensor
+    """Gradient norm before clipping."""
+    lr: float
+
+
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, micro_batches: list[Batch],
+               context: ParallelContext, *, lr: float, grad_clip: float,
+               precision: torch.dtype | None) -> StepResult:
+    """One optimizer step over this rank's micro-batches of the global batch."""
+    # Count the label tokens of the whole global batch first: each micro-batch's loss sum is divided
+    # by that count, so accumulated gradients are those of the global-token mean.
+    local_count = sum(int((labels != IGNORE_INDEX).sum()) for _, labels in micro_batches)
+    global_count = context.sum_over_batch_ranks(torch.tensor(float(local_count), device=context.device))
+    global_count = global_count.clamp_min(1.0)
+
+    set_learning_rate(optimizer, lr)
+    optimizer.zero_grad(set_to_none=True)
+    loss_sum = torch.zeros((), device=context.device)
+    for tokens, labels in micro_batches:
+        tokens, labels, positions = context.prepare(tokens, labels)
+        with _autocast(context.device, precision):
+            micro_loss_sum, _ = model.loss(tokens, labels, positions)
+        (micro_loss_sum / global_count).backward()
+        loss_sum += micro_loss_sum.detach().float()
+
+    # clip_grad_norm_ returns the norm before clipping; an infinite limit measures without clipping.
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else math.inf)
+    optimizer.step()
+    return StepResult(loss=context.sum_over_batch_ranks(loss_sum) / global_count, grad_norm=grad_norm, lr=lr)
+
+
+class _Progress:
+    """Console progress on the main rank: a tqdm bar (loss, tokens/s, memory, ETA) on a terminal, a
+    plain line every tenth of the run otherwise (logs of `make run`, CI); nothing when disabled."""
+
+    def __init__(self, enabled: bool, total: int, initial: int) -> None:
+        self.enabled, self.total, self.bar = enabled, total, None
+        self.line_every, self.last_line_step = max(1, total // 10), initial
+        if enabled and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True)
+
+    def update(self, record: dict | None) -> None:
+        if self.bar is not None:
+            if record is not None:
+                self.bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}",
+                                     mem_gb=f"{record['peak_mem_gb']:.2f}", refresh=False)
+            self.bar.update(1)
+        elif self.enabled and record is not None and (record["step"] - self.last_line_step >= self.line_every
+                                                      or record["step"] == self.total):
+            self.last_line_step = record["step"]
+            print(f"step {record['step']:>6}/{self.total}  loss {record['loss']:.4f}  "
+                  f"{record['tokens_per_s']:.0f} tokens/s  {record['elapsed_s']:.1f} s", flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+class Trainer:
+    """Runs ``train.steps`` optimizer steps; the main rank writes metrics.jsonl, wandb and the progress bar."""
+
+    def __init__(self, config: Config, model: nn.Module, optimizer: torch.optim.Optimizer,
+                 batches: BatchProvider, context: ParallelContext, run_dir: str | Path,
+                 tracker: Tracker | None = None, metrics: MetricsWriter | None = None) -> None:
+        self.config, self.model, self.optimizer = config, model, optimizer
+        self.batches, self.context, self.run_dir = batches, context, Path(run_dir)
+        self.tracker = tracker or NullTracker()
+        self.metrics = metrics
+        self.precision = autocast_dtype(config.train.precision, context.device)
+        self.tokens_per_step = config.train.global_batch * config.data.seq_len
+        self.flops_per_token = float(model.flops_per_token(config.data.seq_len))
+        peak_per_device = peak_flops_per_second(context.device, self.precision or torch.float32)
+        # tokens_per_s counts the whole job's tokens, so MFU compares against the whole job's peak.
+        self.peak_flops = None if peak_per_device is None else peak_per_device * context.world_size
+
+    def fit(self, start_step: int = 0) -> dict:
+        """Train from ``start_step`` to ``train.steps``; returns the last metrics record."""
+        train, log_every = self.config.train, self.config.logging.log_every
+        progress = _Progress(self.context.is_main and self.config.logging.progress, train.steps, start_step)
+        self.model.train()
+        started = window_start = time.perf_counter()
+        window_steps, last_record = 0, {}
+        try:
+            for step in range(start_step, train.steps):
+                result = train_step(self.model, self.optimizer, self.batches.micro_batches(step), self.context,
+                                    lr=learning_rate(step, train), grad_clip=train.grad_clip,
+                                    precision=self.precision)
+                window_steps += 1
+                record = None
+                if (step + 1) % log_every == 0 or step + 1 == train.steps:
+                    now = time.perf_counter()
+                    record = self._record(step + 1, result, window_steps / (now - window_start), now - started)
+                    self._publish(record)
+                    last_record, window_start, window_steps = record, time.perf_counter(), 0
+                progress.update(record)
+        finally:
+            progress.close()
+        return last_record
+
+    def _record(self, step: int, result: StepResult, steps_per_s: float, elapsed_s: float) -> dict:
+        loss = float(result.loss)  # the only host sync of the step, on logging steps only
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"the loss is {loss} at step {step}: training diverged; lower train.lr "
+                                     f"(now {self.config.train.lr}) or raise train.warmup_steps.")
+        tokens_per_s = steps_per_s * self.tokens_per_step
+        return {
+            "step": step,
+            "loss": loss,
+            "lr": result.lr,
+            "grad_norm": float(result.grad_norm),
+            "tokens": step * self.tokens_per_step,
+            "tokens_per_s": tokens_per_s,
+            "elapsed_s": elapsed_s,
+            "peak_mem_gb": peak_memory_gb(self.context.device),
+            "mfu": model_flops_utilization(self.flops_per_token, tokens_per_s, self.peak_flops),
+        }
+
+    def _publish(self, record: dict) -> None:
+        if not self.context.is_main:
+            return
+        if self.metrics is not None:
+            self.metrics.write(record)
+        self.tracker.log(record, step=record["step"])

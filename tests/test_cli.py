@@ -1,0 +1,97 @@
+"""The `spindle` command line: subcommands, exit codes, nothing on disk after a config error."""
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from spindle.launch.cli import build_parser, main
+from spindle.runtime.metrics import read_metrics
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = REPO / "configs" / "tiny.yaml"
+SPINDLE = Path(sys.executable).with_name("spindle")
+
+
+def test_command_set_is_frozen() -> None:
+    # Users and outside tests rely on these (DESIGN.md); changing them is a deliberate decision.
+    parser = build_parser()
+    commands = parser._subparsers._group_actions[0].choices  # argparse keeps subcommands here
+    assert set(commands) == {"train", "submit", "plan", "bench", "report", "ckpt"}
+    train_options = {option for action in commands["train"]._actions for option in action.option_strings}
+    assert train_options == {"-h", "--help", "--set", "--run-dir", "--address", "--resume"}
+
+
+def test_help_exits_zero(capsys: pytest.CaptureFixture) -> None:
+    assert main(["--help"]) == 0
+    assert "train" in capsys.readouterr().out
+    assert main(["train", "--help"]) == 0
+
+
+def test_train_runs_in_process(tmp_path: Path) -> None:
+    run_dir = tmp_path / "cli-run"
+    assert main(["train", str(TINY), "--set", "train.steps=3", "--run-dir", str(run_dir), "--resume", "never"]) == 0
+    assert [record["step"] for record in read_metrics(run_dir / "metrics.jsonl")] == [1, 2, 3]
+    assert (run_dir / "config.yaml").is_file()
+
+
+@pytest.mark.parametrize("arguments, fragments", [
+    (["--set", "parallel.cp_softmax=rng"], ["parallel.cp_softmax", "'rng'", "'ring'"]),
+    (["--set", "train.stpes=3"], ["train.stpes", "Did you mean 'steps'"]),
+    (["--set", "model.heads=3"], ["model.dim", "model.heads = 3"]),
+    (["--set", "data.source=/no/such/file.bin"], ["data.source", "/no/such/file.bin", "does not exist"]),
+])
+def test_bad_config_exits_2_and_creates_nothing(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                arguments: list[str], fragments: list[str]) -> None:
+    run_dir = tmp_path / "never-created"
+    assert main(["train", str(TINY), "--run-dir", str(run_dir), *arguments]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("spindle: error: ") and error.count("\n") == 1
+    for fragment in fragments:
+        assert fragment in error
+    assert not run_dir.exists()
+
+
+def test_missing_config_file(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(["train", str(tmp_path / "nope.yaml"), "--run-dir", str(tmp_path / "run")]) == 2
+    assert "nope.yaml" in capsys.readouterr().err and not (tmp_path / "run").exists()
+
+
+def test_console_script_exit_code_and_default_run_dir(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("modle:\n  dim: 64\n", encoding="utf-8")
+    finished = subprocess.run([str(SPINDLE), "train", str(bad)], cwd=tmp_path, capture_output=True, text=True,
+                              timeout=120)
+    assert finished.returncode == 2
+    assert "modle" in finished.stderr and "Did you mean 'model'" in finished.stderr
+    assert not (tmp_path / "runs").exists()  # the default run dir runs/bad was not created
+
+
+@pytest.mark.parametrize("arguments, fragment", [
+    (["submit", "configs/demo.yaml"], "not available yet"),
+    (["ckpt", "list"], "not available yet"),
+    (["bench"], "kernels, cp, e2e"),
+    (["bench", "speed"], "'speed'"),
+    (["report", "/no/such/run"], "does not exist"),
+    (["train", str(TINY), "--address", "ray://head:10001", "--set", "train.steps=1"], "Ray cluster"),
+])
+def test_unavailable_and_bad_commands_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                             arguments: list[str], fragment: str) -> None:
+    assert main(arguments) == 2
+    assert fragment in capsys.readouterr().err
+
+
+def test_unknown_command_is_a_usage_error(capsys: pytest.CaptureFixture) -> None:
+    assert main(["fly"]) == 2
+    assert "invalid choice" in capsys.readouterr().err
+
+
+def test_plan_is_dispatched(capsys: pytest.CaptureFixture) -> None:
+    if importlib.util.find_spec("spindle.runtime.plan") is None:
+        assert main(["plan", str(TINY)]) == 2
+        assert "spindle.runtime.plan" in capsys.readouterr().err
+    else:
+        assert main(["plan", "--help"]) == 0

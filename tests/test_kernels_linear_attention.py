@@ -1,0 +1,270 @@
+"""spindle.kernels.linear_attention against an independent float64 dense reference (ALGORITHMS.md §1, §5).
+
+The reference below is the parallel form O = scale·((Q Kᵀ) ⊙ D) V plus the initial-state term, written
+without the recurrence; its gradients come from autograd in float64. Every backend is checked for the
+output, the final state and the gradients of q, k, v, log_decay and initial_state (with a random
+final-state gradient). The triton backend runs on CPU under TRITON_INTERPRET=1 (set before triton is
+imported by this process), at tiny shapes.
+"""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first `import triton`
+
+import pytest
+import torch
+
+from spindle.kernels import linear_attention
+from spindle.kernels.linear_attn import triton_available
+
+FP32_TOLERANCE = 1e-5  # relative RMSE vs float64, ALGORITHMS.md §5
+TRITON_ON_CPU = triton_available(torch.device("cpu"))
+needs_triton = pytest.mark.skipif(not TRITON_ON_CPU, reason="needs triton (run with TRITON_INTERPRET=1)")
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def relative_rmse(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    expected = expected.double()
+    return ((actual.double() - expected).norm() / expected.norm().clamp_min(1e-300)).item()
+
+
+def dense_reference(q, k, v, log_decay, scale, initial_state):
+    """Parallel form in float64: o_i = scale·Σ_{j≤i} e^{G_i−G_j}(q_i·k_j) v_j + scale·e^{G_i} q_i S_0."""
+    batch, length, heads, _ = q.shape
+    if log_decay is None:
+        cumulative = q.new_zeros(batch, length, heads)
+    else:
+        g = log_decay if log_decay.dim() == 3 else log_decay.expand(batch, length, heads)
+        cumulative = g.cumsum(1)
+    cumulative = cumulative.transpose(1, 2)  # [B, H, T]
+    rows = torch.arange(length)[:, None]
+    visible = torch.arange(length)[None, :] <= rows
+    difference = cumulative[..., :, None] - cumulative[..., None, :]
+    weights = torch.exp(torch.where(visible, difference, torch.full_like(difference, float("-inf"))))
+    scores = torch.einsum("bihd,bjhd->bhij", q, k) * weights
+    output = scale * torch.einsum("bhij,bjhe->bihe", scores, v)
+    output = output + scale * torch.einsum("bhi,bihd,bhde->bihe", torch.exp(cumulative), q, initial_state)
+    total = cumulative[..., -1]  # G_T, [B, H]
+    key_weights = torch.exp(total[..., None] - cumulative)  # [B, H, T]
+    final = torch.exp(total)[..., None, None] * initial_state
+    final = final + torch.einsum("bhj,bjhd,bjhe->bhde", key_weights, k, v)
+    return output, final
+
+
+def make_inputs(batch, length, heads, key_dim, value_dim, decay, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=generator, dtype=torch.float64)
+
+    q, k, v = rand(batch, length, heads, key_dim), rand(batch, length, heads, key_dim), rand(batch, length, heads, value_dim)
+    if decay == "none":
+        log_decay = None
+    elif decay == "constant":
+        log_decay = -torch.rand(heads, generator=generator, dtype=torch.float64) * 0.5 - 0.01
+    elif decay == "token":
+        log_decay = torch.nn.functional.logsigmoid(rand(batch, length, heads) + 2.0)
+    elif decay == "strong":
+        log_decay = torch.full((batch, length, heads), -5.0, dtype=torch.float64)
+    initial_state = rand(batch, heads, key_dim, value_dim)
+    grad_output = rand(batch, length, heads, value_dim)
+    grad_final = rand(batch, heads, key_dim, value_dim)
+    return dict(q=q, k=k, v=v, log_decay=log_decay, initial_state=initial_state), grad_output, grad_final
+
+
+def run_with_gradients(function, inputs, grad_output, grad_final, dtype):
+    """Runs function on copies of inputs cast to dtype; returns output, final state and every input gradient."""
+    leaves = {}
+    for name, value in inputs.items():
+        if value is None:
+            leaves[name] = None
+            continue
+        # states and gates stay fp32 next to half-precision q, k, v (as a model computes them)
+        keep_fp32 = name in ("initial_state", "log_decay") and dtype != torch.float64
+        cast = value.to(torch.float32 if keep_fp32 else dtype)
+        leaves[name] = cast.detach().requires_grad_()
+    output, final = function(**leaves)
+    loss = (output.double() * grad_output).sum() + (final.double() * grad_final).sum()
+    loss.backward()
+    results = {"output": output, "final_state": final}
+    for name, leaf in leaves.items():
+        if leaf is not None:
+            results["grad_" + name] = leaf.grad
+    return results
+
+
+def check_against_reference(backend, shape, decay, dtype=torch.float32, tolerance=FP32_TOLERANCE, **kwargs):
+    inputs, grad_output, grad_final = make_inputs(*shape, decay)
+    scale = shape[3] ** -0.5
+
+    def reference(**leaves):
+        return dense_reference(leaves["q"], leaves["k"], leaves["v"], leaves["log_decay"], scale, leaves["initial_state"])
+
+    def candidate(**leaves):
+        return linear_attention(
+            leaves["q"], leaves["k"], leaves["v"], log_decay=leaves["log_decay"],
+            initial_state=leaves["initial_state"], output_final_state=True, backend=backend, **kwargs,
+        )
+
+    expected = run_with_gradients(reference, inputs, grad_output, grad_final, torch.float64)
+    actual = run_with_gradients(candidate, inputs, grad_output, grad_final, dtype)
+    assert actual["output"].dtype == dtype
+    assert actual["final_state"].dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert set(actual) == set(expected)
+    for name, reference_value in expected.items():
+        assert not torch.isnan(actual[name]).any(), f"{backend}: NaN in {name}"
+        error = relative_rmse(actual[name], reference_value)
+        assert error <= tolerance, f"{backend} {decay} {shape}: {name} relative RMSE {error:.2e} > {tolerance:.0e}"
+
+
+@pytest.mark.parametrize("length", [1, 17, 65, 130])
+@pytest.mark.parametrize("decay", ["none", "constant", "token", "strong"])
+def test_torch_backend_matches_reference(length, decay):
+    check_against_reference("torch", (2, length, 2, 32, 48), decay)
+
+
+@pytest.mark.parametrize("length", [1, 17, 65])
+@pytest.mark.parametrize("decay", ["none", "constant", "token", "strong"])
+def test_naive_backend_matches_reference(length, decay):
+    check_against_reference("naive", (1, length, 2, 32, 48), decay)
+
+
+@pytest.mark.parametrize("backend", ["naive", "torch"])
+@pytest.mark.parametrize("head_dim", [48, 64])
+def test_pytorch_backends_head_dims(backend, head_dim):
+    check_against_reference(backend, (1, 33 if backend == "naive" else 70, 2, head_dim, head_dim), "token")
+
+
+def test_torch_backend_float64_is_exact():
+    check_against_reference("torch", (1, 130, 2, 16, 16), "token", dtype=torch.float64, tolerance=1e-12)
+
+
+@needs_triton
+@pytest.mark.parametrize(
+    "length, decay, key_dim, value_dim",
+    [(1, "token", 16, 16), (17, "none", 32, 32), (33, "constant", 48, 24), (65, "token", 32, 48), (40, "strong", 16, 32)],
+)
+def test_triton_matches_reference(length, decay, key_dim, value_dim, monkeypatch):
+    from spindle.kernels.linear_attn import triton_chunk
+
+    # 16-token blocks, so that these short sequences span several blocks and a masked tail
+    monkeypatch.setattr(triton_chunk, "DEFAULT_CHUNK_SIZE", 16)
+    check_against_reference("triton", (1, length, 2, key_dim, value_dim), decay)
+
+
+@needs_triton
+def test_triton_default_chunk_awkward_length():
+    check_against_reference("triton", (1, 130, 1, 16, 16), "token")
+
+
+@needs_triton
+def test_triton_leaves_no_nan_and_needs_no_state():
+    """Outputs and gradients start NaN-filled inside the kernel path; none may survive (tail length 23)."""
+    q, k, v = (torch.randn(2, 23, 2, 16, requires_grad=True) for _ in range(3))
+    output, final = linear_attention(q, k, v, output_final_state=False, backend="triton")
+    assert final is None
+    output.sum().backward()
+    for tensor in (output, q.grad, k.grad, v.grad):
+        assert torch.isfinite(tensor).all()
+
+
+@pytest.mark.parametrize("backend", ["torch"] + (["triton"] if TRITON_ON_CPU else []))
+def test_state_passing_equals_one_call(backend):
+    """Running two halves with the first half's final state as the second's initial state (what CP does)."""
+    inputs, _, _ = make_inputs(1, 40, 2, 16, 16, "token")
+    q, k, v, g = (inputs[name].float() for name in ("q", "k", "v", "log_decay"))
+    full, full_state = linear_attention(q, k, v, log_decay=g, output_final_state=True, backend=backend)
+    first, state = linear_attention(q[:, :19], k[:, :19], v[:, :19], log_decay=g[:, :19], output_final_state=True, backend=backend)
+    second, last_state = linear_attention(
+        q[:, 19:], k[:, 19:], v[:, 19:], log_decay=g[:, 19:], initial_state=state, output_final_state=True, backend=backend
+    )
+    assert relative_rmse(torch.cat([first, second], 1), full) < FP32_TOLERANCE
+    assert relative_rmse(last_state, full_state) < FP32_TOLERANCE
+
+
+def test_empty_sequence_passes_state_through():
+    q = torch.zeros(1, 0, 2, 8)
+    state = torch.randn(1, 2, 8, 8)
+    output, final = linear_attention(q, q, q, initial_state=state, output_final_state=True)
+    assert output.shape == (1, 0, 2, 8) and torch.equal(final, state)
+
+
+def test_constant_decay_gradient_reaches_head_tensor():
+    q, k, v = (torch.randn(1, 9, 3, 8) for _ in range(3))
+    decay = torch.tensor([-0.1, -0.5, -1.0], requires_grad=True)
+    output, _ = linear_attention(q, k, v, log_decay=decay, backend="torch")
+    output.square().sum().backward()
+    per_token = decay.detach().expand(1, 9, 3).clone().requires_grad_()
+    reference, _ = linear_attention(q, k, v, log_decay=per_token, backend="naive")
+    reference.square().sum().backward()
+    assert decay.grad.shape == (3,)
+    assert relative_rmse(decay.grad, per_token.grad.sum((0, 1))) < FP32_TOLERANCE
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (dict(k=torch.randn(1, 5, 2, 16)), "k must have the shape of q"),
+        (dict(v=torch.randn(1, 6, 2, 8)), "v must be"),
+        (dict(q=torch.randn(5, 2, 8)), "q must be 4-D"),
+        (dict(log_decay=torch.full((1, 4, 2), 0.5)), "log_decay must be <= 0"),
+        (dict(log_decay=torch.zeros(3)), "log_decay must be"),
+        (dict(initial_state=torch.zeros(1, 2, 8, 4)), "initial_state must be"),
+        (dict(backend="cuda-magic"), "unknown backend"),
+        (dict(q=torch.zeros(1, 4, 2, 8, dtype=torch.int32)), "q has dtype"),
+        (dict(v=torch.randn(1, 4, 2, 8, dtype=torch.float64)), "share one dtype"),
+        (dict(scale="big"), "scale must be"),
+    ],
+)
+def test_bad_inputs_raise_clear_errors(change, message):
+    arguments = dict(q=torch.randn(1, 4, 2, 8), k=torch.randn(1, 4, 2, 8), v=torch.randn(1, 4, 2, 8))
+    arguments.update(change)
+    q, k, v = arguments.pop("q"), arguments.pop("k"), arguments.pop("v")
+    with pytest.raises((ValueError, TypeError), match=message):
+        linear_attention(q, k, v, **arguments)
+
+
+def test_triton_on_cpu_without_interpreter_is_refused(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    q = torch.randn(1, 4, 1, 16)
+    with pytest.raises(ValueError, match="backend='triton'"):
+        linear_attention(q, q, q, backend="triton")
+
+
+def test_triton_rejects_unsupported_head_dim():
+    if not TRITON_ON_CPU:
+        pytest.skip("needs triton (run with TRITON_INTERPRET=1)")
+    q = torch.randn(1, 4, 1, 8)
+    with pytest.raises(ValueError, match="head_dim"):
+        linear_attention(q, q, q, backend="triton")
+
+
+@needs_cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("decay", ["none", "constant", "token"])
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_triton_bf16_on_gpu(decay, head_dim):
+    """bf16 at a realistic shape: error <= 5e-3 and <= 2x the plain PyTorch bf16 computation's error."""
+    inputs, grad_output, grad_final = make_inputs(2, 2048, 4, head_dim, head_dim, decay)
+    scale = head_dim ** -0.5
+    cuda = {name: (value.cuda() if value is not None else None) for name, value in inputs.items()}
+    grad_output, grad_final = grad_output.cuda(), grad_final.cuda()
+
+    def reference(**leaves):
+        return dense_reference(leaves["q"], leaves["k"], leaves["v"], leaves["log_decay"], scale, leaves["initial_state"])
+
+    def kernel(**leaves):
+        return linear_attention(leaves["q"], leaves["k"], leaves["v"], log_decay=leaves["log_decay"],
+                                initial_state=leaves["initial_state"], output_final_state=True, backend="triton")
+
+    def plain_bf16(**leaves):  # the same parallel form evaluated in bf16 by PyTorch
+        return dense_reference(leaves["q"], leaves["k"], leaves["v"], leaves["log_decay"], scale,
+                               leaves["initial_state"].bfloat16())
+
+    expected = run_with_gradients(reference, cuda, grad_output, grad_final, torch.float64)
+    actual = run_with_gradients(kernel, cuda, grad_output, grad_final, torch.bfloat16)
+    baseline = run_with_gradients(plain_bf16, cuda, grad_output, grad_final, torch.bfloat16)
+    for name, reference_value in expected.items():
+        error = relative_rmse(actual[name], reference_value)
+        baseline_error = relative_rmse(baseline[name], reference_value)
+        assert error <= 5e-3 and error <= 2 * max(baseline_error, 1e-4), f"{name}: {error:.2e} vs bf16 {baseline_error:.2e}"
