@@ -9,10 +9,15 @@ from __future__ import annotations
 
 import functools
 import logging
-from dataclasses import dataclass
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import torch
 
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.tensor import DTensor
 
 log = logging.getLogger(__name__)
 
@@ -65,17 +70,65 @@ class ParallelDegrees:
 
 @dataclass
 class ParallelContext:
-    """Degrees, this rank's coordinates, and the named groups. Groups are None when a degree is 1 and
-    there is no process group at all (single-process runs)."""
+    """Where this process sits in the job: degrees, coordinates, device and the named groups.
+
+    The trainer only talks to this object: ``prepare`` shards a micro-batch over the cp group,
+    ``sum_over_batch_ranks`` sums over the ranks that hold different parts of the global batch
+    (dp x cp), ``clip_grad_norm`` measures and clips the global gradient norm over any mix of plain,
+    FSDP-sharded and tensor-parallel parameters. ``mesh`` is None in a single-process run.
+    """
 
     degrees: ParallelDegrees
     mesh: DeviceMesh | None
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    cp_layout: str = "zigzag"
     dp_rank: int = 0
     cp_rank: int = 0
     tp_rank: int = 0
 
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def single_process(cls, device: torch.device | None = None) -> "ParallelContext":
+        return cls(degrees=ParallelDegrees(1, 1, 1), mesh=None, device=device or torch.device("cpu"))
+
+    @classmethod
+    def build(cls, degrees: ParallelDegrees, device: torch.device, cp_layout: str = "zigzag") -> "ParallelContext":
+        """Build the dp x cp x tp DeviceMesh over the initialized default process group."""
+        if not dist.is_initialized():
+            if degrees.world_size == 1:
+                return cls.single_process(device)
+            raise LayoutError("torch.distributed is not initialized: start the job with torchrun or `spindle train`.")
+        if dist.get_world_size() != degrees.world_size:
+            raise LayoutError(
+                f"the process group has {dist.get_world_size()} ranks but dp * cp * tp = {degrees.world_size}.")
+        mesh = init_device_mesh(device.type, (degrees.dp, degrees.cp, degrees.tp), mesh_dim_names=MESH_DIMS)
+        context = cls(degrees=degrees, mesh=mesh, device=device, cp_layout=cp_layout,
+                      dp_rank=mesh.get_local_rank("dp"), cp_rank=mesh.get_local_rank("cp"),
+                      tp_rank=mesh.get_local_rank("tp"))
+        log.info("parallel layout dp=%d cp=%d tp=%d; this rank: dp %d, cp %d, tp %d", degrees.dp, degrees.cp,
+                 degrees.tp, context.dp_rank, context.cp_rank, context.tp_rank)
+        return context
+
+    # ------------------------------------------------------------------ identity
+    @property
+    def rank(self) -> int:
+        return dist.get_rank() if self.mesh is not None else 0
+
+    @property
+    def world_size(self) -> int:
+        return self.degrees.world_size
+
+    @property
+    def dp_size(self) -> int:
+        return self.degrees.dp
+
+    @property
+    def is_main(self) -> bool:
+        """The rank that writes metrics, wandb and the progress bar."""
+        return self.rank == 0
+
     def group(self, name: str) -> dist.ProcessGroup | None:
-        """The process group of mesh dimension ``name`` ("dp", "cp" or "tp")."""
+        """The process group of mesh dimension ``name`` ("dp", "cp" or "tp"); None without a mesh."""
         if self.mesh is None:
             return None
         return self.mesh.get_group(name)
@@ -87,27 +140,65 @@ class ParallelContext:
             return None
         return self.mesh["dp", "cp"]._flatten("dp_cp")
 
-    @property
-    def is_logging_rank(self) -> bool:
-        return self.dp_rank == 0 and self.cp_rank == 0 and self.tp_rank == 0
+    # ------------------------------------------------------------------ what the trainer calls
+    def prepare(self, tokens: torch.Tensor, labels: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(tokens, labels, positions) of this rank's part of a micro-batch, on the device.
 
-    @classmethod
-    def single_process(cls) -> "ParallelContext":
-        return cls(degrees=ParallelDegrees(1, 1, 1), mesh=None)
+        Every rank of a cp group receives the same full sequences; each keeps its shard in the cp
+        layout, and the RoPE positions and labels follow the same permutation (ALGORITHMS.md §4).
+        """
+        tokens, labels = tokens.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
+        if self.degrees.cp == 1:
+            return tokens, labels, None
+        from spindle.parallel import cp as context_parallel
 
-    @classmethod
-    def build(cls, degrees: ParallelDegrees, device_type: str) -> "ParallelContext":
-        """Build the dp x cp x tp DeviceMesh over the initialized default process group."""
-        if not dist.is_initialized():
-            if degrees.world_size == 1:
-                return cls.single_process()
-            raise LayoutError("torch.distributed is not initialized: start the job with torchrun or `spindle train`.")
-        if dist.get_world_size() != degrees.world_size:
-            raise LayoutError(
-                f"the process group has {dist.get_world_size()} ranks but dp * cp * tp = {degrees.world_size}.")
-        mesh = init_device_mesh(device_type, (degrees.dp, degrees.cp, degrees.tp), mesh_dim_names=MESH_DIMS)
-        context = cls(degrees=degrees, mesh=mesh, dp_rank=mesh.get_local_rank("dp"),
-                      cp_rank=mesh.get_local_rank("cp"), tp_rank=mesh.get_local_rank("tp"))
-        log.info("parallel layout dp=%d cp=%d tp=%d; this rank: dp %d, cp %d, tp %d", degrees.dp, degrees.cp,
-                 degrees.tp, context.dp_rank, context.cp_rank, context.tp_rank)
-        return context
+        group = self.group("cp")
+        positions = context_parallel.local_positions(tokens.shape[1], group, layout=self.cp_layout,
+                                                     device=self.device)
+        return (context_parallel.shard(tokens, group, layout=self.cp_layout),
+                context_parallel.shard(labels, group, layout=self.cp_layout), positions)
+
+    def sum_over_batch_ranks(self, value: torch.Tensor) -> torch.Tensor:
+        """Sum over every rank that holds a different part of the global batch (dp x cp)."""
+        if self.mesh is None or self.degrees.dp * self.degrees.cp == 1:
+            return value
+        value = value.clone()
+        dist.all_reduce(value, group=self.data_parallel_mesh.get_group())
+        return value
+
+    def clip_grad_norm(self, parameters: Iterable[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
+        """The global L2 norm of all gradients (before clipping); scales them to ``max_norm`` when above.
+
+        Works on any mix of plain tensors and DTensors on different sub-meshes (FSDP2 over dp x cp,
+        TP over tp): each rank sums the squares of its local pieces, divided by how many ranks hold a
+        replica of that piece, and one all-reduce over the world adds them up.
+        """
+        grads = [p.grad for p in parameters if p.grad is not None]
+        total = torch.zeros((), device=self.device, dtype=torch.float64)
+        for grad in grads:
+            local, replicas = _local_piece(grad)
+            total += local.detach().double().pow(2).sum() / replicas
+        if self.mesh is not None:
+            dist.all_reduce(total)
+        norm = total.sqrt().float()
+        if max_norm > 0 and math.isfinite(max_norm):
+            coefficient = min(1.0, max_norm / (float(norm) + 1e-6))  # one host sync per step
+            if coefficient < 1.0:
+                for grad in grads:
+                    grad.mul_(coefficient)
+        return norm
+
+
+def _local_piece(grad: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """This rank's piece of a gradient and the number of ranks holding the same piece."""
+    if isinstance(grad, DTensor):
+        replicas = 1
+        for size, placement in zip(grad.device_mesh.shape, grad.placements):
+            if placement.is_replicate():
+                replicas *= size
+        # Ranks outside the DTensor's mesh (the other coordinates of the world) hold their own copy.
+        replicas *= dist.get_world_size() // grad.device_mesh.size()
+        return grad.to_local(), replicas
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    return grad, world

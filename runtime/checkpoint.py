@@ -119,7 +119,8 @@ def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
     try:
         manifest = json.loads(manifest_path.read_text())
     except (OSError, json.JSONDecodeError) as error:
-        raise CheckpointError(f"{manifest_path} cannot be read as JSON ({error}); the checkpoint is damaged.") from error
+        raise CheckpointError(
+            f"{manifest_path} cannot be read as JSON ({error}); the checkpoint is damaged.") from error
     if manifest.get("format") != MANIFEST_FORMAT:
         raise CheckpointError(
             f"{manifest_path} has format {manifest.get('format')!r}; this spindle reads format {MANIFEST_FORMAT}.")
@@ -401,9 +402,11 @@ class Checkpointer:
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         self.degrees = degrees or ParallelDegrees(1, 1, 1)
         section = self.config["checkpoint"]
-        self.every, self.keep, self.async_save = int(section["every"]), int(section["keep"]), bool(section["async_save"])
+        self.every, self.keep = int(section["every"]), int(section["keep"])
+        self.async_save = bool(section["async_save"])
         if self.keep < 1:
-            raise ValueError(f"checkpoint.keep={self.keep}: at least one committed checkpoint must be kept; use keep >= 1.")
+            raise ValueError(f"checkpoint.keep={self.keep}: at least one committed checkpoint must be kept; "
+                             f"use keep >= 1.")
         self.distributed = dist.is_available() and dist.is_initialized()
         if not self.distributed:
             # DCP warns on every single-process save/load that it "assumes" one process; that is the intent.

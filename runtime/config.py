@@ -205,11 +205,13 @@ SYNTHETIC_SOURCES = ("synthetic:recall", "synthetic:copy")
 LAYER_LETTERS = {"L": "linear attention", "A": "softmax attention"}
 
 
-def _quoted(values: Iterable[object]) -> str:
+def quoted(values: Iterable[object]) -> str:
+    """'a', 'b', 'c': allowed values as they appear in error messages."""
     return ", ".join(repr(value) for value in values)
 
 
-def _did_you_mean(name: str, candidates: Iterable[str]) -> str:
+def did_you_mean(name: str, candidates: Iterable[str]) -> str:
+    """" Did you mean 'x'?" for the closest candidate, or "" when nothing is close."""
     matches = difflib.get_close_matches(name, list(candidates), n=1, cutoff=0.6)
     return f" Did you mean '{matches[0]}'?" if matches else ""
 
@@ -260,14 +262,14 @@ def _section_from_dict(section: str, values: object) -> object:
     if not isinstance(values, dict):
         raise ConfigError(
             f"{section} = {values!r} is not a mapping: expected a section of 'key: value' lines "
-            f"(keys: {_quoted(_field_types(section_class))}).")
+            f"(keys: {quoted(_field_types(section_class))}).")
     types = _field_types(section_class)
     typed: dict[str, object] = {}
     for name, value in values.items():
         if name not in types:
             raise ConfigError(
                 f"{section}.{name} = {value!r} is not a known key of section '{section}'."
-                f"{_did_you_mean(str(name), types)} Allowed keys: {_quoted(types)}.")
+                f"{did_you_mean(str(name), types)} Allowed keys: {quoted(types)}.")
         typed[name] = _coerce_value(f"{section}.{name}", value, types[name])
     return section_class(**typed)
 
@@ -278,12 +280,12 @@ def config_from_dict(values: dict) -> Config:
         values = {}
     if not isinstance(values, dict):
         raise ConfigError(f"the config is {type(values).__name__} {values!r}: expected a mapping of sections "
-                          f"({_quoted(SECTIONS)}).")
+                          f"({quoted(SECTIONS)}).")
     for section in values:
         if section not in SECTIONS:
             raise ConfigError(
-                f"{section} = {values[section]!r} is not a known config section.{_did_you_mean(str(section), SECTIONS)} "
-                f"Allowed sections: {_quoted(SECTIONS)}.")
+                f"{section} = {values[section]!r} is not a known config section.{did_you_mean(str(section), SECTIONS)} "
+                f"Allowed sections: {quoted(SECTIONS)}.")
     return Config(**{section: _section_from_dict(section, values.get(section)) for section in SECTIONS})
 
 
@@ -336,11 +338,11 @@ def apply_overrides(values: dict, overrides: Iterable[str]) -> dict:
                               f"(for example --set train.steps=200).")
         if section not in SECTIONS:
             raise ConfigError(f"--set {key}: '{section}' is not a known config section."
-                              f"{_did_you_mean(section, SECTIONS)} Allowed sections: {_quoted(SECTIONS)}.")
+                              f"{did_you_mean(section, SECTIONS)} Allowed sections: {quoted(SECTIONS)}.")
         types = _field_types(SECTIONS[section])
         if name not in types:
             raise ConfigError(f"--set {key}: '{name}' is not a known key of section '{section}'."
-                              f"{_did_you_mean(name, types)} Allowed keys: {_quoted(types)}.")
+                              f"{did_you_mean(name, types)} Allowed keys: {quoted(types)}.")
         content = result.get(section)
         content = dict(content) if isinstance(content, dict) else {}
         content[name] = _parse_override_value(key, text, types[name])
@@ -361,12 +363,13 @@ def read_yaml(path: str | os.PathLike) -> dict:
         with open(path, encoding="utf-8") as handle:
             values = yaml.safe_load(handle)
     except yaml.YAMLError as error:
-        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {error}") from None
+        # PyYAML's messages span lines; a ConfigError is one line.
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {' '.join(str(error).split())}") from None
     if values is None:
         return {}
     if not isinstance(values, dict):
         raise ConfigError(f"config file {str(path)!r} holds a {type(values).__name__}: expected a mapping of "
-                          f"sections ({_quoted(SECTIONS)}).")
+                          f"sections ({quoted(SECTIONS)}).")
     return values
 
 
@@ -390,8 +393,8 @@ def _check_choices(config: Config) -> None:
         section, name = key.split(".")
         value = getattr(getattr(config, section), name)
         if value not in allowed:
-            raise ConfigError(f"{key} = {value!r} is not allowed: expected one of {_quoted(allowed)}."
-                              f"{_did_you_mean(str(value), allowed)}")
+            raise ConfigError(f"{key} = {value!r} is not allowed: expected one of {quoted(allowed)}."
+                              f"{did_you_mean(str(value), allowed)}")
 
 
 def _check_at_least(key: str, value: float, minimum: float) -> None:
@@ -449,8 +452,8 @@ def _check_model(model: ModelConfig) -> None:
     if not model.layers or bad_letters:
         raise ConfigError(
             f"model.layers = {model.layers!r} is not a layer pattern: expected a non-empty string of the letters "
-            f"{_quoted(LAYER_LETTERS)} (L = linear attention, A = softmax attention), e.g. 'LLLA'"
-            + (f"; found {_quoted(bad_letters)}." if bad_letters else "."))
+            f"{quoted(LAYER_LETTERS)} (L = linear attention, A = softmax attention), e.g. 'LLLA'"
+            + (f"; found {quoted(bad_letters)}." if bad_letters else "."))
     if model.dim % model.heads:
         raise ConfigError(f"model.dim = {model.dim} is not divisible by model.heads = {model.heads}: "
                           f"dim must be a multiple of heads (head_dim = dim // heads).")

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from spindle.runtime.config import SYNTHETIC_SOURCES, ConfigError, DataConfig, _did_you_mean, _quoted
+from spindle.runtime.config import SYNTHETIC_SOURCES, ConfigError, DataConfig, did_you_mean, quoted
 
 IGNORE_INDEX = -100
 
@@ -140,7 +140,7 @@ def open_token_file(source: str, dtype: str) -> np.ndarray:
     path = Path(source)
     if not path.is_file():
         raise _file_error(source, "the file does not exist",
-                          f"expected one of {_quoted(SYNTHETIC_SOURCES)} or the path of a .bin/.npy token file")
+                          f"expected one of {quoted(SYNTHETIC_SOURCES)} or the path of a .bin/.npy token file")
     if path.suffix == ".bin":
         itemsize = np.dtype(dtype).itemsize
         size = os.path.getsize(path)
@@ -214,7 +214,7 @@ def validate_data(data: DataConfig, vocab_size: int) -> None:
     if source.startswith("synthetic:"):
         if source not in SYNTHETIC_SOURCES:
             raise ConfigError(f"data.source = {source!r} is not a known synthetic task: expected one of "
-                              f"{_quoted(SYNTHETIC_SOURCES)} or a .bin/.npy path.{_did_you_mean(source, SYNTHETIC_SOURCES)}")
+                              f"{quoted(SYNTHETIC_SOURCES)} or a .bin/.npy path.{did_you_mean(source, SYNTHETIC_SOURCES)}")
         min_len, min_vocab = ((RECALL_MIN_SEQ_LEN, RECALL_MIN_VOCAB) if source == "synthetic:recall"
                               else (COPY_MIN_SEQ_LEN, COPY_MIN_VOCAB))
         if data.seq_len < min_len:

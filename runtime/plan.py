@@ -370,14 +370,18 @@ class LayerActivations:
 
 
 def _norm_saved(dim: int, layout: Layout, readers: int) -> float:
-    """Per token, what RMSNorm (computed in fp32) and the matmuls reading it keep, its input aside:
-    an fp32 copy of a bf16 input, 1/rms (4 B), the normalized tensor (in the input's dtype), and the
-    output the ``readers`` matmuls save: under autocast over fp32 weights each makes its own bf16 cast,
-    otherwise they share the output."""
+    """Per token, what RMSNorm (computed in fp32) and the matmuls reading it keep: its fp32 input
+    (the residual itself, or an fp32 copy of a bf16 residual), 1/rms (4 B), the normalized tensor (in
+    the residual's dtype), and the output the ``readers`` matmuls save: under autocast over fp32
+    weights each makes its own bf16 cast, otherwise they share the output."""
     x_bytes = layout.residual_bytes
-    upcast = 4 * dim if x_bytes == 2 else 0
-    output = readers * 2 * dim if layout.autocast and x_bytes == 4 else x_bytes * dim
-    return upcast + 4 + x_bytes * dim + output
+    if readers == 0:
+        output = 0
+    elif layout.autocast and x_bytes == 4:
+        output = readers * 2 * dim
+    else:
+        output = x_bytes * dim
+    return 4 * dim + 4 + x_bytes * dim + output
 
 
 def _mixer_saved_per_token(kind: str, shape: Shape, layout: Layout) -> float:
@@ -392,8 +396,9 @@ def _mixer_saved_per_token(kind: str, shape: Shape, layout: Layout) -> float:
     if shape.feature_map != "identity":
         saved += 2 * hidden * e  # q, k before the feature map
     if shape.decay == "data":
-        # gate logits and log-decay (fp32); the fp32 gate keeps an fp32 copy of its input under autocast
-        saved += 2 * 4 * heads + (4 * shape.dim if layout.autocast else 0)
+        # fp32 gate logits, logsigmoid's buffer, the log-decay the kernel keeps; the gate runs outside
+        # autocast in the weights' dtype, so with fp32 weights it keeps the fp32 norm output as well
+        saved += 3 * 4 * heads + (4 * shape.dim if layout.autocast and not layout.bf16_parameters else 0)
     saved += 4 * hidden + 4 * heads + 2 * hidden * e  # output RMSNorm: fp32 input, 1/rms, normalized, output
     gate = 2 if shape.output_gate == "silu" else 1
     saved += gate * hidden * e + hidden * e  # gate activation(s), o·gate (out_proj's input)
@@ -401,13 +406,14 @@ def _mixer_saved_per_token(kind: str, shape: Shape, layout: Layout) -> float:
 
 
 def _layer_saved_per_token(kind: str, shape: Shape, layout: Layout) -> float:
-    """Per token, everything a non-checkpointed block keeps: input x, mixer half, MLP half."""
-    dim, ffn, residual = shape.dim, shape.ffn_dim / layout.tp, layout.residual_bytes
+    """Per token, everything a non-checkpointed block keeps: the mixer half and the MLP half, each
+    with its norm (which holds the block input and the mid-block residual, or fp32 copies of them)."""
+    dim, ffn = shape.dim, shape.ffn_dim / layout.tp
     readers = 3 if kind == "A" else 4  # q, k, v (and the output gate) read the mixer norm's output
     mixer = _norm_saved(dim, layout, readers) + _mixer_saved_per_token(kind, shape, layout)
     # MLP: norm (gate and up read it), gate output, silu(gate), up, their product (down's input)
     mlp = _norm_saved(dim, layout, 2) + 4 * ffn * layout.compute_bytes
-    return residual * dim + mixer + residual * dim + mlp  # block input and mid-block residual
+    return mixer + mlp
 
 
 def _workspace_per_token(kind: str, shape: Shape, layout: Layout) -> float:
@@ -493,7 +499,7 @@ def activation_memory(shape: Shape, layout: Layout) -> ActivationMemory:
     if shape.softmax_layers:
         saved += tokens * shape.head_dim * 4  # RoPE cos and sin tables, fp32, shared by all layers
     # final norm (its input, internals; its output is not saved) and the loss's fp32 d(hidden), d(weight)
-    final_norm = tokens * (layout.residual_bytes * shape.dim + _norm_saved(shape.dim, layout, 0))
+    final_norm = tokens * _norm_saved(shape.dim, layout, 0)
     loss = final_norm + tokens * shape.dim * 4 + shape.vocab_size * shape.dim * 4
     chunk = min(LOSS_CHUNK_TOKENS, tokens) * shape.vocab_size * 8  # fp32 logits + fp32 softmax gradient
     uses_allgather = shape.softmax_layers and layout.cp > 1 and layout.cp_softmax == "allgather"
@@ -969,15 +975,17 @@ def format_plan(plan: Plan) -> str:
         f"{layout.accumulation} accumulation; checkpointing {layout.checkpointing}; "
         f"{'bf16 autocast' if layout.autocast else 'fp32'}; {_engine(layout)}",
         "",
-        f"{'memory per GPU':<48}{'GiB':>10}",
     ]
-    lines += [f"  {name:<46}{value / GIB:>10.2f}" for name, value in _memory_items(memory) if value]
+    # MiB for toy configs, so their table does not read as a column of zeros
+    unit, scale = ("GiB", GIB) if memory.total >= GIB else ("MiB", 2**20)
+    lines.append(f"{'memory per GPU':<48}{unit:>10}")
+    lines += [f"  {name:<46}{value / scale:>10.2f}" for name, value in _memory_items(memory) if value]
     verdict = "fits" if plan.fits else "DOES NOT FIT"
-    lines.append(f"  {'total':<46}{memory.total / GIB:>10.2f}   of {memory.usable / GIB:.1f} usable: {verdict}")
+    lines.append(f"  {'total':<46}{memory.total / scale:>10.2f}   of {memory.usable / GIB:.1f} GiB usable: {verdict}")
     if memory.optimizer_cpu:
-        lines.append(f"  {'optimizer states in host memory':<46}{memory.optimizer_cpu / GIB:>10.2f}")
+        lines.append(f"  {'optimizer states in host memory':<46}{memory.optimizer_cpu / scale:>10.2f}")
     if memory.allgather_kv:
-        lines.append(f"  (all-gather attention K/V of one layer: {memory.allgather_kv / GIB:.2f} GiB, in the transient)")
+        lines.append(f"  (all-gather attention K/V of one layer: {memory.allgather_kv / scale:.2f} {unit}, in the transient)")
     lines += ["", f"{'communication per step per GPU':<48}{'GiB':>10}{'group':>8}{'overlap':>9}"]
     for volume in plan.communication:
         lines.append(f"  {volume.name:<46}{volume.bytes / GIB:>10.3f}{volume.group:>8}"
@@ -1002,8 +1010,10 @@ def _abbreviated(pattern: str) -> str:
 
 
 def _engine(layout: Layout) -> str:
+    if layout.replicas == 1:
+        return "one replica (no data-parallel engine)"
     if layout.dp_engine == "fsdp":
-        return "FSDP2"
+        return "FSDP2 over dp×cp" + (" with bf16 weights" if layout.bf16_parameters else "")
     return f"DeepSpeed ZeRO-{layout.zero_stage}" + (" + optimizer offload" if layout.offload_optimizer else "")
 
 

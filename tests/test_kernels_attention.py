@@ -213,3 +213,14 @@ def test_fused_kernels_bf16_on_gpu(backend, case):
             error = relative_rmse(torch.where(torch.isinf(actual[name]), 0, actual[name]), reference)
             baseline_error = relative_rmse(torch.where(torch.isinf(baseline[name]), 0, baseline[name]), reference)
             assert error <= 5e-3 and error <= 2 * max(baseline_error, 1e-4), f"{name}: {error:.2e} vs {baseline_error:.2e}"
+
+
+def test_attention_forward_helper_matches_attention():
+    from spindle.kernels import attention_forward
+
+    q, k, v, _, _ = make_inputs(1, 12, 20, 4, 2, 16)
+    q, k, v = (t.float().requires_grad_() for t in (q, k, v))
+    output, lse = attention_forward(q, k, v, causal=True)
+    expected_output, expected_lse = attention(q, k, v, causal=True, return_lse=True)
+    assert not output.requires_grad
+    assert torch.equal(output, expected_output.detach()) and torch.equal(lse, expected_lse.detach())

@@ -170,6 +170,29 @@ def attention(
     return (output, lse) if return_lse else output
 
 
+def attention_forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool = True,
+    scale: float | None = None,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(o, lse) of one attention block without recording autograd (the per-block call of ring attention).
+
+    Same semantics as attention(..., return_lse=True); pair it with attention_backward.
+    """
+    _check_inputs(q, k, v)
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    chosen = resolve_backend(backend, q)
+    with torch.no_grad():
+        if chosen == "naive":
+            return attention_naive(q, k, v, bool(causal), float(scale))
+        return _kernel_forward(chosen, q, k, v, bool(causal), float(scale))
+
+
 def attention_backward(
     q: torch.Tensor,
     k: torch.Tensor,

@@ -35,13 +35,13 @@ def _ungrouped(x: torch.Tensor) -> torch.Tensor:
     return x.permute(0, 3, 1, 2, 4).reshape(batch, length, kv_heads * groups, dim)
 
 
-def _block_scores(q_block, keys, start, query_length, causal, scale):
-    """Scores [B, H_kv, G, rows, Tk] for query rows [start, start + rows), masked with -inf."""
-    scores = scale * (q_block @ keys.transpose(-1, -2)[:, :, None])
+def _block_scores(q_block, keys, start, query_length, causal):
+    """Scores [B, H_kv, G, rows, Tk] for query rows [start, start + rows) (q already scaled), masked with -inf."""
+    scores = q_block @ keys.transpose(-1, -2)[:, :, None]
     if causal:
         rows = q_block.shape[-2]
         mask = causal_mask(query_length, keys.shape[-2], q_block.device)[start : start + rows]
-        scores = scores.masked_fill(~mask, float("-inf"))
+        scores.masked_fill_(~mask, float("-inf"))
     return scores
 
 
@@ -52,19 +52,21 @@ def attention_forward_math(
     compute_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     batch, query_length, heads, _ = q.shape
     kv_heads = k.shape[2]
-    qg = _grouped(q, kv_heads, compute_dtype)  # [B, H_kv, G, Tq, D]
+    qg = _grouped(q, kv_heads, compute_dtype) * scale  # [B, H_kv, G, Tq, D]
     keys = k.to(compute_dtype).transpose(1, 2)  # [B, H_kv, Tk, D]
     values = v.to(compute_dtype).transpose(1, 2)  # [B, H_kv, Tk, Dv]
     output = qg.new_empty(*qg.shape[:-1], v.shape[-1])
     lse = qg.new_empty(qg.shape[:-1])
     block = _query_block(query_length, k.shape[1], batch * heads)
     for start in range(0, query_length, block):
-        scores = _block_scores(qg[..., start : start + block, :], keys, start, query_length, causal, scale)
-        block_lse = torch.logsumexp(scores, dim=-1)  # -inf on rows that see no key
-        finite = torch.where(torch.isinf(block_lse), torch.zeros_like(block_lse), block_lse)
-        probabilities = torch.exp(scores - finite[..., None])
-        output[..., start : start + block, :] = probabilities @ values[:, :, None]
-        lse[..., start : start + block] = block_lse
+        rows = slice(start, start + block)
+        scores = _block_scores(qg[..., rows, :], keys, start, query_length, causal)
+        row_max = scores.amax(-1, keepdim=True) if scores.shape[-1] else scores.new_zeros(*scores.shape[:-1], 1)
+        row_max = torch.where(torch.isinf(row_max), torch.zeros_like(row_max), row_max)  # rows that see no key
+        weights = scores.sub_(row_max).exp_()  # in place: one exp pass over the block
+        denominator = weights.sum(-1, keepdim=True)
+        lse[..., rows] = (denominator.log() + row_max)[..., 0]  # log 0 = -inf on rows that see no key
+        output[..., rows, :] = (weights @ values[:, :, None]) / denominator.clamp_min(torch.finfo(compute_dtype).tiny)
     # lse [B, H_kv, G, Tq] -> [B, H, Tq]
     return _ungrouped(output).to(q.dtype), lse.reshape(batch, heads, query_length)
 
@@ -101,15 +103,16 @@ def attention_backward_math(
     dq = torch.empty_like(qg)
     dk = torch.zeros_like(keys)
     dv = torch.zeros_like(values)
+    scaled_q = qg * scale
     block = _query_block(query_length, k.shape[1], batch * heads)
     for start in range(0, query_length, block):
         rows = slice(start, start + block)
-        scores = _block_scores(qg[..., rows, :], keys, start, query_length, causal, scale)
-        # masked entries are -inf, so they get probability 0; empty rows have lse -inf -> also 0
-        probabilities = torch.exp(scores - finite_lse[..., rows, None])
-        probabilities = torch.where(torch.isinf(lse_g[..., rows, None]), 0.0, probabilities)
-        d_probabilities = dog[..., rows, :] @ values.transpose(-1, -2)[:, :, None]
-        d_scores = probabilities * (d_probabilities - delta[..., rows, None]) * scale
+        scores = _block_scores(scaled_q[..., rows, :], keys, start, query_length, causal)
+        # masked entries are -inf and rows that see no key have lse = -inf: both give probability 0
+        probabilities = scores.sub_(finite_lse[..., rows, None]).exp_()
+        probabilities.masked_fill_(torch.isinf(lse_g[..., rows, None]), 0.0)
+        d_scores = dog[..., rows, :] @ values.transpose(-1, -2)[:, :, None]  # dP, then dS in place
+        d_scores.sub_(delta[..., rows, None]).mul_(probabilities).mul_(scale)
         dq[..., rows, :] = d_scores @ keys[:, :, None]
         dk += (d_scores.transpose(-1, -2) @ qg[..., rows, :]).sum(2)
         dv += (probabilities.transpose(-1, -2) @ dog[..., rows, :]).sum(2)

@@ -1,17 +1,26 @@
 """Context parallelism: sequence layouts, communication objects, LASP-2 / LASP-1 for linear attention,
-all-gather / ring / Ulysses softmax attention. Every op takes this rank's shard and the CP group."""
+all-gather / ring / Ulysses softmax attention.
 
+Every op takes this rank's shard of the sequence (in the given layout) and the CP process group,
+derives rank and world size from that group, is differentiable, and equals the single-device op on
+the unsharded tensors. See DESIGN.md ("Public API") and ALGORITHMS.md §2-§3.
+"""
+
+from .allgather import allgather_attention
 from .comm import AllGatherComm, CommStats, RingComm, comm_stats, record_comm, reset_comm_stats
 from .lasp1 import lasp1
 from .lasp2 import lasp2
 from .layout import LAYOUTS, layout_positions, local_positions, shard, unshard
 from .merge import decayed_prefix_chain, decayed_suffix_chain, merge_attention_block
+from .ring import ring_attention
+from .ulysses import ulysses_attention
 
 __all__ = [
     "LAYOUTS",
     "AllGatherComm",
     "CommStats",
     "RingComm",
+    "allgather_attention",
     "comm_stats",
     "decayed_prefix_chain",
     "decayed_suffix_chain",
@@ -22,6 +31,8 @@ __all__ = [
     "merge_attention_block",
     "record_comm",
     "reset_comm_stats",
+    "ring_attention",
     "shard",
+    "ulysses_attention",
     "unshard",
 ]

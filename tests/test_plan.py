@@ -1,0 +1,448 @@
+"""The planner (runtime/plan.py): parameter and FLOP counts against the real model, model-state bytes
+per engine and ZeRO stage, per-block activation bytes against the tensors autograd really saves,
+communication volumes (LASP-2 independent of T, ring/all-gather proportional to T), the all-gather
+K/V transient, the presets, the recommendation, check_fits and the `spindle plan` CLI."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from spindle import kernels
+from spindle.runtime import plan
+from spindle.runtime.config import Config, DataConfig, ModelConfig, ParallelConfig, TrainConfig, load_config
+from spindle.runtime.model import HybridModel
+
+REPO = Path(__file__).resolve().parents[1]
+PRESETS = [REPO / "configs" / "hybrid-1m-1gpu.yaml", REPO / "configs" / "linear-llama3-8b-2m-64gpu.yaml"]
+
+
+def make_config(*, layers: str = "LLLA", n_layers: int = 4, dim: int = 64, heads: int = 4, kv_heads: int = 2,
+                vocab_size: int = 100, ffn_dim: int = 128, seq_len: int = 4096, dp: int = 1, cp: int = 1,
+                tp: int = 1, checkpointing: str = "none", precision: str = "bf16", global_batch: int = 1,
+                **parallel: object) -> Config:
+    return Config(
+        model=ModelConfig(layers=layers, n_layers=n_layers, dim=dim, heads=heads, kv_heads=kv_heads,
+                          vocab_size=vocab_size, ffn_dim=ffn_dim),
+        data=DataConfig(seq_len=seq_len),
+        parallel=ParallelConfig(dp=dp, cp=cp, tp=tp, activation_checkpointing=checkpointing, **parallel),
+        train=TrainConfig(global_batch=global_batch, precision=precision))
+
+
+def volume(config: Config, name: str) -> float:
+    """Bytes per step per rank of the traffic called ``name``."""
+    volumes = plan.communication(plan.shape_of(config), plan.layout_of(config))
+    return sum(v.bytes for v in volumes if v.name == name)
+
+
+# ---------------------------------------------------------------------------------------------
+# Parameters and FLOPs: analytic counts equal the model's own
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("layers", ["LA", "LLLA", "L", "A"])
+@pytest.mark.parametrize("decay", ["none", "constant", "data"])
+@pytest.mark.parametrize("tie", [False, True])
+def test_parameter_count_equals_model(layers: str, decay: str, tie: bool) -> None:
+    model_config = ModelConfig(layers=layers, n_layers=5, dim=48, heads=6, kv_heads=2, vocab_size=50,
+                               decay=decay, tie_embeddings=tie, ffn_dim=0)
+    config = Config(model=model_config)
+    model = HybridModel(model_config)
+    assert plan.count_parameters(config) == model.num_parameters()
+    for seq_len in (1, 300, 65536):
+        assert plan.model_flops_per_token(plan.shape_of(config), seq_len) == model.flops_per_token(seq_len)
+
+
+@pytest.mark.parametrize("path", PRESETS, ids=lambda p: p.name)
+def test_preset_parameter_count_equals_model(path: Path) -> None:
+    config = load_config(path)
+    with torch.device("meta"):  # shapes only: the 9B preset would need 37 GB of real memory
+        model = HybridModel(config.model)
+    assert plan.count_parameters(config) == model.num_parameters()
+
+
+def test_parameter_count_by_hand() -> None:
+    # L layer: 5 projections 64·64 + MLP 3·64·128 + norms 2·64 + output norm 16; A layer: q,o 64·64,
+    # k,v 64·32, MLP, norms; embedding and output 100·64; final norm 64
+    linear = 5 * 64 * 64 + 3 * 64 * 128 + 2 * 64 + 16
+    softmax = 2 * 64 * 64 + 2 * 64 * 32 + 3 * 64 * 128 + 2 * 64
+    expected = 3 * linear + softmax + 2 * 100 * 64 + 64
+    assert plan.count_parameters(make_config()) == expected
+
+
+# ---------------------------------------------------------------------------------------------
+# Model state per engine and ZeRO stage
+# ---------------------------------------------------------------------------------------------
+def state(config: Config) -> plan.ModelStateMemory:
+    return plan.model_state_memory(plan.shape_of(config), plan.layout_of(config))
+
+
+def test_model_state_bytes_per_engine_and_stage() -> None:
+    n = plan.count_parameters(make_config())
+    single = state(make_config(precision="fp32"))
+    assert (single.parameters, single.gradients, single.optimizer) == (4 * n, 4 * n, 8 * n)
+    assert single.weight_copies == 0 and single.gathered == 0
+    # FSDP2 shards all three over the dp × cp replicas: 2 × 2 = 4 shards
+    fsdp = state(make_config(dp=2, cp=2, global_batch=2, precision="fp32"))
+    assert (fsdp.parameters, fsdp.gradients, fsdp.optimizer) == (n, n, 2 * n)
+    cases = {1: (4 * n, 4 * n, 2 * n), 2: (4 * n, n, 2 * n), 3: (n, n, 2 * n)}
+    for stage, expected in cases.items():
+        zero = state(make_config(dp=4, global_batch=4, precision="fp32", dp_engine="deepspeed", zero_stage=stage))
+        assert (zero.parameters, zero.gradients, zero.optimizer) == expected, stage
+        assert zero.optimizer_cpu == 0
+    offload = state(make_config(dp=4, global_batch=4, precision="fp32", dp_engine="deepspeed", zero_stage=2,
+                                offload_optimizer=True))
+    assert offload.optimizer == 0 and offload.optimizer_cpu == 2 * n
+
+
+def test_tensor_parallel_splits_block_matrices_only() -> None:
+    config = make_config(tp=2)
+    counts = plan.parameter_counts(plan.shape_of(config))
+    replicated = 2 * 100 * 64 + 64 + 3 * (2 * 64 + 16) + 2 * 64  # embedding, output, all norm gains
+    assert plan.local_parameters(plan.shape_of(config), 2) == (counts.total - replicated) / 2 + replicated
+
+
+def test_autocast_weight_copies_only_without_bf16_parameters() -> None:
+    n = plan.count_parameters(make_config())
+    copies = state(make_config(precision="bf16")).weight_copies
+    assert copies == 2 * (n - 100 * 64)  # every weight but the embedding table is a matmul operand
+    # FSDP2 over two replicas runs the forward on bf16 weights: no autocast copies, gathered units instead
+    sharded = state(make_config(dp=2, global_batch=2, precision="bf16"))
+    assert sharded.weight_copies == 0 and sharded.gathered > 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Activations: the per-block byte counts equal what autograd saves
+# ---------------------------------------------------------------------------------------------
+class _LinearKernelSaves(torch.autograd.Function):
+    """Saves what the GPU linear-attention kernel saves (q, k, v, and g when given); the output comes
+    from the real op. The CPU chunked path keeps more internals, which the plan does not model."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, log_decay):  # type: ignore[override]
+        ctx.save_for_backward(q, k, v, *(() if log_decay is None or log_decay.dim() == 1 else (log_decay,)))
+        with torch.no_grad():
+            return kernels.linear_attention(q, k, v, log_decay=log_decay)[0]
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        raise AssertionError("not used")
+
+
+class _FlashSaves(torch.autograd.Function):
+    """Saves what flash attention saves: q, k, v, the (contiguous) output and fp32 lse [B, H, T]."""
+
+    @staticmethod
+    def forward(ctx, q, k, v):  # type: ignore[override]
+        with torch.no_grad():
+            out = kernels.attention(q, k, v, causal=True).contiguous()
+        lse = torch.zeros(q.shape[0], q.shape[2], q.shape[1], dtype=torch.float32)
+        ctx.save_for_backward(q, k, v, out, lse)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        raise AssertionError("not used")
+
+
+def saved_bytes_of_block(config: Config, kind: str, *, bf16_weights: bool) -> int:
+    """Bytes of distinct activation storages one block saves for backward (weights and their casts,
+    and the shared RoPE tables, excluded)."""
+    torch.manual_seed(0)
+    model = HybridModel(config.model)
+    block = model.layers[config.model.layers.index(kind)]
+    if kind == "L":
+        block.mixer.sequence_op = lambda q, k, v, log_decay=None, scale=None: _LinearKernelSaves.apply(q, k, v, log_decay)
+    else:
+        block.mixer.attention_op = lambda q, k, v, causal=True, scale=None: _FlashSaves.apply(q, k, v)
+    weight_dtype = torch.bfloat16 if bf16_weights else torch.float32
+    block.to(weight_dtype)
+    tokens = config.data.seq_len
+    x = torch.randn(1, tokens, config.model.dim, dtype=weight_dtype, requires_grad=True)
+    rotary = model.rotary(torch.arange(tokens), torch.float32)
+    excluded = {t.untyped_storage().data_ptr() for t in rotary}
+    # weights are saved as (transposed) views of the parameters or as bf16 casts of the same shapes
+    weight_shapes = {tuple(p.shape) for p in block.parameters()} | {tuple(p.shape)[::-1] for p in block.parameters()}
+    kept: list[torch.Tensor] = []  # keeps every saved tensor alive, so no storage is reused mid-count
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        kept.append(tensor)
+        return tensor
+
+    autocast = config.train.precision == "bf16"
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            block(x, rotary)
+    storages = {}
+    for tensor in kept:
+        if tensor.untyped_storage().data_ptr() in excluded or tuple(tensor.shape) in weight_shapes:
+            continue
+        storages[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+    return sum(storages.values())
+
+
+# decay and feature map only change linear layers
+BLOCK_CASES = [("L", {}), ("A", {}), ("L", {"decay": "data", "feature_map": "silu"}),
+               ("L", {"decay": "none", "output_gate": "silu"})]
+
+
+@pytest.mark.parametrize("precision,replicas", [("fp32", 1), ("bf16", 1), ("bf16", 2)],
+                         ids=["fp32", "autocast-fp32-weights", "fsdp-bf16-weights"])
+@pytest.mark.parametrize("kind,variant", BLOCK_CASES, ids=["L", "A", "L-data-silu", "L-silu-gate"])
+def test_block_activation_bytes_equal_saved_tensors(precision: str, replicas: int, kind: str, variant: dict) -> None:
+    # 37 tokens and widths 64/96 keep activation shapes distinct from weight shapes
+    config = make_config(layers="LA", n_layers=2, dim=64, heads=4, kv_heads=2, ffn_dim=96, seq_len=37,
+                         precision=precision, dp=replicas, global_batch=replicas)
+    config = dataclasses.replace(config, model=dataclasses.replace(config.model, **variant))
+    layout = plan.layout_of(config)
+    assert layout.bf16_parameters == (replicas > 1)
+    measured = saved_bytes_of_block(config, kind, bf16_weights=layout.bf16_parameters)
+    planned = plan.layer_activations(kind, plan.shape_of(config), layout).saved
+    assert measured == planned
+
+
+def test_linear_block_bytes_by_hand() -> None:
+    # fp32, tp 1, dim 64, 4 heads of 16, ffn 128, per token: block input and mid residual 2·4·64;
+    # two norms (1/rms 4 B, normalized 4·64, shared output 4·64); q, k, v 3·4·64; output norm
+    # fp32 input 4·64 + 1/rms 4·4 + normalized and output 2·4·64; gate and o·gate 2·4·64; MLP 4·4·128
+    per_token = 2 * 256 + 2 * (4 + 2 * 256) + 3 * 256 + (256 + 16 + 2 * 256) + 2 * 256 + 4 * 4 * 128
+    config = make_config(layers="L", n_layers=1, precision="fp32", seq_len=1000)
+    layer = plan.layer_activations("L", plan.shape_of(config), plan.layout_of(config))
+    assert layer.saved == 1000 * per_token
+    assert layer.checkpoint == 1000 * 4 * 64
+
+
+def test_checkpointing_keeps_only_block_inputs() -> None:
+    shape = plan.shape_of(make_config())
+    none = plan.activation_memory(shape, plan.layout_of(make_config(checkpointing="none")))
+    full = plan.activation_memory(shape, plan.layout_of(make_config(checkpointing="full")))
+    linear = plan.activation_memory(shape, plan.layout_of(make_config(checkpointing="linear")))
+    tokens, rope = 4096, 4096 * 16 * 4
+    assert full.saved == 4 * tokens * 4 * 64 + rope  # four fp32 block inputs and the RoPE tables
+    layer_l = plan.layer_activations("L", shape, plan.layout_of(make_config()))
+    layer_a = plan.layer_activations("A", shape, plan.layout_of(make_config()))
+    assert none.saved == 3 * layer_l.saved + layer_a.saved + rope
+    assert linear.saved == 3 * layer_l.checkpoint + layer_a.saved + rope
+    assert full.saved < linear.saved < none.saved
+    # a checkpointed block is recomputed in backward: the transient grows by its activations
+    assert full.transient == pytest.approx(max(layer.saved - layer.checkpoint + layer.workspace
+                                               for layer in (layer_l, layer_a)))
+
+
+def test_activations_are_linear_in_sequence_length() -> None:
+    """Flash-style kernels: nothing O(T²) is kept, softmax layers included."""
+    for layers in ("A", "LLLA"):
+        short = plan.activation_memory(plan.shape_of(make_config(layers=layers)),
+                                       plan.layout_of(make_config(layers=layers, seq_len=4096)))
+        long = plan.activation_memory(plan.shape_of(make_config(layers=layers)),
+                                      plan.layout_of(make_config(layers=layers, seq_len=8192)))
+        assert long.saved == 2 * short.saved
+
+
+def test_allgather_kv_transient() -> None:
+    # 2·B·T·H_kv·d·bytes: B 1, T 8192, H_kv 2, d 16, bf16
+    config = make_config(cp=4, seq_len=8192)
+    memory = plan.activation_memory(plan.shape_of(config), plan.layout_of(config))
+    assert memory.allgather_kv == 2 * 1 * 8192 * 2 * 16 * 2
+    # backward holds the gathered K/V and their fp32 gradients; it is the largest one-layer transient here
+    layer = plan.layer_activations("A", plan.shape_of(config), plan.layout_of(config))
+    assert layer.comm_transient == memory.allgather_kv * (2 + 4) / 2
+    assert memory.transient >= layer.comm_transient
+    ring = make_config(cp=4, seq_len=8192, cp_softmax="ring")
+    assert plan.activation_memory(plan.shape_of(ring), plan.layout_of(ring)).allgather_kv == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Communication
+# ---------------------------------------------------------------------------------------------
+def test_lasp2_bytes_are_independent_of_sequence_length() -> None:
+    # per linear layer and pass: (P−1)·B·H·dk·dv·4 per state, two states per rank under zigzag
+    per_pass = (4 - 1) * 1 * 4 * 16 * 16 * 4
+    for seq_len in (4096, 65536, 1 << 20):
+        contiguous = make_config(cp=4, seq_len=seq_len, cp_layout="contiguous")
+        assert volume(contiguous, "LASP-2 state all-gather") == 3 * 2 * per_pass  # 3 layers, fwd + bwd
+        zigzag = make_config(cp=4, seq_len=seq_len)
+        assert volume(zigzag, "LASP-2 state all-gather") == 3 * 2 * 2 * per_pass
+        recomputed = make_config(cp=4, seq_len=seq_len, checkpointing="full")
+        assert volume(recomputed, "LASP-2 state all-gather") == 3 * 3 * 2 * per_pass  # + recomputed forward
+    lasp1 = make_config(cp=4, cp_linear="lasp1", cp_layout="contiguous")
+    volumes = plan.communication(plan.shape_of(lasp1), plan.layout_of(lasp1))
+    chain = next(v for v in volumes if v.name == "LASP-1 state chain")
+    assert chain.bytes == 3 * 2 * per_pass and chain.messages == 3 * 2 * 3 and not chain.overlapped
+
+
+@pytest.mark.parametrize("scheme,name", [("ring", "ring attention K/V"), ("allgather", "all-gather attention K/V")])
+def test_softmax_cp_bytes_are_proportional_to_sequence_length(scheme: str, name: str) -> None:
+    short = volume(make_config(cp=4, seq_len=4096, cp_softmax=scheme), name)
+    long = volume(make_config(cp=4, seq_len=16384, cp_softmax=scheme), name)
+    assert long == 4 * short
+    # forward (P−1)·2·B·n·H_kv·d·2; backward K/V again + fp32 dK/dV: 3× the forward
+    forward = (4 - 1) * 2 * 1 * (4096 // 4) * 2 * 16 * 2
+    assert short == forward + 3 * forward
+
+
+def test_ulysses_and_data_and_tensor_parallel_volumes() -> None:
+    config = make_config(cp=2, seq_len=4096, cp_softmax="ulysses")
+    local = 1 * 2048 * (2 * 4 + 2 * 2) * 16 * 2  # q, k, v in and o out per all-to-all round
+    assert volume(config, "Ulysses all-to-all") == 2 * (1 / 2) * local
+    n = plan.count_parameters(make_config())
+    fsdp = make_config(dp=4, global_batch=4)
+    assert volume(fsdp, "gradient reduce-scatter") == 3 / 4 * 4 * n
+    assert volume(fsdp, "parameter all-gather") == 2 * 3 / 4 * 2 * n  # bf16 weights, forward + backward
+    zero1 = make_config(dp=4, global_batch=4, dp_engine="deepspeed", zero_stage=1)
+    assert volume(zero1, "gradient all-reduce") == 2 * 3 / 4 * 4 * n
+    assert plan.communication(plan.shape_of(make_config()), plan.layout_of(make_config())) == []
+    tp = make_config(tp=2, seq_len=1000)
+    # per block: 2 forward all-reduces, backward one per column-parallel projection (L: 4 + 2, A: 3 + 2)
+    count = 3 * (2 + 6) + (2 + 5)
+    assert volume(tp, "TP all-reduce") == count * 2 * (1 / 2) * 1000 * 64 * 2
+
+
+def test_lasp2_beats_ring_at_long_sequences() -> None:
+    """ALGORITHMS.md §2's example: B 1, H 32, d 128, P 64: 126 MiB per layer forward for LASP-2,
+    7.9 GiB for softmax CP at 2048K tokens with H_kv 8."""
+    config = make_config(layers="LA", n_layers=2, dim=4096, heads=32, kv_heads=8, ffn_dim=14336, cp=64,
+                         seq_len=2048 * 1024, cp_layout="contiguous", cp_softmax="ring")
+    lasp2 = volume(config, "LASP-2 state all-gather") / 2  # one layer, forward only
+    ring = volume(config, "ring attention K/V") / 4
+    assert lasp2 / 2**20 == pytest.approx(126, abs=0.1)
+    assert ring / 2**30 == pytest.approx(7.875, abs=0.01)
+
+
+# ---------------------------------------------------------------------------------------------
+# Presets, recommendation, check_fits
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("path", PRESETS, ids=lambda p: p.name)
+def test_presets_validate_and_fit(path: Path) -> None:
+    config = load_config(path)
+    result = plan.make_plan(config, "h200")
+    assert result.fits, plan.format_plan(result)
+    assert result.memory.total <= plan.GPUS["h200"].usable_bytes
+    plan.check_fits(config, "h200")
+
+
+def test_preset_shapes() -> None:
+    hybrid = load_config(PRESETS[0])
+    assert hybrid.data.seq_len == 1 << 20 and (hybrid.parallel.dp, hybrid.parallel.cp, hybrid.parallel.tp) == (1, 1, 1)
+    assert set(plan.shape_of(hybrid).pattern[7::8]) == {"A"} and plan.shape_of(hybrid).pattern.count("A") * 8 == 16
+    llama = load_config(PRESETS[1])
+    model = llama.model
+    assert (model.dim, model.n_layers, model.heads, model.kv_heads, model.ffn_dim, model.vocab_size) == \
+        (4096, 32, 32, 8, 14336, 128256)
+    assert set(plan.shape_of(llama).pattern) == {"L"} and llama.data.seq_len == 2 << 20
+    assert llama.parallel.dp * llama.parallel.cp * llama.parallel.tp == 64
+
+
+def test_recommendation_picks_a_cp_that_fits() -> None:
+    # 8B-shaped linear model at 2M tokens: one GPU cannot hold it, 64 can with enough cp
+    config = load_config(PRESETS[1])
+    alone = dataclasses.replace(config, parallel=dataclasses.replace(config.parallel, cp=1))
+    assert not plan.make_plan(alone, "h200").fits
+    candidates = plan.recommend(config, 64, "h200")
+    best = candidates[0]
+    assert best.fits and best.dp * best.cp * best.tp == 64 and best.cp > 1
+    assert all(c.step_s >= best.step_s for c in candidates if c.fits)
+    chosen = dataclasses.replace(config, parallel=dataclasses.replace(
+        config.parallel, dp=best.dp, cp=best.cp, tp=best.tp, activation_checkpointing=best.checkpointing))
+    assert plan.make_plan(chosen, "h200").fits
+    # a longer target needs at least as much cp as the shorter one's best that fits
+    longer = plan.recommend(config, 64, "a100", target_seq_len=4 << 20)
+    assert longer[0].fits and longer[0].cp * longer[0].tp >= 32
+
+
+def test_recommendation_reports_when_nothing_fits() -> None:
+    config = load_config(PRESETS[1])
+    candidates = plan.recommend(config, 1, "h100")
+    assert candidates and not any(c.fits for c in candidates)
+    assert candidates == sorted(candidates, key=lambda c: c.memory_bytes)
+
+
+def test_check_fits_raises_with_numbers() -> None:
+    config = load_config(PRESETS[1], ["parallel.cp=8", "parallel.dp=1", "parallel.activation_checkpointing=none"])
+    with pytest.raises(plan.PlanDoesNotFit, match=r"needs [0-9.]+ GiB per GPU but the H100 has [0-9.]+ GiB usable"):
+        plan.check_fits(config, "h100")
+    with pytest.raises(ValueError, match="gpu='tpu' is not a known GPU"):
+        plan.check_fits(config, "tpu")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU behaviour")
+def test_check_fits_without_gpu_does_nothing() -> None:
+    assert plan.check_fits(load_config(PRESETS[1], ["parallel.cp=1"])) is None
+
+
+def test_step_time_components() -> None:
+    config = load_config(PRESETS[1])
+    result = plan.make_plan(config, "h200")
+    time = result.time
+    assert time.step_s == pytest.approx(time.compute_s + time.communication_s + time.optimizer_s)
+    assert time.tokens_per_s == pytest.approx((2 << 20) / time.step_s)
+    assert 0 < time.mfu < plan.DEFAULT_EFFICIENCY
+    # LASP-1's serial chain is never cheaper than LASP-2's overlapped all-gather
+    lasp1 = load_config(PRESETS[1], ["parallel.cp_linear=lasp1"])
+    assert plan.make_plan(lasp1, "h200").time.communication_s > time.communication_s
+    # a slower inter-node link only makes the step slower
+    slow = plan.make_plan(config, "h200", inter_node_gbps=5).time.step_s
+    assert slow > time.step_s and math.isfinite(slow)
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI
+# ---------------------------------------------------------------------------------------------
+def test_cli_table_and_json(capsys: pytest.CaptureFixture[str]) -> None:
+    assert plan.main([str(PRESETS[0])]) == 0
+    table = capsys.readouterr().out
+    assert "memory per GPU" in table and "fits" in table and "recommendation for 1 GPU" in table
+    assert plan.main([str(PRESETS[1]), "--json", "--gpu", "H100", "--link-gbps", "25",
+                      "--target-seq-len", str(4 << 20), "--set", "train.steps=3"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["gpu"]["name"] == "H100" and data["network"]["inter_node_bytes_per_s"] == 25e9
+    assert data["layout"]["world_size"] == 64 and data["recommendation"]["seq_len"] == 4 << 20
+    assert data["memory"]["total"] > 0 and isinstance(data["fits"], bool)
+    assert data["model"]["parameters"] == plan.count_parameters(load_config(PRESETS[1]))
+    assert any(v["name"] == "LASP-2 state all-gather" for v in data["communication"])
+
+
+def test_cli_dp_minus_one_needs_gpus(capsys: pytest.CaptureFixture[str]) -> None:
+    assert plan.main([str(PRESETS[1]), "--set", "parallel.dp=-1", "--set", "parallel.cp=8"]) == 2
+    assert "--gpus" in capsys.readouterr().err
+    assert plan.main([str(PRESETS[1]), "--set", "parallel.dp=-1", "--set", "parallel.cp=8", "--gpus", "64",
+                      "--set", "train.global_batch=8", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["layout"]["dp"] == 8
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["missing.yaml"], "does not exist"),
+    (["{preset}", "--set", "parallel.cpp=2"], "Did you mean 'cp'"),
+    (["{preset}", "--set", "parallel.cp=3"], "data.seq_len"),
+    (["{preset}", "--gpu", "tpu"], "invalid choice"),
+    (["{preset}", "--link-gbps", "-5"], "must be a positive number"),
+    (["{preset}", "--target-seq-len", "many"], "is not an integer"),
+    (["{preset}", "--efficiency", "2"], "at most 1"),
+    ([], "the following arguments are required"),
+])
+def test_cli_bad_input_exits_2(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    argv = [str(PRESETS[0]) if arg == "{preset}" else arg for arg in argv]
+    assert plan.main(argv) == 2
+    captured = capsys.readouterr()
+    assert message in captured.err and captured.out == ""
+
+
+# ---------------------------------------------------------------------------------------------
+# The e2e benchmark harness runs (numbers are not asserted: that is the benchmark's job)
+# ---------------------------------------------------------------------------------------------
+def test_e2e_benchmark_writes_report(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from spindle.benchmarks import e2e
+
+    output = tmp_path / "e2e.md"
+    assert e2e.main(["--device", "cpu", "--models", "hybrid-1:3", "--seq-lens", "64", "--warmup", "0",
+                     "--steps", "1", "--set", "model.n_layers=4", "--output", str(output)]) == 0
+    report = output.read_text()
+    assert "spindle bench e2e --device cpu" in report and "| hybrid-1:3 | LLLA |" in report
+    assert "GPU numbers are pending" in report
+    results = json.loads(output.with_suffix(".json").read_text())
+    assert results[0]["status"] == "ok" and results[0]["peak_gib"] > 0 and results[0]["planned_gib"] > 0
+    assert output.with_suffix(".png").stat().st_size > 0
+    assert e2e.main(["--models", "transformer"]) == 2
+    assert "unknown model variant" in capsys.readouterr().err
