@@ -377,7 +377,8 @@ def write_report(results: list[Measurement], args: argparse.Namespace, argv: Seq
         "",
         f"Command: `spindle bench e2e {shlex.join(argv)}`",
         "",
-        f"Device: {torch.cuda.get_device_name(0) if on_gpu else 'CPU'} · torch {torch.__version__} · "
+        f"Device: {torch.cuda.get_device_name(0) if on_gpu else f'CPU, {torch.get_num_threads()} thread(s)'} · "
+        f"torch {torch.__version__} · "
         f"{time.strftime('%Y-%m-%d')} · preset {args.config} with overrides "
         f"`{' '.join(overrides) or 'none'}`; {args.warmup} warm-up and {args.steps} timed step(s) per case.",
         "",

@@ -69,16 +69,9 @@ def submit_job(config: Config, config_name: str, address: str, *, run_dir: str |
     ``run_dir`` is a path on the cluster (a filesystem every node sees for multi-node jobs); without
     it the job's run directory is runs/<config name> inside the job's working directory on the head.
     """
-    from ray.job_submission import JobSubmissionClient
-
     output = output or sys.stdout
     address = dashboard_address(address)
-    try:
-        client = JobSubmissionClient(address)
-    except (ConnectionError, RuntimeError) as error:
-        raise LaunchError(f"the Ray Jobs API at {address} did not answer: {error}. Check that the head node runs "
-                          f"a dashboard (`ray start --head --dashboard-host 0.0.0.0`) and that the port is right.") \
-            from None
+    client = _connect(address)
     with tempfile.TemporaryDirectory(prefix="spindle-submit-") as working_dir:
         save_config(config, Path(working_dir) / CONFIG_NAME)
         job_id = client.submit_job(entrypoint=entrypoint(run_dir, resume), submission_id=submission_id(config_name),
@@ -96,6 +89,28 @@ def submit_job(config: Config, config_name: str, address: str, *, run_dir: str |
               f"`ray job stop {job_id} --address {address}`)", file=output, flush=True)
         return 130
     return _final_status(client, job_id, output)
+
+
+def _connect(address: str) -> object:
+    from ray.exceptions import AuthenticationError
+    from ray.job_submission import JobSubmissionClient
+
+    try:
+        return JobSubmissionClient(address)
+    except AuthenticationError:
+        raise LaunchError(
+            f"the Ray cluster at {address} requires token authentication: set RAY_AUTH_MODE=token and make the "
+            f"cluster's token available here (~/.ray/auth_token, RAY_AUTH_TOKEN_PATH or RAY_AUTH_TOKEN; "
+            f"`ray get-auth-token` on the head node prints it).") from None
+    except (ConnectionError, RuntimeError) as error:
+        raise LaunchError(f"the Ray Jobs API at {address} did not answer: {_first_line(error)}. Check that the head "
+                          f"node runs a dashboard (`ray start --head --dashboard-host 0.0.0.0`) and that the port "
+                          f"is the dashboard's (8265 by default).") from None
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 async def _stream_logs(client: object, job_id: str, output: TextIO) -> None:

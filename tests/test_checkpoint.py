@@ -263,7 +263,7 @@ def build_sharded(config: Config, seed: int) -> tuple[HybridModel, torch.optim.O
     from torch.distributed.fsdp import fully_shard
 
     degrees = ParallelDegrees.resolve(config.parallel.dp, 1, 1, torch.distributed.get_world_size())
-    context = ParallelContext.build(degrees, "cpu")
+    context = ParallelContext.build(degrees, torch.device("cpu"))
     torch.manual_seed(seed)
     model = HybridModel(config.model)
     for block in model.layers:

@@ -52,7 +52,7 @@ def check_divisible(length: int, world_size: int, layout: str, caller: str, what
     parts = chunks_per_rank(layout) * world_size
     if length % parts != 0:
         raise ValueError(
-            f"{caller}: {what} {length} is not divisible by {parts} "
+            f"{caller}: {what} ({length}) is not divisible by {parts} "
             f"({'2 x ' if layout == 'zigzag' else ''}{world_size} ranks) as layout {layout!r} requires; "
             f"pad the sequence to a multiple of {parts}"
         )
@@ -103,7 +103,7 @@ def shard(x: torch.Tensor, group: dist.ProcessGroup, *, layout: str = "zigzag", 
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"shard: x must be a torch.Tensor, got {type(x).__name__}")
     dim = _normalize_dim(dim, x.dim(), "shard")
-    check_divisible(x.shape[dim], world_size, layout, "shard", f"size {x.shape[dim]} of dim {dim}")
+    check_divisible(x.shape[dim], world_size, layout, "shard", f"size of dim {dim}")
     chunk = x.shape[dim] // (chunks_per_rank(layout) * world_size)
     pieces = [x.narrow(dim, c * chunk, chunk) for c in local_chunks(rank, world_size, layout)]
     return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=dim)
