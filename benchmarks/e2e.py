@@ -25,6 +25,7 @@ import argparse
 import dataclasses
 import gc
 import json
+import os
 import shlex
 import sys
 import time
@@ -330,7 +331,7 @@ def _row(m: Measurement, unit: tuple[str, float] = ("GiB", 1.0)) -> str:
             f"{_number(planned, '.2f')} | {_number(m.ratio, '.2f')} | {m.status} |")
 
 
-def plot(results: list[Measurement], path: Path) -> None:
+def plot(results: list[Measurement], path: Path, unit: tuple[str, float]) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -344,11 +345,11 @@ def plot(results: list[Measurement], path: Path) -> None:
         lengths = [m.seq_len for m in done]
         line, = speed.plot(lengths, [m.tokens_per_s for m in done], marker="o", label=name)
         if done[0].peak_gib is not None:
-            memory.plot(lengths, [m.peak_gib for m in done], marker="o", color=line.get_color(), label=f"{name} measured")
+            memory.plot(lengths, [m.peak_gib * unit[1] for m in done], marker="o", color=line.get_color(), label=f"{name} measured")
         if done[0].planned_gib is not None:
-            memory.plot(lengths, [m.planned_gib for m in done], linestyle="--", color=line.get_color(),
+            memory.plot(lengths, [m.planned_gib * unit[1] for m in done], linestyle="--", color=line.get_color(),
                         label=f"{name} planned")
-    for axis, label in ((speed, "tokens/s"), (memory, "peak memory (GiB, log scale)")):
+    for axis, label in ((speed, "tokens/s"), (memory, f"peak memory ({unit[0]})")):
         axis.set_xscale("log", base=2)
         axis.set_yscale("log")
         axis.set_xlabel("sequence length (tokens)")
@@ -361,6 +362,12 @@ def plot(results: list[Measurement], path: Path) -> None:
     plt.close(figure)
 
 
+def _command_line(argv: Sequence[str]) -> str:
+    threads = os.environ.get("OMP_NUM_THREADS")
+    prefix = f"OMP_NUM_THREADS={threads} " if threads else ""
+    return f"{prefix}spindle bench e2e {shlex.join(argv)}".rstrip()
+
+
 def write_report(results: list[Measurement], args: argparse.Namespace, argv: Sequence[str], device: str,
                  overrides: list[str]) -> None:
     import torch
@@ -368,14 +375,15 @@ def write_report(results: list[Measurement], args: argparse.Namespace, argv: Seq
     output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)
     image = output.with_suffix(".png")
-    plot(results, image)
+    unit = _unit(results)
+    plot(results, image, unit)
     output.with_suffix(".json").write_text(json.dumps(
         [dataclasses.asdict(m) | {"ratio": m.ratio} for m in results], indent=1) + "\n")
     on_gpu = device.startswith("cuda")
     lines = [
         "# End-to-end training: tokens/s, MFU and peak memory against sequence length",
         "",
-        f"Command: `spindle bench e2e {shlex.join(argv)}`",
+        f"Command: `{_command_line(argv)}`",
         "",
         f"Device: {torch.cuda.get_device_name(0) if on_gpu else f'CPU, {torch.get_num_threads()} thread(s)'} · "
         f"torch {torch.__version__} · "
@@ -389,12 +397,12 @@ def write_report(results: list[Measurement], args: argparse.Namespace, argv: Seq
             f"{results[0].parameters / 1e6 if results else 0:.2f}M-parameter model, fp32), so it shows that the "
             "harness works, not how fast spindle is. The CPU paths keep more activations than the GPU kernels the "
             "planner models (the chunked PyTorch linear attention keeps per-chunk scores and states; the math "
-            "softmax path keeps the T × T probabilities), so measured/planned is above 1 here and grows with T for "
-            "softmax layers. On a GPU run `spindle bench e2e` (defaults: the preset's model in bf16, 8K → 1M "
-            "tokens) and replace this file.",
+            "softmax path keeps the T × T probabilities, so measured/planned grows with T wherever there are "
+            "softmax layers); ratios below 1 come from the planner's backward-workspace term, an upper bound. "
+            "On a GPU run `spindle bench e2e` (defaults: the preset's model in bf16, 8K → 1M tokens) and replace "
+            "this file.",
             "",
         ]
-    unit = _unit(results)
     lines += [
         _header(unit[0]),
         "|---|---|---|---|---|---|---|---|---|---|---|",

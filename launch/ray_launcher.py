@@ -235,11 +235,32 @@ def ray_session(address: str | None, num_cpus: int) -> Iterator[None]:
                  object_store_memory=256 * 1024**2)
     else:
         log.info("joining the Ray cluster at %s", address)
-        ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True)
+        _join(address)
     try:
         yield
     finally:
         ray.shutdown()
+
+
+def _join(address: str) -> None:
+    import ray
+    from ray.exceptions import AuthenticationError
+
+    try:
+        ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True)
+    except (ConnectionError, RuntimeError) as error:
+        causes, cause = [], error
+        while cause is not None:
+            causes.append(cause)
+            cause = cause.__cause__ or cause.__context__
+        if any(isinstance(cause, AuthenticationError) for cause in causes):
+            raise LaunchError(
+                f"the Ray cluster at {address} requires token authentication: set RAY_AUTH_MODE=token and make the "
+                f"cluster's token available here (~/.ray/auth_token, RAY_AUTH_TOKEN_PATH or RAY_AUTH_TOKEN; "
+                f"`ray get-auth-token` on the head node prints it).") from None
+        raise LaunchError(f"could not join the Ray cluster at {address}: {_last_line(error)}. Check that the address "
+                          f"is the head node's GCS address (HOST:6379 by default) and that its Ray version matches "
+                          f"this one.") from None
 
 
 def cluster_nodes() -> list[NodeResources]:
@@ -274,6 +295,7 @@ def run_training(config: Config, run_dir: str | os.PathLike, resume: str = "auto
     and LaunchError for a cluster that cannot host the job or a job that failed.
     """
     run_dir = Path(run_dir).resolve()
+    resume = _checked_resume(resume)
     address = resolve_address(address)
     config = _absolute_paths(config)
     if address is None:
@@ -299,6 +321,18 @@ def run_training(config: Config, run_dir: str | os.PathLike, resume: str = "auto
         _warn_if_busy(plan)
         trainer = build_trainer(config, run_dir, resume, plan)
         return _fit(trainer, run_dir)
+
+
+def _checked_resume(resume: str) -> str:
+    """--resume auto|never as given; a checkpoint PATH must exist and becomes absolute (workers may
+    start in another directory)."""
+    if resume in ("auto", "never"):
+        return resume
+    path = Path(resume).resolve()
+    if not path.exists():
+        raise ConfigError(f"--resume = {resume!r}: no such checkpoint; expected 'auto', 'never' or the path of a "
+                          f"checkpoint directory (RUN_DIR/checkpoints/step_<8 digits>).")
+    return str(path)
 
 
 def _worker_count(config: Config) -> int | None:
@@ -406,14 +440,26 @@ def last_collectives() -> dict[str, dict]:
         trace = json.loads(_dump_fr_trace_json(True, False))
     except Exception:  # the recorder is a private torch API: a hang report is best effort
         return {}
+    members = _group_members()
     groups: dict[str, dict] = {}
     for entry in trace.get("entries", []):
-        name = entry.get("process_group", ["?"])[0]
         if entry.get("is_p2p"):
             continue
+        name, description = (list(entry.get("process_group", [])) + ["?", ""])[:2]
         groups[name] = {"seq": entry.get("collective_seq_id", 0), "op": entry.get("profiling_name", "?"),
-                        "ranks": trace.get("pg_config", {}).get(name, {}).get("ranks", "?")}
+                        "ranks": members.get(name, "?"), "description": description}
     return groups
+
+
+def _group_members() -> dict[str, list[int]]:
+    """Global ranks of every process group this process belongs to, by group name."""
+    try:
+        import torch.distributed as dist
+        from torch.distributed.distributed_c10d import _world
+
+        return {name: dist.get_process_group_ranks(group) for group, name in _world.pg_names.items()}
+    except Exception:  # names are bookkeeping inside torch: without them the report omits the ranks
+        return {}
 
 
 class Heartbeat:
@@ -469,18 +515,20 @@ def diagnose_stall(records: list[dict], now: float | None = None,
         return None
     now = time.time() if now is None else now
     findings = []
-    frontier: dict[str, tuple[int, str, str]] = {}  # group -> (furthest seq, op, ranks)
+    frontier: dict[str, tuple[int, str, str]] = {}  # group -> (furthest seq, op, what the group is)
     for record in records:
         for group, last in record.get("collectives", {}).items():
             if group not in frontier or last["seq"] > frontier[group][0]:
-                frontier[group] = (last["seq"], last["op"], str(last["ranks"]))
-    for group, (seq, op, ranks) in sorted(frontier.items()):
+                described = ", ".join(part for part in (last.get("description", ""), f"ranks {last['ranks']}")
+                                      if part and part not in ("undefined", "default_pg"))
+                frontier[group] = (last["seq"], last["op"], described)
+    for group, (seq, op, described) in sorted(frontier.items()):
         behind = sorted((record["rank"], record.get("collectives", {}).get(group)) for record in records
                         if group in record.get("collectives", {})
                         and record["collectives"][group]["seq"] < seq)
         if behind:
             detail = ", ".join(f"rank {rank} (last entered #{last['seq']} {last['op']})" for rank, last in behind)
-            findings.append(f"collective #{seq} {op} on process group {group} (ranks {ranks}) was never entered "
+            findings.append(f"collective #{seq} {op} on process group {group} ({described}) was never entered "
                             f"by {detail}")
     silent = sorted(record["rank"] for record in records if now - record["time"] > stale_after_s)
     if silent:

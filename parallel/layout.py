@@ -127,6 +127,13 @@ class ParallelContext:
         """The rank that writes metrics, wandb and the progress bar."""
         return self.rank == 0
 
+    @property
+    def gradient_scale(self) -> float:
+        """Factor on each rank's loss before backward. The data-parallel engines (FSDP2, ZeRO) average
+        gradients over the dp x cp ranks, and the loss is already divided by the global token count,
+        so multiplying by dp·cp turns their average into the sum the global-token mean needs."""
+        return float(self.degrees.dp * self.degrees.cp)
+
     def group(self, name: str) -> dist.ProcessGroup | None:
         """The process group of mesh dimension ``name`` ("dp", "cp" or "tp"); None without a mesh."""
         if self.mesh is None:

@@ -133,8 +133,9 @@ def _checkpointed_forward(forward: Callable[..., torch.Tensor], *args: object) -
 # --------------------------------------------------------------------------------------------- fsdp
 def apply_fsdp(model: HybridModel, context: ParallelContext, *, bf16: bool) -> None:
     """FSDP2 over dp x cp (weights are replicated over cp, ALGORITHMS.md §4): one unit per block,
-    then the root. Gradients are SUMMED (divide factor 1): the trainer already divides the loss by
-    the global token count, so the sum over ranks is the gradient of the global-token mean."""
+    then the root. FSDP2 averages gradients over dp x cp; the trainer scales each rank's loss by
+    ``ParallelContext.gradient_scale`` (= dp·cp) so that average is the gradient of the global-token
+    mean. (A divide factor of 1 would say the same, but needs PREMUL_SUM, which gloo lacks.)"""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mesh = context.data_parallel_mesh
@@ -143,8 +144,5 @@ def apply_fsdp(model: HybridModel, context: ParallelContext, *, bf16: bool) -> N
     for block in model.layers:
         fully_shard(block, mesh=mesh, mp_policy=policy)
     fully_shard(model, mesh=mesh, mp_policy=policy)
-    for module in model.modules():
-        if hasattr(module, "set_gradient_divide_factor"):
-            module.set_gradient_divide_factor(1.0)
     log.info("apply_fsdp: FSDP2 over dp x cp = %d ranks (%s)", mesh.size(), "bf16 params" if bf16 else "fp32")
 

@@ -10,6 +10,8 @@ config leaves nothing on disk.
 from __future__ import annotations
 
 import argparse
+import datetime
+import json
 import os
 import sys
 from pathlib import Path
@@ -33,10 +35,9 @@ from spindle.runtime.data import build_dataset
 from spindle.runtime.metrics import MetricsWriter
 from spindle.runtime.optim import build_optimizer
 from spindle.runtime.tracking import start_tracking
-from spindle.runtime.trainer import BatchProvider, ParallelContext, Trainer
-
-RESUME_MODES = ("auto", "never")
-
+from spindle.parallel.layout import LayoutError, ParallelContext, ParallelDegrees
+from spindle.runtime.metrics import read_metrics
+from spindle.runtime.trainer import BatchProvider, Trainer
 
 def default_run_dir(config_path: str | os.PathLike) -> Path:
     """runs/<config file stem>, relative to the working directory."""
@@ -64,51 +65,54 @@ def select_device(launch: LaunchConfig, local_rank: int = 0) -> torch.device:
     return device
 
 
-def resolve_resume(resume: str, run_dir: Path) -> Path | None:
-    """The checkpoint to resume from: None to start fresh.
-
-    "never" starts fresh; "auto" resumes from RUN_DIR/checkpoints/latest when one exists; a PATH
-    names a checkpoint directory.
-    """
-    if resume == "never":
-        return None
-    if resume == "auto":
-        latest = run_dir / "checkpoints" / "latest"
-        if not latest.exists():
-            return None
-        checkpoint = latest
-    else:
-        checkpoint = Path(resume)
-        if not checkpoint.exists():
-            raise ConfigError(f"--resume = {resume!r}: no such checkpoint; expected {_choices()} or the path "
-                              f"of a checkpoint directory (RUN_DIR/checkpoints/step_<8 digits>).")
-    raise NotImplementedError(f"resuming from {str(checkpoint)!r} needs checkpoint loading, which is not "
-                              f"implemented yet; pass --resume never to start afresh.")
+def init_process_group(world_size: int, device: torch.device, timeout_s: float) -> None:
+    """Join the job's process group (torchrun's environment) unless a launcher (Ray Train) already did:
+    NCCL on GPUs, gloo on CPUs, with the configured collective timeout."""
+    if world_size == 1 or dist.is_initialized():
+        return
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
 
 
-def _choices() -> str:
-    return " or ".join(repr(mode) for mode in RESUME_MODES)
+def build_model(config: Config, context: ParallelContext) -> torch.nn.Module:
+    """The hybrid model on this rank's device, with tp, cp, activation checkpointing and FSDP2 applied."""
+    from spindle.parallel.parallelize import parallelize  # heavy imports (kernels, DTensor), only to train
+    from spindle.runtime.model import HybridModel
 
-
-def run_training(config: Config, run_dir: Path, context: ParallelContext) -> dict:
-    """Build data, model and optimizer from a resolved config and train; returns the last metrics."""
-    from spindle.runtime.model import HybridModel  # heavy import (kernels), only once we train
-
-    torch.manual_seed(config.train.seed)
-    dataset = build_dataset(config.data, config.model.vocab_size, config.train.seed)
+    torch.manual_seed(config.train.seed)  # the same initial weights on every rank and every layout
     model = HybridModel(config.model).to(context.device)
+    return parallelize(model, context, config, context.device.type)
+
+
+def run_training(config: Config, run_dir: Path, context: ParallelContext, resume: str) -> dict:
+    """Build data, model, optimizer and checkpointer from a resolved config, resume, and train."""
+    from spindle.runtime.checkpoint import Checkpointer
+
+    dataset = build_dataset(config.data, config.model.vocab_size, config.train.seed)
+    model = build_model(config, context)
     optimizer = build_optimizer(model, config.train)
+    checkpointer = Checkpointer(run_dir, to_dict(config), model, optimizer, degrees=context.degrees)
+    resumed = checkpointer.restore(resume)
+    start_step = resumed.step if resumed is not None else 0
     batches = BatchProvider(dataset, config.train.global_batch, config.train.micro_batch,
                             context.dp_rank, context.dp_size)
     if context.is_main:
-        print(f"spindle: {layer_pattern(config.model)} model, {model.num_parameters() / 1e6:.2f}M parameters, "
-              f"{config.train.steps} steps of {config.train.global_batch} x {config.data.seq_len} tokens "
-              f"on {context.device}; run directory {run_dir}", flush=True)
-    tracker = start_tracking(config.logging, run_dir, to_dict(config), is_main=context.is_main)
-    metrics = MetricsWriter(run_dir) if context.is_main else None
+        parameters = sum(p.numel() for p in model.parameters())  # DTensor numel is the global size
+        print(f"spindle: {layer_pattern(config.model)} model, {parameters / 1e6:.2f}M parameters, "
+              f"{config.train.steps} steps of {config.train.global_batch} x {config.data.seq_len} tokens on "
+              f"{context.world_size} x {context.device.type} (dp {context.degrees.dp}, cp {context.degrees.cp}, "
+              f"tp {context.degrees.tp}); run directory {run_dir}"
+              + (f"; resumed at step {start_step} from {resumed.path}" if resumed else ""), flush=True)
+        if resumed is not None:
+            truncate_metrics(run_dir, start_step)
+    tracker = start_tracking(config.logging, run_dir, to_dict(config), is_main=context.is_main,
+                             resuming=resumed is not None)
+    metrics = MetricsWriter(run_dir, append=resumed is not None) if context.is_main else None
     try:
-        trainer = Trainer(config, model, optimizer, batches, context, run_dir, tracker=tracker, metrics=metrics)
-        final = trainer.fit(start_step=0)
+        trainer = Trainer(config, model, optimizer, batches, context, run_dir, tracker=tracker, metrics=metrics,
+                          checkpointer=checkpointer)
+        final = trainer.fit(start_step=start_step)
+        checkpointer.close()
     finally:
         tracker.finish()
         if metrics is not None:
@@ -116,28 +120,37 @@ def run_training(config: Config, run_dir: Path, context: ParallelContext) -> dic
     return final
 
 
+def truncate_metrics(run_dir: Path, step: int) -> None:
+    """Drop metrics lines past ``step`` (written by an attempt that died after its last checkpoint),
+    so the resumed run continues the file without gaps or repeated steps."""
+    path = run_dir / "metrics.jsonl"
+    if path.is_file():
+        kept = [record for record in read_metrics(path) if record.get("step", 0) <= step]
+        path.write_text("".join(json.dumps(record) + "\n" for record in kept), encoding="utf-8")
+
+
 def train_entry(config_dict: dict, run_dir: str, resume: str = "auto") -> dict:
     """Train one process of a job from a plain config dict; returns the final metrics record.
 
-    Raises ConfigError for a config that cannot run here (before anything is written to disk).
+    Runs alone, under torchrun (rank and world size from the environment) or in a Ray Train worker
+    (process group already initialized). Raises ConfigError for a config that cannot run here, before
+    anything is written to disk.
     """
     config = config_from_dict(config_dict)
     rank, world_size, local_rank = process_world()
     validate(config, world_size=world_size)
-    if world_size > 1:
-        raise NotImplementedError(
-            f"this process is one of {world_size} (WORLD_SIZE={world_size}), but composing data, context and "
-            f"tensor parallelism across processes is not implemented yet; run a single process "
-            f"(parallel.dp = parallel.cp = parallel.tp = 1).")
     config = resolve(config, world_size)
     device = select_device(config.launch, local_rank)
+    degrees = ParallelDegrees.resolve(config.parallel.dp, config.parallel.cp, config.parallel.tp, world_size)
+    init_process_group(world_size, device, config.launch.collective_timeout_s)
+    context = ParallelContext.build(degrees, device, cp_layout=config.parallel.cp_layout)
     run_path = Path(run_dir)
-    resolve_resume(resume, run_path)  # fresh start: checkpoint loading arrives with checkpointing
-    context = ParallelContext(device=device, rank=rank, world_size=world_size)
     if context.is_main:
         run_path.mkdir(parents=True, exist_ok=True)
         save_config(config, run_path / "config.yaml")
-    return run_training(config, run_path, context)
+    if dist.is_initialized():
+        dist.barrier()  # the run directory exists before any rank writes into it
+    return run_training(config, run_path, context, resume)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -160,15 +173,17 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from spindle.runtime.checkpoint import CheckpointError
+
     arguments = build_parser().parse_args(argv)
     run_dir = arguments.run_dir or str(default_run_dir(arguments.config))
     try:
         config = load_config(arguments.config, arguments.overrides)
         final = train_entry(to_dict(config), run_dir, arguments.resume)
-    except (ConfigError, NotImplementedError) as error:
+    except (ConfigError, LayoutError, CheckpointError) as error:
         print(f"spindle: error: {error}", file=sys.stderr)
         return 2
-    if final:
+    if final and process_world()[0] == 0:
         print(f"spindle: finished step {final['step']}, loss {final['loss']:.4f}, {final['elapsed_s']:.1f} s; "
               f"metrics in {Path(run_dir) / 'metrics.jsonl'}", flush=True)
     return 0

@@ -262,8 +262,8 @@ def layout_of(config: Config, world_size: int | None = None) -> Layout:
     """Degrees and batch split of a validated config; ``world_size`` resolves parallel.dp = -1."""
     parallel = config.parallel
     if parallel.dp == -1 and world_size is None:
-        raise ValueError("parallel.dp = -1 infers dp from the number of GPUs: pass the GPU count "
-                         "(spindle plan --gpus N).")
+        raise ValueError("parallel.dp = -1 infers dp from the number of GPUs, which the plan needs: pass it "
+                         "(spindle plan --gpus N; world_size= in Python), or set parallel.dp.")
     resolved = resolve(config, world_size or parallel.dp * parallel.cp * parallel.tp)
     dp, micro = resolved.parallel.dp, resolved.train.micro_batch
     return Layout(
@@ -617,6 +617,7 @@ def group_bandwidth(group: str, layout: Layout, network: Network) -> tuple[float
         return network.intra_node_bytes_per_s, network.intra_node_latency_s
     return network.inter_node_bytes_per_s, network.inter_node_latency_s
 
+
 # ---------------------------------------------------------------------------------------------
 # FLOPs and step time
 # ---------------------------------------------------------------------------------------------
@@ -681,7 +682,7 @@ def _overlap_window(volume: CommVolume, shape: Shape, layout: Layout, compute: f
     ring attention, the backward pass (2/3 of the compute) for dp gradient traffic."""
     if not volume.overlapped:
         return 0.0
-    if volume.group not in ("cp",):
+    if volume.group != "cp":
         return compute * 2 / 3
     tokens = layout.micro_batch * layout.local_tokens * layout.accumulation
     if volume.name.startswith("LASP"):

@@ -9,10 +9,10 @@ The loss is the global-token mean: the sum of token losses over the whole global
 the number of label tokens in it (ALGORITHMS.md §4), so the same global batch gives the same loss
 and gradients however it is split into ranks and micro-batches.
 
-Everything that depends on where this process sits in a parallel job goes through a
-``ParallelContext``. The single-process context here is the placeholder that the composition of
-data, context and tensor parallelism replaces: it moves batches to the device, shards them over
-context-parallel ranks (not yet: identity) and sums over the ranks that share the batch.
+Everything that depends on where this process sits in a parallel job goes through the
+``ParallelContext`` (spindle.parallel.layout): it moves batches to the device, shards them over
+context-parallel ranks, sums over the ranks that share the global batch and clips the global
+gradient norm over sharded parameters.
 """
 from __future__ import annotations
 
@@ -20,12 +20,14 @@ import contextlib
 import math
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
+from spindle.parallel.layout import ParallelContext
 from spindle.runtime.config import Config
 from spindle.runtime.data import IGNORE_INDEX, Dataset
 from spindle.runtime.metrics import (
@@ -37,34 +39,10 @@ from spindle.runtime.metrics import (
 from spindle.runtime.optim import learning_rate, set_learning_rate
 from spindle.runtime.tracking import NullTracker, Tracker
 
+if TYPE_CHECKING:
+    from spindle.runtime.checkpoint import Checkpointer
+
 Batch = tuple[torch.Tensor, torch.Tensor]
-
-
-@dataclass
-class ParallelContext:
-    """Where this process sits in the job. This single-process version has one rank holding the
-    whole global batch; the parallel composition supplies one built from the DeviceMesh."""
-
-    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-    rank: int = 0
-    world_size: int = 1
-    dp_rank: int = 0
-    dp_size: int = 1
-
-    @property
-    def is_main(self) -> bool:
-        """The rank that writes metrics, wandb and the progress bar."""
-        return self.rank == 0
-
-    def prepare(self, tokens: torch.Tensor, labels: torch.Tensor
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """(tokens, labels, positions) of this rank's part of a micro-batch, on the device.
-        Context parallelism shards the sequence here and returns the global positions."""
-        return tokens.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True), None
-
-    def sum_over_batch_ranks(self, value: torch.Tensor) -> torch.Tensor:
-        """Sum over every rank that holds a different part of the global batch (dp × cp)."""
-        return value
 
 
 class BatchProvider:
@@ -121,24 +99,25 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, micro_batches
                context: ParallelContext, *, lr: float, grad_clip: float,
                precision: torch.dtype | None) -> StepResult:
     """One optimizer step over this rank's micro-batches of the global batch."""
-    # Count the label tokens of the whole global batch first: each micro-batch's loss sum is divided
-    # by that count, so accumulated gradients are those of the global-token mean.
-    local_count = sum(int((labels != IGNORE_INDEX).sum()) for _, labels in micro_batches)
+    # This rank's part of every micro-batch (cp ranks keep their shard of each sequence). Count the
+    # label tokens of the whole global batch first: each micro-batch's loss sum is divided by that
+    # count, so accumulated gradients are those of the global-token mean.
+    prepared = [context.prepare(tokens, labels) for tokens, labels in micro_batches]
+    local_count = sum(int((labels != IGNORE_INDEX).sum()) for _, labels, _ in prepared)
     global_count = context.sum_over_batch_ranks(torch.tensor(float(local_count), device=context.device))
     global_count = global_count.clamp_min(1.0)
 
     set_learning_rate(optimizer, lr)
     optimizer.zero_grad(set_to_none=True)
     loss_sum = torch.zeros((), device=context.device)
-    for tokens, labels in micro_batches:
-        tokens, labels, positions = context.prepare(tokens, labels)
+    for tokens, labels, positions in prepared:
         with _autocast(context.device, precision):
             micro_loss_sum, _ = model.loss(tokens, labels, positions)
-        (micro_loss_sum / global_count).backward()
+        (micro_loss_sum * context.gradient_scale / global_count).backward()
         loss_sum += micro_loss_sum.detach().float()
 
-    # clip_grad_norm_ returns the norm before clipping; an infinite limit measures without clipping.
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else math.inf)
+    # The norm before clipping, over every rank's gradient shards; grad_clip = 0 only measures it.
+    grad_norm = context.clip_grad_norm(model.parameters(), grad_clip)
     optimizer.step()
     return StepResult(loss=context.sum_over_batch_ranks(loss_sum) / global_count, grad_norm=grad_norm, lr=lr)
 
@@ -177,8 +156,10 @@ class Trainer:
 
     def __init__(self, config: Config, model: nn.Module, optimizer: torch.optim.Optimizer,
                  batches: BatchProvider, context: ParallelContext, run_dir: str | Path,
-                 tracker: Tracker | None = None, metrics: MetricsWriter | None = None) -> None:
+                 tracker: Tracker | None = None, metrics: MetricsWriter | None = None,
+                 checkpointer: "Checkpointer | None" = None) -> None:
         self.config, self.model, self.optimizer = config, model, optimizer
+        self.checkpointer = checkpointer
         self.batches, self.context, self.run_dir = batches, context, Path(run_dir)
         self.tracker = tracker or NullTracker()
         self.metrics = metrics
@@ -209,6 +190,9 @@ class Trainer:
                     self._publish(record)
                     last_record, window_start, window_steps = record, time.perf_counter(), 0
                 progress.update(record)
+                # After the metrics line: a run that dies right after a commit has logged that step.
+                if self.checkpointer is not None:
+                    self.checkpointer.maybe_save(step + 1, data_cursor=(step + 1) * train.global_batch)
         finally:
             progress.close()
         return last_record

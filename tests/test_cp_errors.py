@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -25,7 +27,7 @@ def _raises(error, match, call, label):
     try:
         call()
     except error as raised:
-        assert pytest.importorskip("re").search(match, str(raised)), f"{label}: message {str(raised)!r} lacks {match!r}"
+        assert re.search(match, str(raised)), f"{label}: message {str(raised)!r} lacks {match!r}"
         return
     raise AssertionError(f"{label}: expected {error.__name__} matching {match!r}, nothing was raised")
 

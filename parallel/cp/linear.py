@@ -93,6 +93,8 @@ def validate_linear_inputs(
             f"{caller}: v {tuple(v.shape)} must match q {tuple(q.shape)} in [batch, local_seq, heads] "
             "(linear attention has no grouped kv heads: repeat k/v heads first)"
         )
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"{caller}: q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     batch, length, heads, _ = q.shape
     if layout == "zigzag" and length % 2 != 0:
         raise ValueError(
