@@ -71,33 +71,17 @@ class Measurement:
 # One case: build, warm up, time; runs in this process (GPU) or a child process (CPU)
 # ---------------------------------------------------------------------------------------------
 def _step_function(model, optimizer, config, device):
-    """The trainer's train_step when it is importable, else forward + backward + AdamW directly."""
-    import torch
+    """One optimizer step through the trainer's own train_step (single-process context)."""
+    from spindle.parallel.layout import ParallelContext
+    from spindle.runtime.trainer import autocast_dtype, train_step
 
-    try:
-        from spindle.runtime.trainer import ParallelContext, autocast_dtype, train_step
-    except ImportError:
-        train_step = None
-    if train_step is not None:
-        context = ParallelContext(device=device)
-        precision = autocast_dtype(config.train.precision, device)
+    context = ParallelContext.single_process(device)
+    precision = autocast_dtype(config.train.precision, device)
 
-        def step(batch):
-            train_step(model, optimizer, batch, context, lr=config.train.lr, grad_clip=config.train.grad_clip,
-                       precision=precision)
-        return step
-
-    dtype = torch.bfloat16 if config.train.precision != "fp32" and device.type == "cuda" else None
-
-    def fallback_step(batch):
-        optimizer.zero_grad(set_to_none=True)
-        tokens, labels = (tensor.to(device) for tensor in batch[0])
-        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            loss_sum, count = model.loss(tokens, labels)
-        (loss_sum / count).backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), config.train.grad_clip or float("inf"))
-        optimizer.step()
-    return fallback_step
+    def step(batch):
+        train_step(model, optimizer, batch, context, lr=config.train.lr, grad_clip=config.train.grad_clip,
+                   precision=precision)
+    return step
 
 
 def _apply_checkpointing(model, policy: str) -> None:

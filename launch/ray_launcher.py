@@ -55,18 +55,26 @@ class LaunchError(RuntimeError):
 # ---------------------------------------------------------------------------------------------
 def resolve_address(address: str | None) -> str | None:
     """The cluster to join: ``--address``, else RAY_ADDRESS, else None (start an embedded cluster)."""
-    address = address or os.environ.get("RAY_ADDRESS") or None
-    if address is None or address in ("auto", "local"):
-        return address if address == "auto" else None
-    parsed = urlparse(address if "://" in address else f"ray-gcs://{address}")
+    source = "--address"
+    if not address and os.environ.get("RAY_ADDRESS"):
+        address, source = os.environ["RAY_ADDRESS"], "RAY_ADDRESS"
+    if not address or address == "local":
+        return None
+    if address == "auto":
+        return address
+    parsed = urlparse(address if "://" in address else f"gcs://{address}")
     if parsed.scheme in ("http", "https"):
         raise LaunchError(
-            f"--address {address} is a dashboard (Jobs API) address: `spindle train` joins a cluster through "
+            f"{source}={address} is a dashboard (Jobs API) address: `spindle train` joins a cluster through "
             f"its GCS address HOST:PORT (default port 6379), e.g. --address {parsed.hostname}:6379; to run the "
             f"job on the cluster from here use `spindle submit CONFIG --address {address}`.")
+    if parsed.scheme != "gcs":
+        raise LaunchError(f"{source}={address}: Ray Train jobs join through the cluster's GCS address HOST:PORT "
+                          f"(e.g. 10.0.0.1:6379), not a {parsed.scheme}:// address; from a machine outside the "
+                          f"cluster use `spindle submit CONFIG --address http://HEAD:8265`.")
     if not parsed.hostname or parsed.port is None:
-        raise LaunchError(f"--address {address} is not HOST:PORT: pass the Ray cluster's GCS address, "
-                          f"e.g. 10.0.0.1:6379 (or ray://HOST:10001 for Ray Client).")
+        raise LaunchError(f"{source}={address} is not HOST:PORT: pass the Ray cluster's GCS address, "
+                          f"e.g. 10.0.0.1:6379.")
     check_reachable(parsed.hostname, parsed.port, address)
     return address
 
@@ -230,9 +238,14 @@ def ray_session(address: str | None, num_cpus: int) -> Iterator[None]:
         log.info("starting an embedded local Ray cluster with %d CPU(s)", num_cpus)
         # One machine: everything listens on loopback only. The dashboard hosts Ray's state API, which
         # Ray Train's controller queries.
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
-                 _node_ip_address="127.0.0.1", logging_level=logging.WARNING, log_to_driver=True,
-                 object_store_memory=256 * 1024**2)
+        try:
+            ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
+                     _node_ip_address="127.0.0.1", logging_level=logging.WARNING, log_to_driver=True,
+                     object_store_memory=256 * 1024**2)
+        except (ConnectionError, RuntimeError, OSError) as error:
+            raise LaunchError(f"could not start an embedded Ray cluster: {_last_line(error)} (Ray's logs: "
+                              f"/tmp/ray/session_latest/logs). Free memory or /dev/shm space, or join a running "
+                              f"cluster with --address.") from None
     else:
         log.info("joining the Ray cluster at %s", address)
         _join(address)
@@ -527,7 +540,9 @@ def diagnose_stall(records: list[dict], now: float | None = None,
                         if group in record.get("collectives", {})
                         and record["collectives"][group]["seq"] < seq)
         if behind:
-            detail = ", ".join(f"rank {rank} (last entered #{last['seq']} {last['op']})" for rank, last in behind)
+            by_rank = {record["rank"]: record for record in records}
+            detail = ", ".join(f"rank {rank} (last entered #{last['seq']} {last['op']}{_liveness(by_rank[rank], now)})"
+                               for rank, last in behind)
             findings.append(f"collective #{seq} {op} on process group {group} ({described}) was never entered "
                             f"by {detail}")
     silent = sorted(record["rank"] for record in records if now - record["time"] > stale_after_s)
@@ -535,6 +550,18 @@ def diagnose_stall(records: list[dict], now: float | None = None,
         findings.append(f"rank(s) {', '.join(map(str, silent))} stopped answering (no heartbeat for more than "
                         f"{stale_after_s:.0f} s: the process died, was stopped, or its host is unreachable)")
     return "; ".join(findings) if findings else None
+
+
+def _liveness(record: dict, now: float) -> str:
+    """"; its process ... has exited" when it ran on this host and is gone, else the heartbeat's age."""
+    if record.get("host") == socket.gethostname() and record.get("pid"):
+        try:
+            os.kill(record["pid"], 0)
+        except ProcessLookupError:
+            return f"; its process {record['pid']} on {record['host']} has exited"
+        except OSError:
+            pass
+    return f"; last heartbeat {max(0.0, now - record['time']):.0f} s ago"
 
 
 # ---------------------------------------------------------------------------------------------

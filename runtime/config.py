@@ -211,7 +211,7 @@ def quoted(values: Iterable[object]) -> str:
 
 
 def did_you_mean(name: str, candidates: Iterable[str]) -> str:
-    """" Did you mean 'x'?" for the closest candidate, or "" when nothing is close."""
+    """The suffix ` Did you mean 'x'?` for the closest candidate, or an empty string."""
     matches = difflib.get_close_matches(name, list(candidates), n=1, cutoff=0.6)
     return f" Did you mean '{matches[0]}'?" if matches else ""
 
@@ -490,6 +490,34 @@ def _check_parallel(config: Config, world_size: int | None) -> None:
                 f"parallel.dp * parallel.cp * parallel.tp = {parallel.dp} * {parallel.cp} * {parallel.tp} does not "
                 f"match the world size {world_size}: the product must equal the number of processes "
                 f"(or set parallel.dp = -1 with cp * tp dividing {world_size}).")
+    _check_dp_engine(config, world_size)
+
+
+def _check_dp_engine(config: Config, world_size: int | None) -> None:
+    """What the DeepSpeed engine (spindle.parallel.zero) does not support yet, refused up front."""
+    parallel = config.parallel
+    if parallel.dp_engine != "deepspeed":
+        if parallel.offload_optimizer:
+            raise ConfigError("parallel.offload_optimizer = true needs parallel.dp_engine = 'deepspeed' (ZeRO-Offload); "
+                              "FSDP2 keeps optimizer states on the device. Set one or drop the other.")
+        return
+    if parallel.tp != 1:
+        raise ConfigError(f"parallel.tp = {parallel.tp} is not supported with parallel.dp_engine = 'deepspeed' "
+                          f"(ZeRO runs over dp x cp only): use parallel.dp_engine = 'fsdp' for tensor parallelism, "
+                          f"or set parallel.tp = 1.")
+    if config.checkpoint.every > 0:
+        raise ConfigError(f"checkpoint.every = {config.checkpoint.every} is not supported with parallel.dp_engine = "
+                          f"'deepspeed' (its partitioned optimizer state has no checkpoint format in spindle yet): "
+                          f"set checkpoint.every = 0, or use parallel.dp_engine = 'fsdp'.")
+    if world_size == 1:
+        raise ConfigError("parallel.dp_engine = 'deepspeed' needs a multi-process job (it shards over dp x cp): "
+                          "start 2 or more processes with torchrun or `spindle train`, or use 'fsdp' for one process.")
+    import importlib.util
+
+    if importlib.util.find_spec("deepspeed") is None:
+        raise ConfigError("parallel.dp_engine = 'deepspeed' but the deepspeed package is not installed: install it "
+                          "with `DS_BUILD_OPS=0 pip install --no-build-isolation deepspeed` (or "
+                          "pip install 'spindle[deepspeed]'), or use parallel.dp_engine = 'fsdp'.")
 
 
 def _check_batch(config: Config, world_size: int | None) -> None:
@@ -508,11 +536,24 @@ def _check_batch(config: Config, world_size: int | None) -> None:
                           f"parallel.dp = {per_rank}: use a divisor of {per_rank} (or 0 for no accumulation).")
 
 
+def _check_types(config: Config) -> None:
+    """Configs built in code (not from YAML) get the same type errors as loaded ones."""
+    for section, section_class in SECTIONS.items():
+        values = getattr(config, section)
+        if not isinstance(values, section_class):
+            raise ConfigError(f"{section} = {values!r} has the wrong type: expected a {section_class.__name__}.")
+        for name, kind in _field_types(section_class).items():
+            value = getattr(values, name)
+            if type(value) is not kind and not (kind is float and type(value) is int):
+                raise ConfigError(f"{section}.{name} = {value!r} has the wrong type: expected {_type_name(kind)}.")
+
+
 def validate(config: Config, world_size: int | None = None) -> None:
     """Check every rule the config must satisfy; raises ConfigError on the first violation.
 
     ``world_size`` (the number of processes) adds the rule dp * cp * tp == world_size when it is known.
     """
+    _check_types(config)
     _check_choices(config)
     _check_ranges(config)
     _check_model(config.model)

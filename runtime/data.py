@@ -71,7 +71,8 @@ class RecallTask(Dataset):
     """Multi-query associative recall.
 
     Vocabulary: BOS, MARKER, then three equal ranges of keys, values and filler tokens.
-    Layout of one sequence of T tokens (P pairs, P queries; P = T // 16, at most the key count):
+    Layout of one sequence of T tokens (P pairs and P queries; P = ``pairs``, or T // 16 capped by the
+    key count when ``pairs`` is 0):
         BOS k1 v1 ... kP vP  f f f ... f  MARKER q1 a1 ... qP aP
     Keys are distinct, values i.i.d. uniform; the queries are the P keys in a random order and
     ``labels`` holds a_j at the position of q_j (-100 elsewhere).

@@ -37,7 +37,7 @@ from spindle.runtime.optim import build_optimizer
 from spindle.runtime.tracking import start_tracking
 from spindle.parallel.layout import LayoutError, ParallelContext, ParallelDegrees
 from spindle.runtime.metrics import read_metrics
-from spindle.runtime.trainer import BatchProvider, Trainer
+from spindle.runtime.trainer import BatchProvider, OptimizerEngine, TorchEngine, Trainer
 
 def default_run_dir(config_path: str | os.PathLike) -> Path:
     """runs/<config file stem>, relative to the working directory."""
@@ -84,24 +84,51 @@ def build_model(config: Config, context: ParallelContext) -> torch.nn.Module:
     return parallelize(model, context, config, context.device.type)
 
 
+def build_engine(config: Config, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                 context: ParallelContext) -> OptimizerEngine:
+    """What the trainer steps through: AdamW on the (FSDP2 / TP / plain) model, or a DeepSpeed ZeRO
+    engine over dp x cp wrapping the same AdamW when ``parallel.dp_engine`` is "deepspeed"."""
+    if config.parallel.dp_engine == "deepspeed":
+        from spindle.parallel.zero import initialize_zero
+
+        return initialize_zero(model, optimizer, context, config)
+    return TorchEngine(model, optimizer, context)
+
+
+def refuse_deepspeed_resume(run_dir: Path, resume: str) -> None:
+    """Checkpoints are not implemented for the DeepSpeed engine: refuse to silently ignore one."""
+    from spindle.runtime.checkpoint import resolve_resume
+
+    found = resolve_resume(run_dir, resume)
+    if found is not None:
+        raise ConfigError(f"--resume {resume} found the checkpoint {found}, but parallel.dp_engine = 'deepspeed' "
+                          f"cannot load checkpoints yet: resume with parallel.dp_engine = 'fsdp', or start afresh "
+                          f"with --resume never (or another --run-dir).")
+
+
 def run_training(config: Config, run_dir: Path, context: ParallelContext, resume: str) -> dict:
     """Build data, model, optimizer and checkpointer from a resolved config, resume, and train."""
     from spindle.runtime.checkpoint import Checkpointer
 
+    deepspeed = config.parallel.dp_engine == "deepspeed"
     dataset = build_dataset(config.data, config.model.vocab_size, config.train.seed)
     model = build_model(config, context)
     optimizer = build_optimizer(model, config.train)
-    checkpointer = Checkpointer(run_dir, to_dict(config), model, optimizer, degrees=context.degrees)
-    resumed = checkpointer.restore(resume)
+    # DeepSpeed partitions the optimizer its own way, which torch's get_state_dict cannot read.
+    checkpointer = None if deepspeed else Checkpointer(run_dir, to_dict(config), model, optimizer,
+                                                       degrees=context.degrees)
+    resumed = checkpointer.restore(resume) if checkpointer is not None else None
     start_step = resumed.step if resumed is not None else 0
+    # Parameters are counted before DeepSpeed may partition them (ZeRO-3); DTensor numel is global.
+    parameters = sum(p.numel() for p in model.parameters())
+    engine = build_engine(config, model, optimizer, context)
     batches = BatchProvider(dataset, config.train.global_batch, config.train.micro_batch,
                             context.dp_rank, context.dp_size)
     if context.is_main:
-        parameters = sum(p.numel() for p in model.parameters())  # DTensor numel is the global size
         print(f"spindle: {layer_pattern(config.model)} model, {parameters / 1e6:.2f}M parameters, "
               f"{config.train.steps} steps of {config.train.global_batch} x {config.data.seq_len} tokens on "
               f"{context.world_size} x {context.device.type} (dp {context.degrees.dp}, cp {context.degrees.cp}, "
-              f"tp {context.degrees.tp}); run directory {run_dir}"
+              f"tp {context.degrees.tp}, {config.parallel.dp_engine}); run directory {run_dir}"
               + (f"; resumed at step {start_step} from {resumed.path}" if resumed else ""), flush=True)
         if resumed is not None:
             truncate_metrics(run_dir, start_step)
@@ -109,10 +136,11 @@ def run_training(config: Config, run_dir: Path, context: ParallelContext, resume
                              resuming=resumed is not None)
     metrics = MetricsWriter(run_dir, append=resumed is not None) if context.is_main else None
     try:
-        trainer = Trainer(config, model, optimizer, batches, context, run_dir, tracker=tracker, metrics=metrics,
+        trainer = Trainer(config, model, engine, batches, context, run_dir, tracker=tracker, metrics=metrics,
                           checkpointer=checkpointer)
         final = trainer.fit(start_step=start_step)
-        checkpointer.close()
+        if checkpointer is not None:
+            checkpointer.close()
     finally:
         tracker.finish()
         if metrics is not None:
@@ -145,6 +173,8 @@ def train_entry(config_dict: dict, run_dir: str, resume: str = "auto") -> dict:
     init_process_group(world_size, device, config.launch.collective_timeout_s)
     context = ParallelContext.build(degrees, device, cp_layout=config.parallel.cp_layout)
     run_path = Path(run_dir)
+    if config.parallel.dp_engine == "deepspeed":
+        refuse_deepspeed_resume(run_path, resume)  # before the run directory's config.yaml is replaced
     if context.is_main:
         run_path.mkdir(parents=True, exist_ok=True)
         save_config(config, run_path / "config.yaml")

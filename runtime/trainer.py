@@ -2,7 +2,8 @@
 
     Trainer.fit
       for each step:  micro-batches of this rank's share of the global batch  (BatchProvider)
-                      -> train_step: forward/backward per micro-batch, clip, AdamW step
+                      -> train_step: forward/backward per micro-batch, clip, AdamW step, through an
+                         OptimizerEngine (TorchEngine for FSDP2 / TP / one process, ZeroEngine for DeepSpeed)
                       -> metrics.jsonl, wandb, progress bar on rank 0
 
 The loss is the global-token mean: the sum of token losses over the whole global batch divided by
@@ -22,7 +23,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 from torch import nn
@@ -95,10 +96,57 @@ class StepResult:
     lr: float
 
 
-def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, micro_batches: list[Batch],
+class OptimizerEngine(Protocol):
+    """What ``train_step`` needs from the data-parallel engine; two implementations: ``TorchEngine``
+    (plain, FSDP2- or TP-sharded model + AdamW) and ``spindle.parallel.zero.ZeroEngine`` (DeepSpeed)."""
+
+    def set_learning_rate(self, lr: float) -> None: ...
+
+    def zero_grad(self) -> None: ...
+
+    def backward(self, loss: torch.Tensor) -> None: ...
+
+    def clip_and_step(self, max_norm: float) -> torch.Tensor:
+        """Clip the global gradient norm to ``max_norm`` (0: measure only), step; the norm before clipping."""
+        ...
+
+
+class TorchEngine:
+    """The default engine: autograd backward, the context's global-norm clipping over any mix of
+    plain, FSDP2- and TP-sharded gradients, and a torch optimizer's step."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, context: ParallelContext) -> None:
+        self.model, self.optimizer, self.context = model, optimizer, context
+
+    def set_learning_rate(self, lr: float) -> None:
+        set_learning_rate(self.optimizer, lr)
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def clip_and_step(self, max_norm: float) -> torch.Tensor:
+        grad_norm = self.context.clip_grad_norm(self.model.parameters(), max_norm)
+        self.optimizer.step()
+        return grad_norm
+
+
+def as_engine(optimizer: "torch.optim.Optimizer | OptimizerEngine", model: nn.Module,
+              context: ParallelContext) -> OptimizerEngine:
+    """A torch optimizer becomes a ``TorchEngine``; an engine is used as it is."""
+    if isinstance(optimizer, torch.optim.Optimizer):
+        return TorchEngine(model, optimizer, context)
+    return optimizer
+
+
+def train_step(model: nn.Module, optimizer: "torch.optim.Optimizer | OptimizerEngine", micro_batches: list[Batch],
                context: ParallelContext, *, lr: float, grad_clip: float,
                precision: torch.dtype | None) -> StepResult:
-    """One optimizer step over this rank's micro-batches of the global batch."""
+    """One optimizer step over this rank's micro-batches of the global batch, through ``optimizer``: a
+    torch optimizer (FSDP2 / plain data parallelism) or an ``OptimizerEngine`` such as DeepSpeed ZeRO."""
+    engine = as_engine(optimizer, model, context)
     # This rank's part of every micro-batch (cp ranks keep their shard of each sequence). Count the
     # label tokens of the whole global batch first: each micro-batch's loss sum is divided by that
     # count, so accumulated gradients are those of the global-token mean.
@@ -107,18 +155,18 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, micro_batches
     global_count = context.sum_over_batch_ranks(torch.tensor(float(local_count), device=context.device))
     global_count = global_count.clamp_min(1.0)
 
-    set_learning_rate(optimizer, lr)
-    optimizer.zero_grad(set_to_none=True)
+    engine.set_learning_rate(lr)
+    engine.zero_grad()
     loss_sum = torch.zeros((), device=context.device)
     for tokens, labels, positions in prepared:
         with _autocast(context.device, precision):
             micro_loss_sum, _ = model.loss(tokens, labels, positions)
-        (micro_loss_sum * context.gradient_scale / global_count).backward()
+        # The data-parallel engines average gradients over dp x cp; gradient_scale turns that into a sum.
+        engine.backward(micro_loss_sum * context.gradient_scale / global_count)
         loss_sum += micro_loss_sum.detach().float()
 
     # The norm before clipping, over every rank's gradient shards; grad_clip = 0 only measures it.
-    grad_norm = context.clip_grad_norm(model.parameters(), grad_clip)
-    optimizer.step()
+    grad_norm = engine.clip_and_step(grad_clip)
     return StepResult(loss=context.sum_over_batch_ranks(loss_sum) / global_count, grad_norm=grad_norm, lr=lr)
 
 
@@ -154,11 +202,12 @@ class _Progress:
 class Trainer:
     """Runs ``train.steps`` optimizer steps; the main rank writes metrics.jsonl, wandb and the progress bar."""
 
-    def __init__(self, config: Config, model: nn.Module, optimizer: torch.optim.Optimizer,
+    def __init__(self, config: Config, model: nn.Module, optimizer: "torch.optim.Optimizer | OptimizerEngine",
                  batches: BatchProvider, context: ParallelContext, run_dir: str | Path,
                  tracker: Tracker | None = None, metrics: MetricsWriter | None = None,
                  checkpointer: "Checkpointer | None" = None) -> None:
-        self.config, self.model, self.optimizer = config, model, optimizer
+        self.config, self.model = config, model
+        self.engine = as_engine(optimizer, model, context)
         self.checkpointer = checkpointer
         self.batches, self.context, self.run_dir = batches, context, Path(run_dir)
         self.tracker = tracker or NullTracker()
@@ -179,7 +228,7 @@ class Trainer:
         window_steps, last_record = 0, {}
         try:
             for step in range(start_step, train.steps):
-                result = train_step(self.model, self.optimizer, self.batches.micro_batches(step), self.context,
+                result = train_step(self.model, self.engine, self.batches.micro_batches(step), self.context,
                                     lr=learning_rate(step, train), grad_clip=train.grad_clip,
                                     precision=self.precision)
                 window_steps += 1

@@ -204,6 +204,16 @@ def test_config_error_is_a_value_error() -> None:
     assert issubclass(ConfigError, ValueError)
 
 
+def test_configs_built_in_code_are_type_checked() -> None:
+    config = Config()
+    config.train.global_batch = "8"
+    with pytest.raises(ConfigError, match="train.global_batch = '8' has the wrong type: expected an integer"):
+        validate(config)
+    config = Config()
+    config.train.lr = 1  # an int where a float is expected is fine
+    validate(config)
+
+
 def test_world_size_must_match_the_product_of_degrees(tmp_path: Path) -> None:
     values = {"parallel": {"dp": 2, "cp": 2, "tp": 1}, "train": {"global_batch": 8}}
     message = config_error(tmp_path, values, world_size=3)

@@ -20,6 +20,17 @@ BATCH, HEAD_DIM = 2, 8
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5}
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _deepspeed_comm_op_built():
+    """On CPU, DeepSpeed's comm backend JIT-compiles a small C++ op the first time it starts (minutes on two
+    busy cores). Build it here, in the test process and without a deadline, so the ranks only load it: a rank
+    killed by the timeout mid-build would leave a stale build lock that hangs every later DeepSpeed start."""
+    if deepspeed_available():
+        from deepspeed.comm.torch import build_shm_op  # what deepspeed.comm's TorchBackend calls on start
+
+        build_shm_op()
+
+
 def _full_inputs(seed, length, heads, kv_heads, dtype):
     shapes = {
         "q": (BATCH, length, heads, HEAD_DIM),

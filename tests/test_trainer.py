@@ -17,7 +17,8 @@ from spindle.runtime.metrics import read_metrics
 from spindle.runtime.model import HybridModel
 from spindle.runtime.optim import build_optimizer, learning_rate, uses_weight_decay
 from spindle.runtime.tracking import RUN_ID_FILE, NullTracker, start_tracking
-from spindle.runtime.trainer import BatchProvider, ParallelContext, train_step
+from spindle.parallel.layout import ParallelContext
+from spindle.runtime.trainer import BatchProvider, train_step
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "tiny.yaml"
@@ -121,7 +122,7 @@ def test_step_is_the_global_token_mean_for_any_micro_batch(micro_batch: int) -> 
     micro_batches = [(tokens[start : start + micro_batch], labels[start : start + micro_batch])
                      for start in range(0, 8, micro_batch)]
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)  # keep parameters: compare gradients
-    result = train_step(model, optimizer, micro_batches, ParallelContext(), lr=0.0, grad_clip=0.0, precision=None)
+    result = train_step(model, optimizer, micro_batches, ParallelContext.single_process(), lr=0.0, grad_clip=0.0, precision=None)
 
     assert float(result.loss) == pytest.approx(float(reference_loss), rel=1e-5)
     gradients = [parameter.grad for parameter in model.parameters()]
@@ -137,7 +138,7 @@ def test_gradient_clipping_limits_the_norm() -> None:
     model = HybridModel(config.model)
     batch = build_dataset(config.data, config.model.vocab_size, seed=0).batch(range(8))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
-    result = train_step(model, optimizer, [batch], ParallelContext(), lr=0.0, grad_clip=0.01, precision=None)
+    result = train_step(model, optimizer, [batch], ParallelContext.single_process(), lr=0.0, grad_clip=0.01, precision=None)
     clipped = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters()]))
     assert float(result.grad_norm) > 0.01 and float(clipped) == pytest.approx(0.01, rel=1e-3)
 
@@ -199,18 +200,17 @@ def test_wandb_resume_keeps_the_run_id(tmp_path: Path) -> None:
     second.log({"loss": 0.5}, step=2)
     second.finish()
     assert (tmp_path / RUN_ID_FILE).read_text().strip() == run_id
-    assert all(path.name.endswith(run_id) for path in (tmp_path / "wandb").glob("offline-run-*"))
+    offline_runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert offline_runs and all(f"-{run_id}" in path.name for path in offline_runs)
 
 
 # ---------------------------------------------------------------------------------------------
 # entry point: errors before anything is written
 # ---------------------------------------------------------------------------------------------
 def test_world_size_mismatch_is_a_config_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    with pytest.raises(ConfigError, match="world size 2"):
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun would set it, with a config for one process
+    with pytest.raises(ConfigError, match=r"parallel.dp \* parallel.cp \* parallel.tp = 1 \* 1 \* 1 .*world size 2"):
         train_entry(to_dict(tiny_config()), str(tmp_path / "run"), "never")
-    with pytest.raises(NotImplementedError, match="not implemented yet"):
-        train_entry(to_dict(tiny_config("parallel.dp=2")), str(tmp_path / "run"), "never")
     assert not (tmp_path / "run").exists()
 
 
@@ -218,10 +218,4 @@ def test_world_size_mismatch_is_a_config_error(tmp_path: Path, monkeypatch: pyte
 def test_use_gpu_true_without_a_gpu(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="launch.use_gpu = 'true'"):
         train_entry(to_dict(tiny_config("launch.use_gpu=true")), str(tmp_path / "run"), "never")
-    assert not (tmp_path / "run").exists()
-
-
-def test_resume_from_a_missing_path(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="--resume"):
-        train_entry(to_dict(tiny_config()), str(tmp_path / "run"), str(tmp_path / "nope"))
     assert not (tmp_path / "run").exists()
