@@ -86,12 +86,6 @@ def _bench(argv: list[str]) -> int:
     return _dispatch(f"spindle.benchmarks.{argv[0]}", argv[1:], f"spindle bench {argv[0]}")
 
 
-def _not_available(command: str) -> Callable[[argparse.Namespace], int]:
-    def handler(arguments: argparse.Namespace) -> int:
-        return _error(f"spindle {command} is not available yet in this version of spindle.")
-    return handler
-
-
 def _report(arguments: argparse.Namespace) -> int:
     from spindle.launch.report import main as report_main
 
@@ -103,7 +97,12 @@ def _submit(argv: list[str]) -> int:
     return _dispatch("spindle.launch.submit", argv, "spindle submit")
 
 
-PASS_THROUGH: dict[str, Callable[[list[str]], int]] = {"plan": _plan, "bench": _bench, "submit": _submit}
+def _ckpt(argv: list[str]) -> int:
+    return _dispatch("spindle.launch.ckpt", argv, "spindle ckpt")
+
+
+PASS_THROUGH: dict[str, Callable[[list[str]], int]] = {"plan": _plan, "bench": _bench, "submit": _submit,
+                                                      "ckpt": _ckpt}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -124,9 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("run_dir", metavar="RUN_DIR")
     report.set_defaults(handler=_report)
 
-    checkpoint = commands.add_parser("ckpt", help="inspect checkpoints (not available yet)")
-    checkpoint.add_argument("rest", nargs=argparse.REMAINDER)
-    checkpoint.set_defaults(handler=_not_available("ckpt"))
+    commands.add_parser("ckpt", help="list or verify committed checkpoints: ckpt ls RUN_DIR", add_help=False)
     return parser
 
 

@@ -63,7 +63,7 @@ def test_console_script_exit_code_and_default_run_dir(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("arguments, fragment", [
-    (["ckpt", "list"], "not available yet"),
+    (["ckpt", "list"], "invalid choice: 'list'"),
     (["bench"], "kernels, cp, e2e"),
     (["bench", "speed"], "'speed'"),
     (["report", "/no/such/run"], "does not exist"),
