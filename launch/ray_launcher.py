@@ -38,7 +38,9 @@ from spindle.runtime.config import Config, ConfigError, to_dict, validate
 
 log = logging.getLogger(__name__)
 
-HEARTBEAT_DIR = Path(".spindle") / "heartbeat"
+LAUNCHER_DIR = Path(".spindle")
+"""The launcher's files inside the run directory: heartbeats and Ray Train's state."""
+HEARTBEAT_DIR = LAUNCHER_DIR / "heartbeat"
 """Per-rank heartbeat files, relative to the run directory."""
 HEARTBEAT_INTERVAL_S = 5.0
 FLIGHT_RECORDER_ENTRIES = "64"
@@ -379,7 +381,8 @@ def build_trainer(config: Config, run_dir: Path, resume: str, plan: PlacementPla
         torch_config=TorchConfig(backend="nccl" if plan.use_gpu else "gloo",
                                  timeout_s=int(max(1, round(config.launch.collective_timeout_s)))),
         run_config=RunConfig(
-            name="ray", storage_path=str(run_dir),  # Ray Train's own state lives in RUN_DIR/ray
+            # Ray Train's own state (a storage marker, its checkpoint index) lives in RUN_DIR/.spindle/ray.
+            name="ray", storage_path=str(run_dir / LAUNCHER_DIR),
             failure_config=FailureConfig(max_failures=config.launch.max_failures),
             worker_runtime_env={"env_vars": {"TORCH_FR_BUFFER_SIZE": FLIGHT_RECORDER_ENTRIES}},
             logging_config=LoggingConfig(log_level="WARNING"),
@@ -409,7 +412,7 @@ def explain_failure(error: Exception, run_dir: Path) -> str:
     stall = diagnose_stall(read_heartbeats(run_dir))
     if stall and stall not in message:
         message += f". {stall}"
-    return message + f" (Ray's logs: RUN_DIR/ray and /tmp/ray/session_latest/logs; run directory {run_dir})"
+    return message + f" (run directory {run_dir}; Ray's logs: /tmp/ray/session_latest/logs on each node)"
 
 
 def _last_line(error: BaseException) -> str:
