@@ -108,9 +108,12 @@ def _time_method(method: str, args, length: int, group) -> Measurement:
             durations.append(float(elapsed) * 1e3)
         stats = (forward, backward)
     forward, backward = stats
-    return Measurement(world_size, length, method, statistics.median(durations), forward.total_bytes(),
-                       backward.total_bytes(), sum(forward.calls.values()) - forward.calls.get("validate", 0),
-                       sum(backward.calls.values()))  # fmt: skip
+    # the busiest rank's traffic (ranks differ on LASP-1's chain and at the ends of a zigzag)
+    counts = torch.tensor([forward.total_bytes(), backward.total_bytes(),
+                           sum(forward.calls.values()) - forward.calls.get("validate", 0),
+                           sum(backward.calls.values())], dtype=torch.int64)  # fmt: skip
+    dist.all_reduce(counts, op=dist.ReduceOp.MAX, group=group)
+    return Measurement(world_size, length, method, statistics.median(durations), *counts.tolist())
 
 
 def _worker(rank: int, world_size: int, port: int, args: argparse.Namespace, results) -> None:
@@ -328,8 +331,9 @@ def markdown(args, argv, measurements, terms_by_source, rates_by_source, plot: P
         "|---:|---:|---|---:|---:|---:|---:|---:|---|",
         *_ratio_rows(measurements),
         "",
-        "LASP-2's bytes do not depend on T (one gather of d×d states per direction); the softmax schemes' grow "
-        "with T. lasp1's calls are the P2P hops this rank receives (serial along the chain).",
+        "Bytes and calls are the busiest rank's (received, per layer). LASP-2's bytes do not depend on T (one "
+        "gather of d×d states per direction); the softmax schemes' grow with T. lasp1's calls are the P2P hops "
+        "a rank receives; along the chain they are serial.",
         "",
     ]
     if plot is not None:
