@@ -310,7 +310,6 @@ def _projection_rows(terms_by_source: dict[str, dict[str, dict[str, float]]]) ->
 
 def markdown(args, argv, measurements, terms_by_source, rates_by_source, plot: Path | None) -> str:
     command = "spindle bench cp" + ("" if not argv else " " + shlex.join(argv))
-    p, total = args.project_gpus, args.project_tokens
     lines = [
         "# Context-parallel benchmark: LASP-2, LASP-1, ring, all-gather and Ulysses",
         "",
@@ -338,8 +337,13 @@ def markdown(args, argv, measurements, terms_by_source, rates_by_source, plot: P
     ]
     if plot is not None:
         lines += [f"![fwd+bwd time per method]({plot.name})", ""]
+    return "\n".join(lines + _projection_section(args, terms_by_source, rates_by_source))
+
+
+def _projection_section(args, terms_by_source, rates_by_source) -> list[str]:
     cpu, anchor = rates_by_source.get("CPU-measured"), rates_by_source["GPU anchor"]
-    lines += [
+    p, total = args.project_gpus, args.project_tokens
+    lines = [
         f"## Projection: {p} GPUs, {total // 1024}K tokens, one layer",
         "",
         f"Shape: B={args.project_batch}, H={args.project_heads}, H_kv={args.project_kv_heads}, "
@@ -379,7 +383,7 @@ def markdown(args, argv, measurements, terms_by_source, rates_by_source, plot: P
         "latencies and per-hop overhead: change them with the projection options.",
         "",
     ]
-    return "\n".join(lines)
+    return lines
 
 
 def plot_measurements(measurements: list[Measurement], path: Path) -> None:

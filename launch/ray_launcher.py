@@ -334,7 +334,7 @@ def run_training(config: Config, run_dir: str | os.PathLike, resume: str = "auto
         for note in plan.notes:
             print(f"spindle: note: {note}", file=sys.stderr, flush=True)
         _warn_if_busy(plan)
-        trainer = build_trainer(config, run_dir, resume, plan)
+        trainer = build_trainer(config, run_dir, resume, plan, watch_preemption=address is not None)
         return _fit(trainer, run_dir)
 
 
@@ -361,8 +361,10 @@ def plan_slots(nodes: list[NodeResources], use_gpu: bool, cpus_per_worker: int) 
     return sum(node.worker_slots(per_worker) for node in nodes)
 
 
-def build_trainer(config: Config, run_dir: Path, resume: str, plan: PlacementPlan) -> object:
-    """The TorchTrainer of one spindle job."""
+def build_trainer(config: Config, run_dir: Path, resume: str, plan: PlacementPlan, *,
+                  watch_preemption: bool) -> object:
+    """The TorchTrainer of one spindle job. ``watch_preemption``: ask Ray Train every step whether a
+    node is about to be preempted (a barrier of a few ms; pointless on an embedded cluster)."""
     from ray.train import FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -371,6 +373,7 @@ def build_trainer(config: Config, run_dir: Path, resume: str, plan: PlacementPla
         "run_dir": str(run_dir),
         "resume": resume,
         "latest_at_launch": latest_checkpoint_marker(run_dir),
+        "watch_preemption": watch_preemption and config.checkpoint.every > 0,
     }
     return TorchTrainer(
         _train_worker,
@@ -404,10 +407,13 @@ def explain_failure(error: Exception, run_dir: Path) -> str:
     """One readable message from Ray's failure: each failed rank's last error line, plus the stall report."""
     failures = getattr(error, "worker_failures", None)
     if failures:
-        lines = [f"rank {rank}: {_last_line(failure)}" for rank, failure in sorted(failures.items())]
-        summary = "; ".join(lines)
+        ranks_by_error: dict[str, list[int]] = {}  # identical errors on many ranks are said once
+        for rank, failure in sorted(failures.items()):
+            ranks_by_error.setdefault(_last_line(failure).rstrip("."), []).append(rank)
+        summary = "; ".join(f"{'rank' if len(ranks) == 1 else 'ranks'} {', '.join(map(str, ranks))}: {text}"
+                            for text, ranks in ranks_by_error.items())
     else:
-        summary = _last_line(error)
+        summary = _last_line(error).rstrip(".")
     message = f"training failed: {summary}"
     stall = diagnose_stall(read_heartbeats(run_dir))
     if stall and stall not in message:
@@ -602,7 +608,9 @@ def _train_worker(job: dict) -> dict:
     rank = dist.get_rank() if dist.is_initialized() else 0
     resume = _agreed_resume(job)
     options = {}
-    if "should_checkpoint" in inspect.signature(train_entry).parameters:
+    # The trainer's hook for a just-in-time checkpoint (called by every rank after every step), once
+    # train_entry offers it.
+    if job["watch_preemption"] and "should_checkpoint" in inspect.signature(train_entry).parameters:
         options["should_checkpoint"] = PreemptionWatch()
     group_id = f"{os.environ.get('MASTER_ADDR', 'local')}:{os.environ.get('MASTER_PORT', '0')}"
     with Heartbeat(job["run_dir"], rank, group_id) as heartbeat:

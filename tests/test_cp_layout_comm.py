@@ -172,5 +172,6 @@ def _check_comm_objects(group, size):
     assert all_to_all(rows, group)[:, 0].tolist() == [rank * 10.0 + p for p in range(size)]
 
 
+@pytest.mark.slow
 def test_layouts_and_comm_objects():
     run_distributed(_layout_worker, 4)

@@ -400,11 +400,12 @@ def _worker_pid_or_none(run_dir: Path, rank: int) -> int | None:
 def test_unreachable_addresses_fail_within_seconds(tmp_path: Path) -> None:
     closed = free_port()
     started = time.monotonic()
-    submitted = spindle("submit", str(TINY), "--address", f"http://127.0.0.1:{closed}", timeout=60)
-    trained = spindle("train", str(TINY), "--run-dir", str(tmp_path / "run"), "--address", f"127.0.0.1:{closed}",
-                      timeout=60)
-    assert time.monotonic() - started < 60
-    for result in (submitted, trained):
-        assert result.returncode == 1, result.stderr
-        assert "cannot reach a Ray cluster at" in result.stderr and str(closed) in result.stderr, result.stderr
+    processes = [spindle("submit", str(TINY), "--address", f"http://127.0.0.1:{closed}", wait=False),
+                 spindle("train", str(TINY), "--run-dir", str(tmp_path / "run"), "--address", f"127.0.0.1:{closed}",
+                         wait=False)]
+    for process in processes:
+        _, stderr = process.communicate(timeout=60)
+        assert process.returncode == 1, stderr
+        assert "cannot reach a Ray cluster at" in stderr and str(closed) in stderr, stderr
+    assert time.monotonic() - started < 60  # the CLI's imports included; Ray alone would retry for minutes
     assert not (tmp_path / "run").exists()

@@ -192,8 +192,10 @@ def _nbytes(tensor: torch.Tensor) -> int:
 # --------------------------------------------------------------------------- collectives
 
 
-# torch 2.13 renamed all_gather_into_tensor to all_gather_single (the old name warns); resolved once here
+# torch 2.13 renamed all_gather_into_tensor / reduce_scatter_tensor to *_single (the old names warn);
+# resolved once here so older torch keeps working
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
 
 def _all_gather_raw(tensor: torch.Tensor, group: dist.ProcessGroup, kind: str, async_op: bool = False):
@@ -246,7 +248,7 @@ def reduce_scatter(tensor: torch.Tensor, group: dist.ProcessGroup) -> torch.Tens
     output = tensor.new_empty(tensor.shape[1:])
     # backends want the input as [P·shape[0], ...]: the same memory as [P, *shape]
     flat_input = tensor.contiguous().reshape(-1, *tensor.shape[2:]) if tensor.dim() > 1 else tensor.contiguous()
-    dist.reduce_scatter_tensor(output, flat_input, op=dist.ReduceOp.SUM, group=group)
+    _reduce_scatter_single(output, flat_input, op=dist.ReduceOp.SUM, group=group)
     _record("reduce_scatter", (world_size - 1) * _nbytes(output))
     return output
 
