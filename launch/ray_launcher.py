@@ -237,6 +237,8 @@ def ray_session(address: str | None, num_cpus: int) -> Iterator[None]:
     if address is None:
         # A single machine is never preempted by a cloud provider: skip Ray Train's watcher actor.
         os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+        # Ray announces that it enabled token authentication (its secure default) on every start.
+        logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
         log.info("starting an embedded local Ray cluster with %d CPU(s)", num_cpus)
         # One machine: everything listens on loopback only. The dashboard hosts Ray's state API, which
         # Ray Train's controller queries.
@@ -416,7 +418,7 @@ def explain_failure(error: Exception, run_dir: Path) -> str:
         summary = _last_line(error).rstrip(".")
     message = f"training failed: {summary}"
     stall = diagnose_stall(read_heartbeats(run_dir))
-    if stall and stall not in message:
+    if stall and STALL_MARKER not in message:  # a worker may already have said it
         message += f". {stall}"
     return message + f" (run directory {run_dir}; Ray's logs: /tmp/ray/session_latest/logs on each node)"
 
@@ -529,13 +531,18 @@ def read_heartbeats(run_dir: str | os.PathLike) -> list[dict]:
     return [record for record in records if record["group"] == newest_group]
 
 
+STALL_MARKER = "was never entered by"
+
+
 def diagnose_stall(records: list[dict], now: float | None = None,
                    stale_after_s: float = 3 * HEARTBEAT_INTERVAL_S) -> str | None:
     """Name the ranks that fell behind: for the collective the furthest rank waits in, the ranks of
-    that group that never entered it, and ranks whose heartbeat stopped. None when all look alike."""
+    that group that never entered it, and ranks whose heartbeat stopped while others still beat.
+    None when all look alike."""
     if not records:
         return None
     now = time.time() if now is None else now
+    newest = max(record["time"] for record in records)  # when the group was last alive as a whole
     findings = []
     frontier: dict[str, tuple[int, str, str]] = {}  # group -> (furthest seq, op, what the group is)
     for record in records:
@@ -552,12 +559,13 @@ def diagnose_stall(records: list[dict], now: float | None = None,
             by_rank = {record["rank"]: record for record in records}
             detail = ", ".join(f"rank {rank} (last entered #{last['seq']} {last['op']}{_liveness(by_rank[rank], now)})"
                                for rank, last in behind)
-            findings.append(f"collective #{seq} {op} on process group {group} ({described}) was never entered "
-                            f"by {detail}")
-    silent = sorted(record["rank"] for record in records if now - record["time"] > stale_after_s)
+            findings.append(f"collective #{seq} {op} on process group {group} ({described}) {STALL_MARKER} "
+                            f"{detail}")
+    silent = sorted(record["rank"] for record in records if newest - record["time"] > stale_after_s)
     if silent:
         findings.append(f"rank(s) {', '.join(map(str, silent))} stopped answering (no heartbeat for more than "
-                        f"{stale_after_s:.0f} s: the process died, was stopped, or its host is unreachable)")
+                        f"{stale_after_s:.0f} s while the others went on: the process died, was stopped, or its "
+                        f"host is unreachable)")
     return "; ".join(findings) if findings else None
 
 
@@ -638,7 +646,7 @@ def _agreed_resume(job: dict) -> str:
 
 __all__ = [
     "LaunchError", "CollectiveStallError", "NodeResources", "PlacementPlan", "PreemptionWatch", "Heartbeat",
-    "run_training", "resolve_address", "check_reachable", "plan_placement", "decide_gpu", "cluster_nodes",
-    "build_trainer", "explain_failure", "latest_checkpoint_marker", "resume_for_attempt", "read_heartbeats",
-    "diagnose_stall", "last_collectives", "ConfigError",
+    "run_training", "resolve_address", "check_reachable", "plan_placement", "plan_slots", "decide_gpu",
+    "cluster_nodes", "build_trainer", "explain_failure", "latest_checkpoint_marker", "resume_for_attempt",
+    "read_heartbeats", "diagnose_stall", "last_collectives",
 ]

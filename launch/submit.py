@@ -12,6 +12,7 @@ The exit code is the job's: 0 when it succeeded, 1 when it failed or was stopped
 """
 from __future__ import annotations
 
+import argparse
 import asyncio
 import re
 import shlex
@@ -84,11 +85,11 @@ def submit_job(config: Config, config_name: str, address: str, *, run_dir: str |
         return 0
     try:
         asyncio.run(_stream_logs(client, job_id, output))
+        return _final_status(client, job_id, output)
     except KeyboardInterrupt:
         print(f"\nspindle: stopped following; job {job_id} keeps running (stop it with "
               f"`ray job stop {job_id} --address {address}`)", file=output, flush=True)
         return 130
-    return _final_status(client, job_id, output)
 
 
 def _connect(address: str) -> object:
@@ -119,26 +120,27 @@ async def _stream_logs(client: object, job_id: str, output: TextIO) -> None:
         output.flush()
 
 
-def _final_status(client: object, job_id: str, output: TextIO, timeout_s: float = 30.0) -> int:
-    """Wait for the job to reach a terminal state (the log stream may close a moment earlier)."""
+def _final_status(client: object, job_id: str, output: TextIO, poll_s: float = 1.0) -> int:
+    """Wait for the job to reach a terminal state (the log stream closes when it ends, or earlier if the
+    connection drops) and print it; 0 when it succeeded, else 1."""
     from ray.job_submission import JobStatus
 
-    deadline = time.monotonic() + timeout_s
     info = client.get_job_info(job_id)
-    while not info.status.is_terminal() and time.monotonic() < deadline:
-        time.sleep(0.5)
+    if not info.status.is_terminal():
+        print(f"spindle: the log stream closed; waiting for job {job_id} to end", file=output, flush=True)
+    while not info.status.is_terminal():
+        time.sleep(poll_s)
         info = client.get_job_info(job_id)
     if info.status == JobStatus.SUCCEEDED:
         print(f"spindle: job {job_id} succeeded", file=output, flush=True)
         return 0
-    reason = f": {info.message}" if info.message else ""
+    # Ray's message repeats the tail of the logs that were just streamed: its first line is enough.
+    reason = f": {info.message.strip().splitlines()[0]}" if info.message and info.message.strip() else ""
     print(f"spindle: job {job_id} {str(info.status.value).lower()}{reason}", file=output, flush=True)
     return 1
 
 
-def build_parser() -> "argparse.ArgumentParser":
-    import argparse
-
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="spindle submit",
                                      description="Run `spindle train CONFIG` on a Ray cluster through the Jobs API.")
     parser.add_argument("config", metavar="CONFIG", help="YAML config file, e.g. configs/demo.yaml")

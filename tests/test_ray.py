@@ -8,10 +8,12 @@ of the restart test. The fast tests at the top exercise the pure placement / dia
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -21,12 +23,14 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from spindle.launch.ray_launcher import (
     LaunchError,
     NodeResources,
     decide_gpu,
     diagnose_stall,
+    explain_failure,
     latest_checkpoint_marker,
     plan_placement,
     resolve_address,
@@ -139,6 +143,17 @@ def test_stall_report_names_the_rank_and_the_collective() -> None:
     assert "rank 2 (last entered #41 gloo:all_reduce; last heartbeat 0 s ago)" in report
     assert "rank(s) 3 stopped answering" in report
     assert diagnose_stall([_record(0, waiting), _record(1, waiting)], now=1000.0) is None
+    # Read long after the whole group stopped (the driver, after Ray's teardown): nobody is singled out.
+    assert diagnose_stall([_record(0, waiting, age_s=100), _record(1, waiting, age_s=101)], now=1000.0) is None
+
+
+def test_failure_message_groups_identical_rank_errors(tmp_path: Path) -> None:
+    error = RuntimeError("Training failed due to worker errors")
+    error.worker_failures = {0: FloatingPointError("Traceback ...\nthe loss is nan at step 3."),
+                             1: FloatingPointError("the loss is nan at step 3."), 2: OSError("disk full")}
+    message = explain_failure(error, tmp_path)
+    assert message.startswith("training failed: ranks 0, 1: the loss is nan at step 3; rank 2: disk full")
+    assert str(tmp_path) in message
 
 
 def _stalling_rank(rank: int, world_size: int, group: object, run_dir: str) -> str | None:
@@ -242,24 +257,17 @@ class HeadNode:
     def stop(self) -> None:
         # SIGINT makes `ray start --block` shut its processes down; whatever is left of this session
         # (and only this session) is killed.
-        with _suppress_lookup():
+        with contextlib.suppress(ProcessLookupError):
             self.process.send_signal(signal.SIGINT)
         try:
             self.process.wait(timeout=30)
         except subprocess.TimeoutExpired:
             pass
         for pid in self.session_pids():
-            with _suppress_lookup():
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         self.log.close()
-
-
-class _suppress_lookup:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, kind: type | None, *rest: object) -> bool:
-        return kind is not None and issubclass(kind, ProcessLookupError)
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
@@ -271,9 +279,9 @@ def head() -> HeadNode:
         node.stop()
 
 
-LAYOUT = ["parallel.cp=2"]
+LAYOUT = ["parallel.cp=2", "parallel.cp_linear=lasp2", "parallel.cp_softmax=allgather"]
 """Two CPU workers with context parallelism: LASP-2 on the linear layers and all-gather attention on
-the softmax layers (the config defaults of parallel.cp_linear / cp_softmax)."""
+the softmax layers."""
 
 
 def spindle(*arguments: str, environment: dict | None = None, timeout: float = 240,
@@ -325,7 +333,8 @@ def test_train_runs_on_an_embedded_local_cluster(reference_run: tuple[Path, obje
     assert re.search(rf"step\s+{STEPS}/{STEPS}", result.stdout)  # rank 0's progress lines reach the console
     steps = [record["step"] for record in read_metrics(run_dir)]
     assert steps == list(range(1, STEPS + 1))
-    assert (run_dir / "config.yaml").is_file()
+    parallel = yaml.safe_load((run_dir / "config.yaml").read_text())["parallel"]
+    assert (parallel["dp"], parallel["cp"], parallel["cp_linear"], parallel["cp_softmax"]) == (1, 2, "lasp2", "allgather")
 
 
 def _wait_for_checkpoint_then_progress(run_dir: Path, process: subprocess.Popen, timeout_s: float = 180) -> int:
@@ -361,8 +370,12 @@ def test_submitted_job_survives_a_killed_worker(head: HeadNode, reference_run: t
     assert reference.returncode == 0, reference.stderr[-4000:]
     head.wait_ready()
     environment = _environment(RAY_AUTH_MODE="token")  # `ray start` enables token auth; the token is local
-    failing = spindle("submit", str(TINY), "--address", head.dashboard_url, "--run-dir", str(tmp_path / "bad"),
-                      "--resume", "/nonexistent/checkpoint", environment=environment, wait=False)
+    failing_arguments = ["submit", str(TINY), "--address", head.dashboard_url, "--run-dir", str(tmp_path / "bad"),
+                         "--resume", "/nonexistent/checkpoint"]
+    failing = spindle(*failing_arguments, environment=environment, wait=False)
+    detached = spindle(*failing_arguments, "--no-wait", environment=environment, timeout=60)
+    assert detached.returncode == 0 and "ray job stop" in detached.stdout, detached.stdout + detached.stderr
+    detached_id = re.search(r"submitted job (\S+)", detached.stdout).group(1)
     run_dir = tmp_path / "run"
     submitted = spindle("submit", *train_arguments(run_dir, LAYOUT, "launch.max_failures=1")[1:],
                         "--address", head.dashboard_url, environment=environment, wait=False)
@@ -389,6 +402,9 @@ def test_submitted_job_survives_a_killed_worker(head: HeadNode, reference_run: t
         assert math.isclose(record["loss"], expected[record["step"]], rel_tol=1e-6, abs_tol=0.0), record
 
     assert failing.returncode == 1 and "no such checkpoint" in failing_out and "failed" in failing_out, failing_out
+    status = subprocess.run([str(SPINDLE.parent / "ray"), "job", "status", detached_id, "--address", head.dashboard_url],
+                            env=environment, capture_output=True, text=True, timeout=60)
+    assert f"job '{detached_id}' failed" in (status.stdout + status.stderr).lower(), status.stdout + status.stderr
 
 
 def _worker_pid_or_none(run_dir: Path, rank: int) -> int | None:
