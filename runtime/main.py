@@ -36,7 +36,6 @@ from spindle.runtime.metrics import MetricsWriter
 from spindle.runtime.optim import build_optimizer
 from spindle.runtime.tracking import start_tracking
 from spindle.parallel.layout import LayoutError, ParallelContext, ParallelDegrees
-from spindle.runtime.metrics import read_metrics
 from spindle.runtime.trainer import BatchProvider, OptimizerEngine, TorchEngine, Trainer
 
 def default_run_dir(config_path: str | os.PathLike) -> Path:
@@ -152,9 +151,17 @@ def truncate_metrics(run_dir: Path, step: int) -> None:
     """Drop metrics lines past ``step`` (written by an attempt that died after its last checkpoint),
     so the resumed run continues the file without gaps or repeated steps."""
     path = run_dir / "metrics.jsonl"
-    if path.is_file():
-        kept = [record for record in read_metrics(path) if record.get("step", 0) <= step]
-        path.write_text("".join(json.dumps(record) + "\n" for record in kept), encoding="utf-8")
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:  # the half-written last line of a killed attempt
+            continue
+        if record.get("step", 0) <= step:
+            kept.append(line + "\n")
+    path.write_text("".join(kept), encoding="utf-8")
 
 
 def train_entry(config_dict: dict, run_dir: str, resume: str = "auto") -> dict:

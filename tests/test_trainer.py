@@ -219,3 +219,11 @@ def test_use_gpu_true_without_a_gpu(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="launch.use_gpu = 'true'"):
         train_entry(to_dict(tiny_config("launch.use_gpu=true")), str(tmp_path / "run"), "never")
     assert not (tmp_path / "run").exists()
+
+
+def test_resume_truncates_metrics_past_the_checkpoint_and_a_torn_last_line(tmp_path: Path) -> None:
+    from spindle.runtime.main import truncate_metrics
+
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n{"step": 2}\n{"step": 3}\n{"ste', encoding="utf-8")
+    truncate_metrics(tmp_path, 2)
+    assert (tmp_path / "metrics.jsonl").read_text(encoding="utf-8") == '{"step": 1}\n{"step": 2}\n'
