@@ -55,8 +55,8 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     source: str = "synthetic:recall"
-    """Where tokens come from: "synthetic:recall" (associative recall), "synthetic:copy", or a path
-    to a token file (.bin raw memmap of ``dtype``, or .npy)."""
+    """Where tokens come from: "synthetic:recall" (associative recall), "synthetic:copy", a folder
+    written by `spindle data prepare`, or a path to a token file (.bin raw memmap of ``dtype``, or .npy)."""
     seq_len: int = 256
     """Tokens per training sequence (global, before context-parallel sharding)."""
     dtype: str = "uint16"
@@ -66,6 +66,11 @@ class DataConfig:
     recall_pairs: int = 0
     """Key-value pairs (and queries) per sequence of "synthetic:recall"; 0 picks seq_len // 16.
     Capped by the number of distinct keys, (vocab_size - 2) // 3."""
+    packing: str = "documents"
+    """How a prepared folder's documents fill sequences: "documents" keeps their boundaries (batches
+    carry cu_seqlens: attention, linear-attention state and RoPE positions restart at each document, and
+    no token is predicted across one) or "concat" (one plain token stream). Other sources have no
+    recorded boundaries and train alike under both."""
 
 
 @dataclass
@@ -191,6 +196,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.feature_map": ("identity", "silu", "relu", "elu1"),
     "model.output_gate": ("sigmoid", "silu"),
     "data.dtype": ("uint16", "uint32"),
+    "data.packing": ("documents", "concat"),
     "parallel.cp_layout": ("zigzag", "contiguous"),
     "parallel.cp_linear": ("lasp2", "lasp1"),
     "parallel.cp_softmax": ("allgather", "ring", "ulysses"),
