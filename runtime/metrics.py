@@ -10,28 +10,10 @@ from pathlib import Path
 
 import torch
 
+# The peaks live in runtime/hardware.py (one table for metrics, planner and benchmarks).
+from spindle.runtime.hardware import peak_flops_per_second  # noqa: F401  (re-exported)
+
 METRICS_FILE = "metrics.jsonl"
-
-# Dense peak throughput per GPU in FLOP/s (vendor data sheets, no sparsity), keyed by a substring of
-# torch.cuda.get_device_name(). Order matters: the first matching name wins ("H100 PCIe" before "H100").
-_PEAK_FLOPS_BF16 = [
-    ("H200", 989e12), ("H100 PCIe", 756e12), ("H100", 989e12), ("GH200", 989e12), ("B200", 2250e12),
-    ("A100", 312e12), ("A10G", 70e12), ("L40S", 362e12), ("L4", 121e12), ("RTX 4090", 165e12),
-]
-# fp32 matmuls run on TF32 tensor cores only when allowed; MFU in fp32 is against plain FP32 peak.
-_PEAK_FLOPS_FP32 = [
-    ("H200", 67e12), ("H100 PCIe", 51e12), ("H100", 67e12), ("GH200", 67e12), ("B200", 80e12),
-    ("A100", 19.5e12), ("A10G", 31e12), ("L40S", 91.6e12), ("L4", 30e12), ("RTX 4090", 82.6e12),
-]
-
-
-def peak_flops_per_second(device: torch.device, dtype: torch.dtype) -> float | None:
-    """The device's peak FLOP/s for ``dtype`` matmuls; None on CPU or for an unknown GPU."""
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    table = _PEAK_FLOPS_BF16 if dtype in (torch.bfloat16, torch.float16) else _PEAK_FLOPS_FP32
-    return next((flops for key, flops in table if key in name), None)
 
 
 def peak_memory_gb(device: torch.device) -> float:
@@ -45,7 +27,7 @@ def peak_memory_gb(device: torch.device) -> float:
 
 def model_flops_utilization(flops_per_token: float, tokens_per_s: float,
                             peak_flops: float | None) -> float | None:
-    """Achieved model FLOP/s over peak; None when the peak is unknown (CPU)."""
+    """Achieved model FLOP/s over the vendor's dense peak (the field's MFU); None when the peak is unknown (CPU)."""
     if peak_flops is None:
         return None
     return flops_per_token * tokens_per_s / peak_flops

@@ -43,6 +43,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from spindle.runtime.config import Config, ConfigError, layer_pattern, load_config, resolve
+from spindle.runtime.hardware import GPUS, GpuSpec, gpu_spec, spec_for_device_name  # noqa: F401  (re-exported)
 
 GIB = 1024**3
 CHECKPOINTING_POLICIES = ("none", "softmax", "linear", "full")
@@ -51,41 +52,15 @@ LOSS_CHUNK_TOKENS = 4096
 # Tokens per chunk of the linear-attention kernels (intra-chunk FLOPs in the hardware count).
 LINEAR_CHUNK = 64
 GPUS_PER_NODE = 8
-# Fraction of peak FLOP/s that well-tuned training kernels reach; the step-time estimate divides by it.
-DEFAULT_EFFICIENCY = 0.5
+# Fraction of the vendor's dense peak that well-tuned bf16 training reaches: the step-time estimate divides
+# work by peak x this. Llama 3 reports 38-43% MFU for bf16 training on H100 (Llama 3 paper, table 4).
+DEFAULT_EFFICIENCY = 0.4
 DEFAULT_INTER_NODE_GBPS = 50.0
 
 
 # ---------------------------------------------------------------------------------------------
-# Hardware
+# Hardware (the figures themselves live in runtime/hardware.py)
 # ---------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class GpuSpec:
-    """One accelerator: dense bf16 peak, HBM bandwidth, memory and its NVLink bandwidth."""
-
-    name: str
-    peak_flops: float
-    """Dense bf16 matmul peak, FLOP/s."""
-    hbm_bytes_per_s: float
-    memory_bytes: float
-    nvlink_bytes_per_s: float
-    """Per-GPU, per-direction bandwidth to GPUs in the same node."""
-
-    @property
-    def usable_bytes(self) -> float:
-        """Memory a training step may plan for: 5% for allocator fragmentation and 2 GiB for the
-        CUDA context, NCCL buffers and library workspaces stay free."""
-        return 0.95 * self.memory_bytes - 2 * GIB
-
-
-# H200 numbers as issue 9 states them; H100 SXM and A100 SXM (80 GB) from the vendor data sheets.
-GPUS: dict[str, GpuSpec] = {
-    "h200": GpuSpec("H200", 790e12, 4.3e12, 141e9, 450e9),
-    "h100": GpuSpec("H100", 989e12, 3.35e12, 80e9, 450e9),
-    "a100": GpuSpec("A100", 312e12, 2.0e12, 80e9, 300e9),
-}
-
-
 @dataclass(frozen=True)
 class Network:
     """Per-GPU, per-direction link bandwidths and per-message latencies."""
@@ -100,15 +75,6 @@ class Network:
 def network_for(gpu: GpuSpec, inter_node_gbps: float = DEFAULT_INTER_NODE_GBPS) -> Network:
     """NVLink inside a node (the GPU's own figure), ``inter_node_gbps`` GB/s between nodes."""
     return Network(gpu.nvlink_bytes_per_s, inter_node_gbps * 1e9)
-
-
-def gpu_spec(name: str | GpuSpec) -> GpuSpec:
-    if isinstance(name, GpuSpec):
-        return name
-    key = str(name).lower()
-    if key not in GPUS:
-        raise ValueError(f"gpu={name!r} is not a known GPU: expected one of {', '.join(GPUS)}.")
-    return GPUS[key]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -806,7 +772,7 @@ def _detected_gpu() -> GpuSpec | None:
     if not torch.cuda.is_available():
         return None
     properties = torch.cuda.get_device_properties(0)
-    known = next((spec for key, spec in GPUS.items() if key in properties.name.lower()), GPUS["h100"])
+    known = spec_for_device_name(properties.name) or GPUS["h100"]
     return dataclasses.replace(known, name=properties.name, memory_bytes=float(properties.total_memory))
 
 
@@ -943,7 +909,7 @@ def _memory_items(memory: MemoryPlan) -> list[tuple[str, float]]:
 def plan_to_dict(plan: Plan) -> dict:
     """Everything in the plan as JSON-ready data (bytes, seconds, FLOPs)."""
     return {
-        "gpu": dataclasses.asdict(plan.gpu) | {"usable_bytes": plan.gpu.usable_bytes},
+        "gpu": dataclasses.asdict(plan.gpu) | {"peak_flops": plan.gpu.peak_flops, "usable_bytes": plan.gpu.usable_bytes},
         "network": dataclasses.asdict(plan.network),
         "model": dataclasses.asdict(plan.shape) | {"parameters": plan.parameters},
         "layout": dataclasses.asdict(plan.layout) | {"world_size": plan.layout.world_size},
