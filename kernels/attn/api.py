@@ -3,22 +3,29 @@
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator
 
 import torch
 
 from . import gpu
+from .masks import MaskSpec, build_mask_spec, check_cu_seqlens, check_window
 from .math import attention_backward_math, attention_forward_math
 from .naive import attention_naive
 
-BACKENDS = ("auto", "flash_attn", "sdpa", "math", "naive")
+BACKENDS = ("auto", "flash_attn3", "flash_attn", "sdpa", "sdpa_efficient", "math", "naive")
+AUTO_ORDER = ("flash_attn3", "flash_attn", "sdpa", "sdpa_efficient", "math")  # first one that supports a call
+ENVIRONMENT_VARIABLE = "SPINDLE_ATTN_BACKEND"
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _forced_backend: str | None = None
 
 
 @contextlib.contextmanager
 def force_backend(name: str) -> Iterator[None]:
-    """Within the block, backend="auto" resolves to `name` (tests drive every path this way)."""
+    """Within the block, backend="auto" resolves to `name` (tests drive every path this way).
+
+    Outside any block the environment variable SPINDLE_ATTN_BACKEND does the same for a whole process.
+    """
     global _forced_backend
     if name not in BACKENDS:
         raise ValueError(f"force_backend: unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
@@ -29,29 +36,54 @@ def force_backend(name: str) -> Iterator[None]:
         _forced_backend = previous
 
 
-def resolve_backend(backend: str, q: torch.Tensor) -> str:
-    """"auto": a forced backend if any, else flash-attn, else PyTorch's efficient SDPA kernel on CUDA, else math."""
+def _requested_backend() -> str | None:
+    """The forced backend: force_backend() first, then SPINDLE_ATTN_BACKEND."""
+    if _forced_backend is not None:
+        return _forced_backend
+    name = os.environ.get(ENVIRONMENT_VARIABLE, "").strip()
+    if not name or name == "auto":
+        return None
+    if name not in BACKENDS:
+        raise ValueError(f"{ENVIRONMENT_VARIABLE}={name!r} is not a softmax-attention backend; "
+                         f"choose one of {', '.join(BACKENDS)} or unset it")
+    return name
+
+
+def unsupported_reason(name: str, q: torch.Tensor, window: int | None = None, documents: bool = False) -> str | None:
+    """Why backend `name` cannot run this call, or None if it can."""
+    if name in ("math", "naive"):
+        return None
+    if name == "sdpa_efficient":
+        if not gpu.sdpa_efficient_supports(q):
+            return f"needs CUDA fp16/bf16/fp32 inputs with head_dim divisible by 8; got {q.dtype} on {q.device}"
+        if window is not None or documents:
+            return "has no sliding window or document mask (use 'sdpa' or 'math')"
+        return None
+    if name == "sdpa" and window is not None and not gpu.sdpa_supports_window():
+        return f"needs a PyTorch whose aten flash kernel takes a window (this is {torch.__version__})"
+    supports = {"flash_attn3": gpu.flash_attn3_supports, "flash_attn": gpu.flash_attn_supports,
+                "sdpa": gpu.sdpa_supports}[name]
+    if not supports(q):
+        installed = {"flash_attn3": "FlashAttention-3 (flash_attn_interface) installed and a Hopper GPU, ",
+                     "flash_attn": "flash-attn installed, ", "sdpa": "an sm80+ GPU, "}[name]
+        return (f"needs {installed}CUDA fp16/bf16 inputs with head_dim <= 256 and divisible by 8; got {q.dtype} "
+                f"on {q.device}, head_dim {q.shape[-1]}")
+    return None
+
+
+def resolve_backend(backend: str, q: torch.Tensor, window: int | None = None, documents: bool = False) -> str:
+    """"auto": a forced backend if any (force_backend, then SPINDLE_ATTN_BACKEND), else the first of
+    flash_attn3, flash_attn, sdpa, sdpa_efficient, math that supports the call. A named backend that cannot
+    run the call is an error, never a silent fallback."""
     if backend not in BACKENDS:
         raise ValueError(f"attention: unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     if backend == "auto":
-        if _forced_backend is not None:
-            backend = _forced_backend
-        elif gpu.flash_attn_supports(q):
-            return "flash_attn"
-        elif gpu.sdpa_supports(q):
-            return "sdpa"
-        else:
-            return "math"
-    if backend == "flash_attn" and not gpu.flash_attn_supports(q):
-        raise ValueError(
-            "attention: backend='flash_attn' needs flash-attn installed and CUDA fp16/bf16 inputs with "
-            f"head_dim <= 256 and divisible by 8; got {q.dtype} on {q.device}, head_dim {q.shape[-1]}"
-        )
-    if backend == "sdpa" and not gpu.sdpa_supports(q):
-        raise ValueError(
-            f"attention: backend='sdpa' needs CUDA inputs with head_dim divisible by 8; got {q.device}, "
-            f"head_dim {q.shape[-1]}"
-        )
+        backend = _requested_backend() or "auto"
+    if backend == "auto":
+        return next(name for name in AUTO_ORDER if unsupported_reason(name, q, window, documents) is None)
+    reason = unsupported_reason(backend, q, window, documents)
+    if reason is not None:
+        raise ValueError(f"attention: backend={backend!r} {reason}")
     return backend
 
 
@@ -88,40 +120,86 @@ def empty_query_rows(query_length: int, key_length: int, causal: bool) -> int:
     return max(0, query_length - key_length) if causal else 0
 
 
-def _kernel_forward(backend, q, k, v, causal, scale):
-    """(o, lse) from a fused kernel, with leading empty rows set to o = 0, lse = -inf."""
-    if backend == "math":
-        return attention_forward_math(q, k, v, causal, scale)
-    skip = empty_query_rows(q.shape[1], k.shape[1], causal)
+class _Call:
+    """One call's settings: the chosen backend, the mask, and (for fused kernels) the varlen documents."""
+
+    def __init__(self, q, k, causal, scale, window, cu_seqlens, max_seqlen, backend):
+        self.causal, self.window = bool(causal), check_window(window, bool(causal))
+        check_cu_seqlens(cu_seqlens, q.shape[0], q.shape[1], k.shape[1])
+        self.scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
+        self.backend = resolve_backend(backend, q, self.window, cu_seqlens is not None)
+        self.cu_seqlens, self.max_seqlen = cu_seqlens, max_seqlen
+        self._spec: MaskSpec | None = None
+        self._documents: gpu.Documents | None = None
+        self.query_length, self.key_length, self.batch = q.shape[1], k.shape[1], q.shape[0]
+        self.device = q.device
+
+    @property
+    def fused(self) -> bool:
+        return self.backend in gpu.KERNELS
+
+    @property
+    def spec(self) -> MaskSpec:
+        """The mask for the math and naive paths (document ids are built once, on first use)."""
+        if self._spec is None:
+            self._spec = build_mask_spec(self.cu_seqlens, self.causal, self.window, self.batch,
+                                         self.query_length, self.key_length, self.device)
+        return self._spec
+
+    @property
+    def documents(self) -> gpu.Documents | None:
+        """int32 offsets on the device and the longest document (a host sync unless max_seqlen is given)."""
+        if self.cu_seqlens is None:
+            return None
+        if self._documents is None:
+            offsets = self.cu_seqlens.to(device=self.device, dtype=torch.int32, non_blocking=True)
+            longest = self.max_seqlen
+            if longest is None:
+                longest = int((offsets[1:] - offsets[:-1]).max()) if offsets.numel() > 1 else 0
+            self._documents = gpu.Documents(offsets, int(longest))
+        return self._documents
+
+
+def _kernel_forward(call: _Call, q, k, v):
+    """(o, lse) from the chosen backend, with leading empty rows set to o = 0, lse = -inf."""
+    if call.backend == "math":
+        return attention_forward_math(q, k, v, call.causal, call.scale, call.spec)
+    skip = empty_query_rows(q.shape[1], k.shape[1], call.causal)
     output = torch.zeros(*q.shape[:3], v.shape[-1], dtype=q.dtype, device=q.device)
     lse = torch.full((q.shape[0], q.shape[2], q.shape[1]), float("-inf"), dtype=torch.float32, device=q.device)
     if skip < q.shape[1]:
-        forward = gpu.flash_attn_forward if backend == "flash_attn" else gpu.sdpa_forward
-        output[:, skip:], lse[..., skip:] = forward(q[:, skip:], k, v, causal, scale)
+        forward = gpu.KERNELS[call.backend][0]
+        rows = q[:, skip:].contiguous()
+        output[:, skip:], lse[..., skip:] = forward(rows, k.contiguous(), v.contiguous(), call.causal, call.scale,
+                                                    call.window, call.documents)
     return output, lse
 
 
-def _kernel_backward(backend, q, k, v, o, lse, do, causal, scale, dlse=None):
+def _kernel_backward(call: _Call, q, k, v, o, lse, do, dlse=None):
     """fp32 (dq, dk, dv) given the final o and lse; a gradient for lse goes through the math path."""
-    if backend == "math" or dlse is not None:
-        return attention_backward_math(q, k, v, o, lse, do, causal, scale, dlse)
-    skip = empty_query_rows(q.shape[1], k.shape[1], causal)
+    if call.backend == "math" or call.backend == "naive" or dlse is not None:
+        return attention_backward_math(q, k, v, o, lse, do, call.causal, call.scale, dlse, call.spec)
+    skip = empty_query_rows(q.shape[1], k.shape[1], call.causal)
     dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
     if skip == q.shape[1]:
         return dq, torch.zeros_like(k, dtype=torch.float32), torch.zeros_like(v, dtype=torch.float32)
-    backward = gpu.flash_attn_backward if backend == "flash_attn" else gpu.sdpa_backward
+    backward = gpu.KERNELS[call.backend][1]
     rows = slice(skip, None)
-    dq_rows, dk, dv = backward(q[:, rows], k, v, o[:, rows], lse[..., rows], do[:, rows].to(q.dtype), causal, scale)
+    dq_rows, dk, dv = backward(
+        q[:, rows].contiguous(), k.contiguous(), v.contiguous(), o[:, rows].to(q.dtype).contiguous(),
+        lse[..., rows].float().contiguous(), do[:, rows].to(q.dtype).contiguous(), call.causal, call.scale,
+        call.window, call.documents,
+    )
     dq[:, rows] = dq_rows.float()
     return dq, dk.float(), dv.float()
 
 
 class _AttentionFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, causal, scale, backend):
-        output, lse = _kernel_forward(backend, q, k, v, causal, scale)
+    def forward(ctx, q, k, v, call):
+        output, lse = _kernel_forward(call, q, k, v)
         ctx.save_for_backward(q, k, v, output, lse)
-        ctx.causal, ctx.scale, ctx.backend = causal, scale, backend
+        ctx.call = call
         ctx.set_materialize_grads(False)  # lets backward tell "lse unused" (None) from a zero gradient
         return output, lse
 
@@ -130,8 +208,8 @@ class _AttentionFunction(torch.autograd.Function):
         q, k, v, output, lse = ctx.saved_tensors
         if d_output is None:
             d_output = torch.zeros_like(output)
-        dq, dk, dv = _kernel_backward(ctx.backend, q, k, v, output, lse, d_output, ctx.causal, ctx.scale, d_lse)
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None
+        dq, dk, dv = _kernel_backward(ctx.call, q, k, v, output, lse, d_output, d_lse)
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None
 
 
 def attention(
@@ -140,33 +218,41 @@ def attention(
     v: torch.Tensor,
     *,
     causal: bool = True,
+    window: int | None = None,
+    cu_seqlens: torch.Tensor | None = None,
+    max_seqlen: int | None = None,
     scale: float | None = None,
     return_lse: bool = False,
     backend: str = "auto",
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """Softmax attention with GQA and bottom-right-aligned causal masking.
+    """Softmax attention with GQA, bottom-right-aligned causal masking, a sliding window and packed documents.
 
     Args:
         q: [B, Tq, H, D]; k, v: [B, Tk, H_kv, D] with H % H_kv == 0 (query head h uses kv head h // (H / H_kv)).
             float16 / bfloat16 / float32 (float64 for "math" / "naive").
         causal: query i sees key j iff j <= i + (Tk - Tq) (bottom-right aligned, as flash-attn >= 2.1).
             Rows that see no key (Tq > Tk) give o = 0 and lse = -inf, with zero gradients.
+        window: w >= 1 keeps only keys i + (Tk - Tq) - w < j <= i + (Tk - Tq) (needs causal=True);
+            None: no window. Never builds a Tq x Tk mask (flash kernels skip, the math path bands).
+        cu_seqlens: int [N + 1] document offsets into the B·T tokens flattened row-major, containing 0, B·T
+            and every row start (needs Tq == Tk): a query sees only keys of its own document (combined with
+            causal and window). lse keeps the [B, H, Tq] layout.
+        max_seqlen: the longest document, if known; spares fused kernels a host sync to find it.
         scale: softmax scale, default D ** -0.5.
         return_lse: also return lse = log Σ_j exp(scale · q_i · k_j), fp32 [B, H, Tq] (float64 for float64
             inputs). Differentiable (a gradient of lse is computed by the math backward on any device).
-        backend: "auto" (forceable with force_backend), "flash_attn", "sdpa", "math" or "naive".
+        backend: "auto" (forceable with force_backend or SPINDLE_ATTN_BACKEND), "flash_attn3", "flash_attn",
+            "sdpa", "sdpa_efficient", "math" or "naive".
 
     Returns:
         o [B, Tq, H, D] in the dtype of q, or (o, lse).
     """
     _check_inputs(q, k, v)
-    if scale is None:
-        scale = q.shape[-1] ** -0.5
-    chosen = resolve_backend(backend, q)
-    if chosen == "naive":
-        output, lse = attention_naive(q, k, v, bool(causal), float(scale))
+    call = _Call(q, k, causal, scale, window, cu_seqlens, max_seqlen, backend)
+    if call.backend == "naive":
+        output, lse = attention_naive(q, k, v, call.causal, call.scale, call.spec)
     else:
-        output, lse = _AttentionFunction.apply(q, k, v, bool(causal), float(scale), chosen)
+        output, lse = _AttentionFunction.apply(q, k, v, call)
     return (output, lse) if return_lse else output
 
 
@@ -176,6 +262,9 @@ def attention_forward(
     v: torch.Tensor,
     *,
     causal: bool = True,
+    window: int | None = None,
+    cu_seqlens: torch.Tensor | None = None,
+    max_seqlen: int | None = None,
     scale: float | None = None,
     backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -184,13 +273,11 @@ def attention_forward(
     Same semantics as attention(..., return_lse=True); pair it with attention_backward.
     """
     _check_inputs(q, k, v)
-    if scale is None:
-        scale = q.shape[-1] ** -0.5
-    chosen = resolve_backend(backend, q)
+    call = _Call(q, k, causal, scale, window, cu_seqlens, max_seqlen, backend)
     with torch.no_grad():
-        if chosen == "naive":
-            return attention_naive(q, k, v, bool(causal), float(scale))
-        return _kernel_forward(chosen, q, k, v, bool(causal), float(scale))
+        if call.backend == "naive":
+            return attention_naive(q, k, v, call.causal, call.scale, call.spec)
+        return _kernel_forward(call, q, k, v)
 
 
 def attention_backward(
@@ -202,6 +289,9 @@ def attention_backward(
     do: torch.Tensor,
     *,
     causal: bool = True,
+    window: int | None = None,
+    cu_seqlens: torch.Tensor | None = None,
+    max_seqlen: int | None = None,
     scale: float | None = None,
     dlse: torch.Tensor | None = None,
     backend: str = "auto",
@@ -210,13 +300,9 @@ def attention_backward(
 
     Ring and all-gather attention pass the final merged o and lse of the full attention: then
     P = exp(scale·QKᵀ − lse) and D = rowsum(dO ⊙ o) are the global ones and the per-block gradients
-    sum to the exact total (ALGORITHMS.md §3). Returned in fp32 (float64 for float64 inputs), ready
+    sum to the exact total (docs/algorithms.md). Returned in fp32 (float64 for float64 inputs), ready
     for accumulation; dk, dv have the kv-head shape of k, v.
     """
     _check_inputs(q, k, v)
-    if scale is None:
-        scale = q.shape[-1] ** -0.5
-    chosen = resolve_backend(backend, q)
-    if chosen == "naive":
-        chosen = "math"
-    return _kernel_backward(chosen, q, k, v, o, lse, do, bool(causal), float(scale), dlse)
+    call = _Call(q, k, causal, scale, window, cu_seqlens, max_seqlen, backend)
+    return _kernel_backward(call, q, k, v, o, lse, do, dlse)

@@ -1,4 +1,5 @@
-"""Dense reference for softmax attention with GQA and bottom-right-aligned causal masking.
+"""Dense reference for softmax attention with GQA, bottom-right-aligned causal masking, a sliding window
+and document masks.
 
 Materializes the full [B, H, Tq, Tk] score matrix: a readable oracle for small shapes only.
 Differentiable through autograd (gradients of o and of lse).
@@ -7,6 +8,8 @@ Differentiable through autograd (gradients of o and of lse).
 from __future__ import annotations
 
 import torch
+
+from .masks import MaskSpec, dense_mask
 
 
 def causal_mask(query_length: int, key_length: int, device: torch.device) -> torch.Tensor:
@@ -17,12 +20,13 @@ def causal_mask(query_length: int, key_length: int, device: torch.device) -> tor
 
 
 def attention_naive(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float, spec: MaskSpec | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """q: [B, Tq, H, D]; k, v: [B, Tk, H_kv, D]. Returns o [B, Tq, H, D] and lse [B, H, Tq].
 
-    Rows that see no key (causal with Tq > Tk, or Tk = 0) get o = 0 and lse = -inf.
+    `spec` (window, documents) overrides `causal` when given. Rows that see no key get o = 0, lse = -inf.
     """
+    spec = spec if spec is not None else MaskSpec(causal)
     compute_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     groups = q.shape[2] // k.shape[2]
     # [B, T, H, D] -> [B, H, T, D], with each kv head repeated for its group of query heads
@@ -30,8 +34,9 @@ def attention_naive(
     kh = k.to(compute_dtype).transpose(1, 2).repeat_interleave(groups, dim=1)
     vh = v.to(compute_dtype).transpose(1, 2).repeat_interleave(groups, dim=1)
     scores = scale * qh @ kh.transpose(-1, -2)  # [B, H, Tq, Tk]
-    if causal:
-        scores = scores.masked_fill(~causal_mask(q.shape[1], k.shape[1], q.device), float("-inf"))
+    mask = dense_mask(spec, q.shape[1], k.shape[1], q.device)
+    if mask is not None:
+        scores = scores.masked_fill(~mask[:, None], float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)  # -inf on empty rows
     finite_lse = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
     probabilities = torch.exp(scores - finite_lse[..., None])  # exactly 0 on masked entries
