@@ -1,238 +1,359 @@
-"""Triton kernels for chunked linear attention with decay (Lightning Attention-2 style), forward and backward.
+"""Triton kernels for chunk-parallel linear attention with decay (docs/algorithms.md, linear attention).
 
-Per (batch, head), blocks of BT tokens are walked in order while an fp32 state lives on chip:
-  forward  (grid: batch·heads × value-dim blocks), state S[:, v-block]:
-      o   = scale · [((Q Kᵀ) ⊙ D) V + exp(G) ⊙ (Q S)]          S ← exp(G_C) S + (K ⊙ exp(G_C − G))ᵀ V
-  dq       (grid: batch·heads × key-dim blocks), forward sweep rebuilding S[k-block, :]:
-      dQ  = scale · [((dO Vᵀ) ⊙ D) K + exp(G) ⊙ (dO Sᵀ)]
-  dk, dv   (grid: batch·heads × key- or value-dim blocks), reverse sweep carrying dS (starts at the final
-           state's gradient, ends as the initial state's gradient):
-      dK  = scale · ((dO Vᵀ) ⊙ D)ᵀ Q + exp(G_C − G) ⊙ (V dSᵀ)
-      dV  = scale · ((Q Kᵀ) ⊙ D)ᵀ dO + exp(G_C − G) ⊙ (K dS)   dS ← exp(G_C) dS + scale (Q ⊙ exp(G))ᵀ dO
-G is the inclusive cumulative log-decay inside a block (precomputed in PyTorch, padded with g = 0 so the
-tail block needs no special case), D_ij = exp(G_i − G_j) for j <= i.
+The sequence of every (batch, head) is cut into chunks of BT tokens. Only the d_k × d_v state chain is
+serial; everything quadratic in the chunk runs with one program per chunk:
 
-Log-decay gradient: with q̃ = q·exp(G), k̃ = k·exp(−G) the output depends on G only through q̃·k̃, so
-∂L/∂G_t = q_t·dq_t − k_t·dk_t, reverse-cumulated over t. Two parts of that difference are large and
-cancel exactly, which in fp32 would swamp the small gradient of a strong decay: the intra diagonal
-scale·(q_t·k_t)(do_t·v_t), present in both terms, and the last tokens' share of the final state. So the
-kernels leave the diagonal out of the per-token sums they store (adding it to dq, dk separately), and
-the final state's share is computed outside the sweep as a prefix sum (_final_state_gradients).
+forward
+  _chunk_states_kernel   grid (Dk blocks, Dv blocks, B·H), serial over chunks: writes the state
+                         entering every chunk, h[n], and the final state.
+  _chunk_output_kernel   grid (Dv blocks, chunks, B·H): o = scale·[(e^G ⊙ Q) h[n] + ((Q Kᵀ) ⊙ D) V]
+backward
+  _chunk_state_grads_kernel  grid (Dk blocks, Dv blocks, B·H), serial over chunks in reverse: writes
+                         dh[n] = ∂L/∂(state leaving chunk n) and the initial state's gradient.
+  _chunk_dqk_kernel      grid (Dk blocks, chunks, B·H): dq, dk and the log-decay gradient.
+  _chunk_dv_kernel       grid (Dv blocks, chunks, B·H): dv.
 
-Head dims are padded to powers of two inside the kernels with masks; sequence tails are masked.
-fp32 inputs use IEEE fp32 dots (no TF32: the state chain accumulates error); bf16/fp16 inputs use
-tensor-core dots with fp32 accumulation, with the state kept in fp32 and rounded only as a dot operand.
+Inside a chunk G_i is the inclusive cumulative log-decay (chunk-local, so magnitudes stay small), D_ij =
+e^{G_i − G_j} for j ≤ i and the keys enter the outgoing state with e^{G_C − G_i}, G_C − G_i taken as the
+exclusive suffix sum Σ_{u>i} g_u. A constant per-head decay is its own path: G_i = (i+1)·g from the
+position, differences (i − j)·g, no [B, T, H] tensor anywhere. The tail chunk is padded with g = 0 and
+zero q, k, v, so padding neither adds to nor decays the state.
+
+Log-decay gradient, per token t of chunk n (derivation in kernels/linear_attn/README.md):
+  dg_t = Σ_{i≥t} [q_i·dq_i − k_i·dk_i]_intra,inter-query + Σ_{i<t} k_i·dk_i^state + e^{G_C}⟨dh[n], h[n]⟩
+with the diagonal of the intra term left out (it cancels exactly) and the keys' share of the
+outgoing state as a prefix sum, so no two large terms cancel in fp32 under strong decay.
+
+fp32 inputs use IEEE fp32 dots (no TF32: the state chain accumulates error); fp16/bf16 inputs use
+tensor-core dots with fp32 accumulation; states are fp32. Head dims up to 256, padded to power-of-two
+blocks with masks. Under TRITON_INTERPRET=1 the kernels run on CPU tensors with one fixed config.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
 import triton.language as tl
 
+DEFAULT_CHUNK_SIZE = 64  # tokens per chunk; tests lower it so short sequences span several chunks
+NO_DECAY, CONSTANT_DECAY, TOKEN_DECAY = 0, 1, 2
+_INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _autotune(configs: list[triton.Config], key: list[str]):
+    """triton.autotune, with only the first config under the interpreter (no benchmarking on CPU)."""
+    return triton.autotune(configs=configs[:1] if _INTERPRETING else configs, key=key)
+
+
+def _configs(blocks: list[dict], warps=(4, 8), stages=(2, 3)) -> list[triton.Config]:
+    """Every combination of block sizes × warps × stages; the first entry is the interpreter's."""
+    return [triton.Config(dict(block), num_warps=w, num_stages=s) for block in blocks for w in warps for s in stages]
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+
 
 @triton.jit
-def _load_block(base, row_stride, start, length, columns, column_limit, BT: tl.constexpr):
-    """[BT, len(columns)] tile of a [T, heads·dim] row-major slab; rows >= length and padded columns read 0."""
+def _chunk_decay(g, batch, head, heads, length, start, DECAY: tl.constexpr, BT: tl.constexpr):
+    """(G [BT], key_log [BT], last): inclusive chunk-local cumulative log-decay, log of the keys' factor
+    into the outgoing state (Σ_{u>i} g_u, exact suffix), and G_C. Padded rows carry g = 0."""
+    offsets = tl.arange(0, BT)
+    if DECAY == 1:
+        rate = tl.load(g + head).to(tl.float32)
+        valid = tl.minimum(length - start, BT)
+        steps = tl.minimum(offsets + 1, valid).to(tl.float32)
+        cumulative = steps * rate
+        key_log = (valid - steps) * rate
+        last = valid.to(tl.float32) * rate
+    elif DECAY == 2:
+        rows = start + offsets
+        token = tl.load(g + ((batch * length + rows) * heads + head), mask=rows < length, other=0.0).to(tl.float32)
+        cumulative = tl.cumsum(token, 0)
+        key_log = tl.sum(tl.where(offsets[None, :] > offsets[:, None], token[None, :], 0.0), axis=1)
+        last = tl.min(cumulative, 0)  # g <= 0: the cumulative sum only falls, so its minimum is G_C
+    else:
+        cumulative = tl.zeros([BT], dtype=tl.float32)
+        key_log = tl.zeros([BT], dtype=tl.float32)
+        last = 0.0
+    return cumulative, key_log, last
+
+
+@triton.jit
+def _intra_weights(g, head, length, start, cumulative, DECAY: tl.constexpr, BT: tl.constexpr, STRICT: tl.constexpr):
+    """[BT, BT] weights D_ij = e^{G_i − G_j} on j <= i (j < i with STRICT), 0 elsewhere."""
+    offsets = tl.arange(0, BT)
+    if STRICT:
+        causal = offsets[:, None] > offsets[None, :]
+    else:
+        causal = offsets[:, None] >= offsets[None, :]
+    if DECAY == 1:
+        rate = tl.load(g + head).to(tl.float32)
+        valid = tl.minimum(length - start, BT)
+        steps = tl.minimum(offsets + 1, valid).to(tl.float32)
+        difference = (steps[:, None] - steps[None, :]) * rate  # exact: no difference of two large sums
+    else:
+        difference = cumulative[:, None] - cumulative[None, :]
+    if DECAY == 0:
+        return tl.where(causal, 1.0, 0.0)
+    # masked before exp: above the diagonal the differences are positive and could overflow
+    return tl.exp(tl.where(causal, difference, float("-inf")))
+
+
+@triton.jit
+def _load_tile(base, row_stride, start, length, columns, column_limit, BT: tl.constexpr):
+    """[BT, len(columns)] tile of a [T, heads·dim] slab; rows >= length and padded columns read 0."""
     rows = (start + tl.arange(0, BT)).to(tl.int64)
     mask = (rows[:, None] < length) & (columns[None, :] < column_limit)
     return tl.load(base + rows[:, None] * row_stride + columns[None, :], mask=mask, other=0.0)
 
 
 @triton.jit
-def _store_block(base, row_stride, start, length, columns, column_limit, value, BT: tl.constexpr):
+def _store_tile(base, row_stride, start, length, columns, column_limit, value, BT: tl.constexpr):
     rows = (start + tl.arange(0, BT)).to(tl.int64)
     mask = (rows[:, None] < length) & (columns[None, :] < column_limit)
     tl.store(base + rows[:, None] * row_stride + columns[None, :], value.to(base.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _decay_terms(cumulative_base, start, HAS_DECAY: tl.constexpr, BT: tl.constexpr, STRICT: tl.constexpr):
-    """Block decays: intra weights D [BT, BT], query factor exp(G) [BT], key factor exp(G_C − G) [BT], exp(G_C).
-
-    STRICT leaves the diagonal out of D (the caller adds it separately)."""
-    offsets = tl.arange(0, BT)
-    if STRICT:
-        causal = offsets[:, None] > offsets[None, :]
-    else:
-        causal = offsets[:, None] >= offsets[None, :]
-    if HAS_DECAY:
-        cumulative = tl.load(cumulative_base + start + offsets)
-        last = tl.load(cumulative_base + start + BT - 1)
-        # differences are <= 0 where j <= i; mask before exp so nothing overflows
-        intra = tl.exp(tl.where(causal, cumulative[:, None] - cumulative[None, :], float("-inf")))
-        return intra, tl.exp(cumulative), tl.exp(last - cumulative), tl.exp(last)
-    ones = tl.full([BT], 1.0, tl.float32)
-    return tl.where(causal, 1.0, 0.0), ones, ones, 1.0
+def _state_tile(key_columns, value_columns, DK: tl.constexpr, DV: tl.constexpr):
+    """Offsets and mask of a [BK, BV] tile of one row-major [DK, DV] state."""
+    offsets = key_columns[:, None] * DV + value_columns[None, :]
+    return offsets, (key_columns[:, None] < DK) & (value_columns[None, :] < DV)
 
 
+# ----------------------------------------------------------------------------------------------- forward
+
+
+@_autotune(_configs([dict(BK=64, BV=64), dict(BK=32, BV=64), dict(BK=64, BV=32), dict(BK=128, BV=64)]),
+           key=["DK", "DV", "BT", "DECAY"])
 @triton.jit
-def _forward_kernel(
-    q, k, v, cumulative_decay, initial_state, output, final_state,
-    length, heads, scale,
-    HAS_DECAY: tl.constexpr, HAS_INITIAL: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
-    BKF: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr, PRECISION: tl.constexpr,
+def _chunk_states_kernel(
+    k, v, g, initial_state, states, final_state, length, heads, num_chunks,
+    DECAY: tl.constexpr, HAS_INITIAL: tl.constexpr, STORE_FINAL: tl.constexpr,
+    DK: tl.constexpr, DV: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
-    # int64: offsets exceed 2^31 at a million tokens
-    batch_head, value_block = tl.program_id(0).to(tl.int64), tl.program_id(1)
+    key_block, value_block, batch_head = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     batch, head = batch_head // heads, batch_head % heads
-    key_columns = tl.arange(0, BKF)
+    key_columns = key_block * BK + tl.arange(0, BK)
+    value_columns = value_block * BV + tl.arange(0, BV)
+    k_base = k + batch * length * heads * DK + head * DK  # int64 offsets: > 2^31 at a million tokens
+    v_base = v + batch * length * heads * DV + head * DV
+    state_offsets, state_mask = _state_tile(key_columns, value_columns, DK, DV)
+    if HAS_INITIAL:
+        state = tl.load(initial_state + batch_head * DK * DV + state_offsets, mask=state_mask, other=0.0)
+        state = state.to(tl.float32)
+    else:
+        state = tl.zeros([BK, BV], dtype=tl.float32)
+    for chunk in range(num_chunks):
+        start = chunk * BT
+        tl.store(states + (batch_head * num_chunks + chunk) * DK * DV + state_offsets, state, mask=state_mask)
+        k_tile = _load_tile(k_base, heads * DK, start, length, key_columns, DK, BT)
+        v_tile = _load_tile(v_base, heads * DV, start, length, value_columns, DV, BT)
+        _, key_log, last = _chunk_decay(g, batch, head, heads, length, start, DECAY, BT)
+        if DECAY != 0:
+            k_tile = (k_tile.to(tl.float32) * tl.exp(key_log)[:, None]).to(v_tile.dtype)
+            state = state * tl.exp(last)
+        state += tl.dot(tl.trans(k_tile), v_tile, input_precision=PRECISION)
+    if STORE_FINAL:
+        tl.store(final_state + batch_head * DK * DV + state_offsets, state, mask=state_mask)
+
+
+@_autotune(_configs([dict(BK=64, BV=64), dict(BK=64, BV=128), dict(BK=128, BV=64), dict(BK=32, BV=64)]),
+           key=["DK", "DV", "BT", "DECAY"])
+@triton.jit
+def _chunk_output_kernel(
+    q, k, v, g, states, output, length, heads, num_chunks, scale,
+    DECAY: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+    BV: tl.constexpr, PRECISION: tl.constexpr,
+):
+    value_block, chunk, batch_head = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
+    batch, head = batch_head // heads, batch_head % heads
+    start = chunk * BT
     value_columns = value_block * BV + tl.arange(0, BV)
     q_base = q + batch * length * heads * DK + head * DK
     k_base = k + batch * length * heads * DK + head * DK
     v_base = v + batch * length * heads * DV + head * DV
-    o_base = output + batch * length * heads * DV + head * DV
-    g_base = cumulative_decay + batch_head * tl.cdiv(length, BT) * BT
-    state_offsets = batch_head * DK * DV + key_columns[:, None] * DV + value_columns[None, :]
-    state_mask = (key_columns[:, None] < DK) & (value_columns[None, :] < DV)
-    if HAS_INITIAL:
-        state = tl.load(initial_state + state_offsets, mask=state_mask, other=0.0).to(tl.float32)
-    else:
-        state = tl.zeros([BKF, BV], dtype=tl.float32)
-    for start in range(0, length, BT):
-        q_block = _load_block(q_base, heads * DK, start, length, key_columns, DK, BT)
-        k_block = _load_block(k_base, heads * DK, start, length, key_columns, DK, BT)
-        v_block = _load_block(v_base, heads * DV, start, length, value_columns, DV, BT)
-        intra, query_decay, key_decay, block_decay = _decay_terms(g_base, start, HAS_DECAY, BT, False)
-        scores = tl.dot(q_block, tl.trans(k_block), input_precision=PRECISION) * intra
-        result = tl.dot(scores.to(v_block.dtype), v_block, input_precision=PRECISION)
-        inter = tl.dot(q_block, state.to(q_block.dtype), input_precision=PRECISION)
-        result += query_decay[:, None] * inter
-        _store_block(o_base, heads * DV, start, length, value_columns, DV, result * scale, BT)
-        decayed_keys = (k_block.to(tl.float32) * key_decay[:, None]).to(k_block.dtype)
-        state = state * block_decay + tl.dot(tl.trans(decayed_keys), v_block, input_precision=PRECISION)
-    tl.store(final_state + state_offsets, state, mask=state_mask)
+    state_base = states + (batch_head * num_chunks + chunk) * DK * DV
+    inter = tl.zeros([BT, BV], dtype=tl.float32)
+    scores = tl.zeros([BT, BT], dtype=tl.float32)
+    for key_block in range(tl.cdiv(DK, BK)):
+        key_columns = key_block * BK + tl.arange(0, BK)
+        q_tile = _load_tile(q_base, heads * DK, start, length, key_columns, DK, BT)
+        k_tile = _load_tile(k_base, heads * DK, start, length, key_columns, DK, BT)
+        state_offsets, state_mask = _state_tile(key_columns, value_columns, DK, DV)
+        state = tl.load(state_base + state_offsets, mask=state_mask, other=0.0)
+        inter += tl.dot(q_tile, state.to(q_tile.dtype), input_precision=PRECISION)
+        scores += tl.dot(q_tile, tl.trans(k_tile), input_precision=PRECISION)
+    cumulative, _, _ = _chunk_decay(g, batch, head, heads, length, start, DECAY, BT)
+    if DECAY != 0:
+        inter = inter * tl.exp(cumulative)[:, None]
+    scores = scores * _intra_weights(g, head, length, start, cumulative, DECAY, BT, False)
+    v_tile = _load_tile(v_base, heads * DV, start, length, value_columns, DV, BT)
+    result = (inter + tl.dot(scores.to(v_tile.dtype), v_tile, input_precision=PRECISION)) * scale
+    _store_tile(output + batch * length * heads * DV + head * DV, heads * DV, start, length, value_columns, DV,
+                result, BT)
 
 
+# ----------------------------------------------------------------------------------------------- backward
+
+
+@_autotune(_configs([dict(BK=64, BV=64), dict(BK=32, BV=64), dict(BK=64, BV=32), dict(BK=128, BV=64)]),
+           key=["DK", "DV", "BT", "DECAY"])
 @triton.jit
-def _dq_kernel(
-    q, k, v, grad_output, cumulative_decay, initial_state, grad_q, grad_cumulative_q,
-    length, heads, scale,
-    HAS_DECAY: tl.constexpr, HAS_INITIAL: tl.constexpr, DECAY_GRAD: tl.constexpr, DK: tl.constexpr,
-    DV: tl.constexpr, BK: tl.constexpr, BVF: tl.constexpr, BT: tl.constexpr, PRECISION: tl.constexpr,
-):
-    """dQ by a forward sweep rebuilding S[key block, :]. DECAY_GRAD also stores Σ_d q ⊙ (dQ without its
-    diagonal term scale·(do_i·v_i)·k_i) for this key block."""
-    # int64: offsets exceed 2^31 at a million tokens
-    batch_head, key_block = tl.program_id(0).to(tl.int64), tl.program_id(1)
-    batch, head = batch_head // heads, batch_head % heads
-    key_columns = key_block * BK + tl.arange(0, BK)
-    value_columns = tl.arange(0, BVF)
-    q_base = q + batch * length * heads * DK + head * DK
-    k_base = k + batch * length * heads * DK + head * DK
-    v_base = v + batch * length * heads * DV + head * DV
-    do_base = grad_output + batch * length * heads * DV + head * DV
-    dq_base = grad_q + batch * length * heads * DK + head * DK
-    g_base = cumulative_decay + batch_head * tl.cdiv(length, BT) * BT
-    partial_base = grad_cumulative_q + (key_block * tl.num_programs(0) + batch_head) * length
-    state_offsets = batch_head * DK * DV + key_columns[:, None] * DV + value_columns[None, :]
-    state_mask = (key_columns[:, None] < DK) & (value_columns[None, :] < DV)
-    if HAS_INITIAL:
-        state = tl.load(initial_state + state_offsets, mask=state_mask, other=0.0).to(tl.float32)
-    else:
-        state = tl.zeros([BK, BVF], dtype=tl.float32)
-    for start in range(0, length, BT):
-        k_block = _load_block(k_base, heads * DK, start, length, key_columns, DK, BT)
-        v_block = _load_block(v_base, heads * DV, start, length, value_columns, DV, BT)
-        do_block = _load_block(do_base, heads * DV, start, length, value_columns, DV, BT)
-        intra, query_decay, key_decay, block_decay = _decay_terms(g_base, start, HAS_DECAY, BT, True)
-        d_scores = tl.dot(do_block, tl.trans(v_block), input_precision=PRECISION) * intra
-        result = tl.dot(d_scores.to(k_block.dtype), k_block, input_precision=PRECISION)
-        inter = tl.dot(do_block, tl.trans(state.to(do_block.dtype)), input_precision=PRECISION)
-        result = (result + query_decay[:, None] * inter) * scale
-        if DECAY_GRAD:
-            q_block = _load_block(q_base, heads * DK, start, length, key_columns, DK, BT)
-            rows = start + tl.arange(0, BT)
-            tl.store(partial_base + rows, tl.sum(q_block.to(tl.float32) * result, axis=1), mask=rows < length)
-        diagonal = tl.sum(do_block.to(tl.float32) * v_block.to(tl.float32), axis=1) * scale
-        result += diagonal[:, None] * k_block.to(tl.float32)
-        _store_block(dq_base, heads * DK, start, length, key_columns, DK, result, BT)
-        decayed_keys = (k_block.to(tl.float32) * key_decay[:, None]).to(k_block.dtype)
-        state = state * block_decay + tl.dot(tl.trans(decayed_keys), v_block, input_precision=PRECISION)
-
-
-@triton.jit
-def _dkv_kernel(
-    q, k, v, grad_output, cumulative_decay, grad_final_state, grad_key_or_value, grad_initial_state,
-    grad_cumulative_k, length, heads, scale,
-    COMPUTE_DK: tl.constexpr, HAS_DECAY: tl.constexpr, HAS_GRAD_FINAL: tl.constexpr, DECAY_GRAD: tl.constexpr,
-    DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr,
+def _chunk_state_grads_kernel(
+    q, grad_output, g, grad_final_state, grad_states, grad_initial_state, length, heads, num_chunks, scale,
+    DECAY: tl.constexpr, HAS_GRAD_FINAL: tl.constexpr, STORE_INITIAL: tl.constexpr,
+    DK: tl.constexpr, DV: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    """Reverse sweep carrying dS. COMPUTE_DK: key-dim blocks (BK) × the full value dim (BV), writes dK (and,
-    with DECAY_GRAD, Σ_d k ⊙ (dK without its diagonal term scale·(do_j·v_j)·q_j)); otherwise the full key
-    dim × value-dim blocks, writes dV and the initial state's gradient."""
-    # int64: offsets exceed 2^31 at a million tokens
-    batch_head, block = tl.program_id(0).to(tl.int64), tl.program_id(1)
+    key_block, value_block, batch_head = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     batch, head = batch_head // heads, batch_head % heads
-    if COMPUTE_DK:
-        key_columns = block * BK + tl.arange(0, BK)
-        value_columns = tl.arange(0, BV)
+    key_columns = key_block * BK + tl.arange(0, BK)
+    value_columns = value_block * BV + tl.arange(0, BV)
+    q_base = q + batch * length * heads * DK + head * DK
+    do_base = grad_output + batch * length * heads * DV + head * DV
+    state_offsets, state_mask = _state_tile(key_columns, value_columns, DK, DV)
+    if HAS_GRAD_FINAL:
+        d_state = tl.load(grad_final_state + batch_head * DK * DV + state_offsets, mask=state_mask, other=0.0)
+        d_state = d_state.to(tl.float32)
     else:
-        key_columns = tl.arange(0, BK)
-        value_columns = block * BV + tl.arange(0, BV)
+        d_state = tl.zeros([BK, BV], dtype=tl.float32)
+    for reverse in range(num_chunks):
+        chunk = num_chunks - 1 - reverse
+        start = chunk * BT
+        # dh[n]: the gradient of the state leaving chunk n (from every later output and the final state)
+        tl.store(grad_states + (batch_head * num_chunks + chunk) * DK * DV + state_offsets, d_state, mask=state_mask)
+        q_tile = _load_tile(q_base, heads * DK, start, length, key_columns, DK, BT)
+        do_tile = _load_tile(do_base, heads * DV, start, length, value_columns, DV, BT)
+        cumulative, _, last = _chunk_decay(g, batch, head, heads, length, start, DECAY, BT)
+        q_tile = q_tile.to(tl.float32) * scale
+        if DECAY != 0:
+            q_tile = q_tile * tl.exp(cumulative)[:, None]
+            d_state = d_state * tl.exp(last)
+        d_state += tl.dot(tl.trans(q_tile.to(do_tile.dtype)), do_tile, input_precision=PRECISION)
+    if STORE_INITIAL:
+        tl.store(grad_initial_state + batch_head * DK * DV + state_offsets, d_state, mask=state_mask)
+
+
+@_autotune(_configs([dict(BV=64), dict(BV=128), dict(BV=32)]), key=["DK", "DV", "BT", "DECAY", "BK"])
+@triton.jit
+def _chunk_dqk_kernel(
+    q, k, v, grad_output, g, states, grad_states, grad_q, grad_k, grad_decay_partial,
+    length, heads, num_chunks, scale,
+    DECAY: tl.constexpr, DECAY_GRAD: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BT: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """dq, dk for one key block of one chunk; with DECAY_GRAD also this key block's share of dg: per token
+    ([key blocks, B, T, H]) for a per-token decay, summed over the chunk ([key blocks, B·H, chunks]) for
+    a constant one."""
+    key_block, chunk, batch_head = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
+    batch, head = batch_head // heads, batch_head % heads
+    start = chunk * BT
+    key_columns = key_block * BK + tl.arange(0, BK)
     q_base = q + batch * length * heads * DK + head * DK
     k_base = k + batch * length * heads * DK + head * DK
     v_base = v + batch * length * heads * DV + head * DV
     do_base = grad_output + batch * length * heads * DV + head * DV
-    g_base = cumulative_decay + batch_head * tl.cdiv(length, BT) * BT
-    partial_base = grad_cumulative_k + (block * tl.num_programs(0) + batch_head) * length
-    state_offsets = batch_head * DK * DV + key_columns[:, None] * DV + value_columns[None, :]
-    state_mask = (key_columns[:, None] < DK) & (value_columns[None, :] < DV)
-    if HAS_GRAD_FINAL:
-        d_state = tl.load(grad_final_state + state_offsets, mask=state_mask, other=0.0).to(tl.float32)
-    else:
-        d_state = tl.zeros([BK, BV], dtype=tl.float32)
-    num_blocks = tl.cdiv(length, BT)
-    for reverse_index in range(0, num_blocks):
-        start = (num_blocks - 1 - reverse_index) * BT
-        q_block = _load_block(q_base, heads * DK, start, length, key_columns, DK, BT)
-        do_block = _load_block(do_base, heads * DV, start, length, value_columns, DV, BT)
-        intra, query_decay, key_decay, block_decay = _decay_terms(g_base, start, HAS_DECAY, BT, COMPUTE_DK)
-        if COMPUTE_DK:
-            v_block = _load_block(v_base, heads * DV, start, length, value_columns, DV, BT)
-            d_scores = tl.dot(do_block, tl.trans(v_block), input_precision=PRECISION) * intra
-            result = tl.dot(tl.trans(d_scores.to(q_block.dtype)), q_block, input_precision=PRECISION) * scale
-            inter = tl.dot(v_block, tl.trans(d_state.to(v_block.dtype)), input_precision=PRECISION)
-            result += key_decay[:, None] * inter
-            if DECAY_GRAD:
-                k_block = _load_block(k_base, heads * DK, start, length, key_columns, DK, BT)
-                rows = start + tl.arange(0, BT)
-                tl.store(partial_base + rows, tl.sum(k_block.to(tl.float32) * result, axis=1), mask=rows < length)
-            diagonal = tl.sum(do_block.to(tl.float32) * v_block.to(tl.float32), axis=1) * scale
-            result += diagonal[:, None] * q_block.to(tl.float32)
-            _store_block(grad_key_or_value + batch * length * heads * DK + head * DK, heads * DK, start, length,
-                         key_columns, DK, result, BT)
+    state_base = states + (batch_head * num_chunks + chunk) * DK * DV
+    grad_state_base = grad_states + (batch_head * num_chunks + chunk) * DK * DV
+    query_inter = tl.zeros([BT, BK], dtype=tl.float32)  # do h[n]ᵀ
+    key_inter = tl.zeros([BT, BK], dtype=tl.float32)  # v dh[n]ᵀ
+    d_scores = tl.zeros([BT, BT], dtype=tl.float32)  # do vᵀ
+    state_product = tl.zeros([BK, BV], dtype=tl.float32)  # h[n] ⊙ dh[n], summed to ⟨h[n], dh[n]⟩ below
+    for value_block in range(tl.cdiv(DV, BV)):
+        value_columns = value_block * BV + tl.arange(0, BV)
+        v_tile = _load_tile(v_base, heads * DV, start, length, value_columns, DV, BT)
+        do_tile = _load_tile(do_base, heads * DV, start, length, value_columns, DV, BT)
+        state_offsets, state_mask = _state_tile(key_columns, value_columns, DK, DV)
+        state = tl.load(state_base + state_offsets, mask=state_mask, other=0.0)
+        grad_state = tl.load(grad_state_base + state_offsets, mask=state_mask, other=0.0)
+        query_inter += tl.dot(do_tile, tl.trans(state.to(do_tile.dtype)), input_precision=PRECISION)
+        key_inter += tl.dot(v_tile, tl.trans(grad_state.to(v_tile.dtype)), input_precision=PRECISION)
+        d_scores += tl.dot(do_tile, tl.trans(v_tile), input_precision=PRECISION)
+        if DECAY_GRAD:
+            state_product += state * grad_state
+    q_tile = _load_tile(q_base, heads * DK, start, length, key_columns, DK, BT)
+    k_tile = _load_tile(k_base, heads * DK, start, length, key_columns, DK, BT)
+    cumulative, key_log, last = _chunk_decay(g, batch, head, heads, length, start, DECAY, BT)
+    offsets = tl.arange(0, BT)
+    # do_i·v_i: the diagonal's share, added to dq and dk separately (it cancels exactly in dg)
+    diagonal = tl.sum(tl.where(offsets[:, None] == offsets[None, :], d_scores, 0.0), axis=1) * scale
+    d_scores = d_scores * _intra_weights(g, head, length, start, cumulative, DECAY, BT, True) * scale
+    query_intra = tl.dot(d_scores.to(k_tile.dtype), k_tile, input_precision=PRECISION)
+    key_intra = tl.dot(tl.trans(d_scores).to(q_tile.dtype), q_tile, input_precision=PRECISION)
+    query_inter = query_inter * scale
+    if DECAY != 0:
+        query_inter = query_inter * tl.exp(cumulative)[:, None]
+        key_inter = key_inter * tl.exp(key_log)[:, None]
+    q32, k32 = q_tile.to(tl.float32), k_tile.to(tl.float32)
+    grad_q_tile = query_inter + query_intra + diagonal[:, None] * k32
+    grad_k_tile = key_inter + key_intra + diagonal[:, None] * q32
+    _store_tile(grad_q + batch * length * heads * DK + head * DK, heads * DK, start, length, key_columns, DK,
+                grad_q_tile, BT)
+    _store_tile(grad_k + batch * length * heads * DK + head * DK, heads * DK, start, length, key_columns, DK,
+                grad_k_tile, BT)
+    if DECAY_GRAD:
+        suffix_terms = tl.sum(q32 * (query_inter + query_intra), axis=1) - tl.sum(k32 * key_intra, axis=1)
+        prefix_terms = tl.sum(k32 * key_inter, axis=1)
+        later = offsets[None, :] >= offsets[:, None]  # row t, column i: i >= t
+        grad_decay = tl.sum(tl.where(later, suffix_terms[None, :], 0.0), axis=1)
+        grad_decay += tl.sum(tl.where(later, 0.0, prefix_terms[None, :]), axis=1)
+        grad_decay += tl.exp(last) * tl.sum(tl.sum(state_product, axis=1), axis=0)
+        rows = start + offsets
+        if DECAY == 2:
+            pointers = grad_decay_partial + ((key_block * tl.num_programs(2) // heads + batch) * length + rows) * heads
+            tl.store(pointers + head, grad_decay, mask=rows < length)
         else:
-            k_block = _load_block(k_base, heads * DK, start, length, key_columns, DK, BT)
-            scores = tl.dot(q_block, tl.trans(k_block), input_precision=PRECISION) * intra
-            result = tl.dot(tl.trans(scores.to(do_block.dtype)), do_block, input_precision=PRECISION) * scale
-            inter = tl.dot(k_block, d_state.to(k_block.dtype), input_precision=PRECISION)
-            result += key_decay[:, None] * inter
-            _store_block(grad_key_or_value + batch * length * heads * DV + head * DV, heads * DV, start, length,
-                         value_columns, DV, result, BT)
-        decayed_queries = (q_block.to(tl.float32) * query_decay[:, None]).to(q_block.dtype)
-        d_state = d_state * block_decay + scale * tl.dot(
-            tl.trans(decayed_queries), do_block, input_precision=PRECISION
-        )
-    if not COMPUTE_DK:
-        tl.store(grad_initial_state + state_offsets, d_state, mask=state_mask)
+            total = tl.sum(tl.where(rows < length, grad_decay, 0.0), axis=0)
+            tl.store(grad_decay_partial + (key_block * tl.num_programs(2) + batch_head) * num_chunks + chunk, total)
 
 
-# ----------------------------------------------------------------------------------------------------
-# launchers
+@_autotune(_configs([dict(BK=64, BV=64), dict(BK=64, BV=128), dict(BK=128, BV=64), dict(BK=32, BV=64)]),
+           key=["DK", "DV", "BT", "DECAY"])
+@triton.jit
+def _chunk_dv_kernel(
+    q, k, grad_output, g, grad_states, grad_v, length, heads, num_chunks, scale,
+    DECAY: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+    BV: tl.constexpr, PRECISION: tl.constexpr,
+):
+    value_block, chunk, batch_head = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
+    batch, head = batch_head // heads, batch_head % heads
+    start = chunk * BT
+    value_columns = value_block * BV + tl.arange(0, BV)
+    q_base = q + batch * length * heads * DK + head * DK
+    k_base = k + batch * length * heads * DK + head * DK
+    grad_state_base = grad_states + (batch_head * num_chunks + chunk) * DK * DV
+    scores_t = tl.zeros([BT, BT], dtype=tl.float32)  # [j, i] = k_j·q_i
+    inter = tl.zeros([BT, BV], dtype=tl.float32)  # k dh[n]
+    for key_block in range(tl.cdiv(DK, BK)):
+        key_columns = key_block * BK + tl.arange(0, BK)
+        q_tile = _load_tile(q_base, heads * DK, start, length, key_columns, DK, BT)
+        k_tile = _load_tile(k_base, heads * DK, start, length, key_columns, DK, BT)
+        state_offsets, state_mask = _state_tile(key_columns, value_columns, DK, DV)
+        grad_state = tl.load(grad_state_base + state_offsets, mask=state_mask, other=0.0)
+        scores_t += tl.dot(k_tile, tl.trans(q_tile), input_precision=PRECISION)
+        inter += tl.dot(k_tile, grad_state.to(k_tile.dtype), input_precision=PRECISION)
+    cumulative, key_log, _ = _chunk_decay(g, batch, head, heads, length, start, DECAY, BT)
+    if DECAY != 0:
+        inter = inter * tl.exp(key_log)[:, None]
+    weights = _intra_weights(g, head, length, start, cumulative, DECAY, BT, False)  # [i, j]
+    scores_t = scores_t * tl.trans(weights) * scale
+    do_tile = _load_tile(grad_output + batch * length * heads * DV + head * DV, heads * DV, start, length,
+                         value_columns, DV, BT)
+    result = inter + tl.dot(scores_t.to(do_tile.dtype), do_tile, input_precision=PRECISION)
+    _store_tile(grad_v + batch * length * heads * DV + head * DV, heads * DV, start, length, value_columns, DV,
+                result, BT)
 
-DEFAULT_CHUNK_SIZE = 64  # tokens per block; tests lower it so short sequences span several blocks
-_TILE_ELEMENTS = 8192  # fp32 elements of on-chip state per program (64 KiB of registers / shared memory)
+
+# ----------------------------------------------------------------------------------------------- launchers
 
 
-def _pow2(dim: int) -> int:
-    return max(16, triton.next_power_of_2(dim))
-
-
-def _partial_block(full_other: int) -> int:
-    """Block of one head dim such that block × (padded other dim) stays within the state tile budget."""
-    return max(16, _TILE_ELEMENTS // full_other)
+def _allocate(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Every kernel output buffer comes from here: uninitialized (tests replace this to NaN-poison them)."""
+    return torch.empty(shape, dtype=dtype, device=device)
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -240,157 +361,137 @@ def _precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def _warps(*dims: int) -> int:
-    return 8 if max(dims) >= 128 else 4
-
-
-def chunk_cumulative_decay(log_decay: torch.Tensor | None, chunk_size: int) -> torch.Tensor | None:
-    """[B, T, H] log-decay -> [B, H, N·C] fp32 inclusive cumulative sums restarting every chunk.
-
-    The tail is padded with g = 0, so padded positions carry the last real cumulative value.
-    """
+def _decay_kind(log_decay: torch.Tensor | None) -> int:
     if log_decay is None:
-        return None
-    batch, length, heads = log_decay.shape
-    padded = triton.cdiv(length, chunk_size) * chunk_size
-    g = torch.nn.functional.pad(log_decay.float(), (0, 0, 0, padded - length))
-    g = g.view(batch, padded // chunk_size, chunk_size, heads).cumsum(2)  # [B, N, C, H]
-    return g.permute(0, 3, 1, 2).reshape(batch, heads, padded).contiguous()
+        return NO_DECAY
+    return CONSTANT_DECAY if log_decay.dim() == 1 else TOKEN_DECAY
 
 
-def _forward(q, k, v, cumulative, initial_state, scale, chunk_size):
-    batch, length, heads, key_dim = q.shape
+def _key_block(key_dim: int) -> int:
+    """Key block of the dq/dk kernel (fixed: it sizes the decay-gradient partials)."""
+    return min(64, max(16, triton.next_power_of_2(key_dim)))
+
+
+def chunk_states(k, v, log_decay, initial_state, chunk_size, store_final=True):
+    """States entering every chunk [B·H, N, Dk, Dv] fp32 and the final state [B, H, Dk, Dv] fp32 (or None)."""
+    batch, length, heads, key_dim = k.shape
     value_dim = v.shape[-1]
-    output = torch.full_like(v, float("nan"))  # NaN-poisoned: any row the kernel misses shows up
-    final_state = torch.full((batch, heads, key_dim, value_dim), float("nan"), dtype=torch.float32, device=q.device)
-    key_full = _pow2(key_dim)
-    value_block = min(_pow2(value_dim), _partial_block(key_full))
-    grid = (batch * heads, triton.cdiv(value_dim, value_block))
-    _forward_kernel[grid](
-        q, k, v, cumulative if cumulative is not None else q, initial_state if initial_state is not None else q,
-        output, final_state, length, heads, scale,
-        HAS_DECAY=cumulative is not None, HAS_INITIAL=initial_state is not None, DK=key_dim, DV=value_dim,
-        BKF=key_full, BV=value_block, BT=chunk_size, PRECISION=_precision(q.dtype),
-        num_warps=_warps(key_full, value_block),
+    num_chunks = triton.cdiv(length, chunk_size)
+    states = _allocate((batch * heads, num_chunks, key_dim, value_dim), torch.float32, k.device)
+    final_state = _allocate((batch, heads, key_dim, value_dim), torch.float32, k.device) if store_final else None
+
+    def grid(meta):
+        return (triton.cdiv(key_dim, meta["BK"]), triton.cdiv(value_dim, meta["BV"]), batch * heads)
+
+    _chunk_states_kernel[grid](
+        k, v, log_decay if log_decay is not None else k, initial_state if initial_state is not None else k,
+        states, final_state if store_final else states, length, heads, num_chunks,
+        DECAY=_decay_kind(log_decay), HAS_INITIAL=initial_state is not None, STORE_FINAL=store_final,
+        DK=key_dim, DV=value_dim, BT=chunk_size, PRECISION=_precision(k.dtype),
     )
-    return output, final_state
+    return states, final_state
 
 
-def _backward(q, k, v, grad_output, cumulative, initial_state, grad_final_state, scale, chunk_size, decay_grad):
-    """fp32 (dq, dk, dv, d_initial_state, dG): dG = ∂L/∂G_t [B, H, T] with decay_grad (else None), without a
-    final-state share. Every buffer is NaN-poisoned before the kernels write it."""
+def chunk_output(q, k, v, log_decay, states, scale, chunk_size):
     batch, length, heads, key_dim = q.shape
     value_dim = v.shape[-1]
-    key_full, value_full = _pow2(key_dim), _pow2(value_dim)
-    key_block = min(key_full, _partial_block(value_full))
-    value_block = min(value_full, _partial_block(key_full))
+    num_chunks = triton.cdiv(length, chunk_size)
+    output = _allocate(v.shape, v.dtype, v.device)
+
+    def grid(meta):
+        return (triton.cdiv(value_dim, meta["BV"]), num_chunks, batch * heads)
+
+    _chunk_output_kernel[grid](
+        q, k, v, log_decay if log_decay is not None else q, states, output, length, heads, num_chunks, scale,
+        DECAY=_decay_kind(log_decay), DK=key_dim, DV=value_dim, BT=chunk_size, PRECISION=_precision(q.dtype),
+    )
+    return output
+
+
+def chunk_state_gradients(q, grad_output, log_decay, grad_final_state, scale, chunk_size, store_initial):
+    """dh[n] for every chunk [B·H, N, Dk, Dv] fp32 and the initial state's gradient (or None)."""
+    batch, length, heads, key_dim = q.shape
+    value_dim = grad_output.shape[-1]
+    num_chunks = triton.cdiv(length, chunk_size)
+    grad_states = _allocate((batch * heads, num_chunks, key_dim, value_dim), torch.float32, q.device)
+    grad_initial = _allocate((batch, heads, key_dim, value_dim), torch.float32, q.device) if store_initial else None
+
+    def grid(meta):
+        return (triton.cdiv(key_dim, meta["BK"]), triton.cdiv(value_dim, meta["BV"]), batch * heads)
+
+    _chunk_state_grads_kernel[grid](
+        q, grad_output, log_decay if log_decay is not None else q,
+        grad_final_state if grad_final_state is not None else q, grad_states,
+        grad_initial if store_initial else grad_states, length, heads, num_chunks, scale,
+        DECAY=_decay_kind(log_decay), HAS_GRAD_FINAL=grad_final_state is not None, STORE_INITIAL=store_initial,
+        DK=key_dim, DV=value_dim, BT=chunk_size, PRECISION=_precision(q.dtype),
+    )
+    return grad_states, grad_initial
+
+
+def chunk_input_gradients(q, k, v, grad_output, log_decay, states, grad_states, scale, chunk_size, decay_grad):
+    """(dq, dk, dv, dlog_decay): dq, dk, dv in the input dtype; dlog_decay fp32 [B, T, H] or [H] (or None)."""
+    batch, length, heads, key_dim = q.shape
+    value_dim = v.shape[-1]
+    num_chunks = triton.cdiv(length, chunk_size)
+    kind = _decay_kind(log_decay)
+    key_block = _key_block(key_dim)
     key_blocks = triton.cdiv(key_dim, key_block)
-    nan = float("nan")
-    grad_q = torch.full(q.shape, nan, dtype=torch.float32, device=q.device)
-    grad_k = torch.full(k.shape, nan, dtype=torch.float32, device=q.device)
-    grad_v = torch.full(v.shape, nan, dtype=torch.float32, device=q.device)
-    grad_initial = torch.full((batch, heads, key_dim, value_dim), nan, dtype=torch.float32, device=q.device)
-    partial_shape = (key_blocks, batch * heads, length) if decay_grad else (1,)
-    grad_cumulative_q = torch.full(partial_shape, nan, dtype=torch.float32, device=q.device)
-    grad_cumulative_k = torch.full(partial_shape, nan, dtype=torch.float32, device=q.device)
-    common = dict(HAS_DECAY=cumulative is not None, DECAY_GRAD=decay_grad, DK=key_dim, DV=value_dim,
-                  BT=chunk_size, PRECISION=_precision(q.dtype))
-    cumulative = cumulative if cumulative is not None else q
-    _dq_kernel[(batch * heads, key_blocks)](
-        q, k, v, grad_output, cumulative, initial_state if initial_state is not None else q, grad_q,
-        grad_cumulative_q, length, heads, scale, HAS_INITIAL=initial_state is not None, BK=key_block,
-        BVF=value_full, num_warps=_warps(key_block, value_full), **common,
+    grad_q = _allocate(q.shape, q.dtype, q.device)
+    grad_k = _allocate(k.shape, k.dtype, k.device)
+    grad_v = _allocate(v.shape, v.dtype, v.device)
+    decay_grad = decay_grad and kind != NO_DECAY
+    if not decay_grad:
+        partial = grad_q  # unused
+    elif kind == TOKEN_DECAY:
+        partial = _allocate((key_blocks, batch, length, heads), torch.float32, q.device)
+    else:
+        partial = _allocate((key_blocks, batch * heads, num_chunks), torch.float32, q.device)
+    decay = log_decay if log_decay is not None else q
+    _chunk_dqk_kernel[(key_blocks, num_chunks, batch * heads)](
+        q, k, v, grad_output, decay, states, grad_states, grad_q, grad_k, partial, length, heads, num_chunks, scale,
+        DECAY=kind, DECAY_GRAD=decay_grad, DK=key_dim, DV=value_dim, BT=chunk_size, BK=key_block,
+        PRECISION=_precision(q.dtype),
     )
-    final = grad_final_state if grad_final_state is not None else q
-    for compute_dk, grid_blocks, target, blocks in (
-        (True, key_blocks, grad_k, (key_block, value_full)),
-        (False, triton.cdiv(value_dim, value_block), grad_v, (key_full, value_block)),
-    ):
-        _dkv_kernel[(batch * heads, grid_blocks)](
-            q, k, v, grad_output, cumulative, final, target, grad_initial, grad_cumulative_k, length, heads, scale,
-            COMPUTE_DK=compute_dk, HAS_GRAD_FINAL=grad_final_state is not None, BK=blocks[0], BV=blocks[1],
-            num_warps=_warps(*blocks), **common,
-        )
-    grad_cumulative = None
+
+    def grid(meta):
+        return (triton.cdiv(value_dim, meta["BV"]), num_chunks, batch * heads)
+
+    _chunk_dv_kernel[grid](
+        q, k, grad_output, decay, grad_states, grad_v, length, heads, num_chunks, scale,
+        DECAY=kind, DK=key_dim, DV=value_dim, BT=chunk_size, PRECISION=_precision(q.dtype),
+    )
+    grad_log_decay = None
     if decay_grad:
-        grad_cumulative = (grad_cumulative_q.sum(0) - grad_cumulative_k.sum(0)).view(batch, heads, length)
-    return grad_q, grad_k, grad_v, grad_initial, grad_cumulative
+        if kind == TOKEN_DECAY:
+            grad_log_decay = partial[0] if key_blocks == 1 else partial.sum(0)
+        else:
+            grad_log_decay = partial.view(key_blocks, batch, heads, num_chunks).sum((0, 1, 3))
+    return grad_q, grad_k, grad_v, grad_log_decay
 
 
-def _final_state_gradients(k, v, log_decay, initial_state, grad_final_state):
-    """The final state's share of (dk, dv, d_initial_state, dg), computed outside the sweep.
-
-    S_T = exp(G_T)·S_0 + Σ_j w_j k_jᵀ v_j with w_j = exp(Σ_{u>j} g_u), so with f_j = w_j·(k_j dS_T v_jᵀ):
-    dk_j = w_j·v_j dS_Tᵀ, dv_j = w_j·k_j dS_T, dS_0 = exp(G_T)·dS_T and dg_t = exp(G_T)·⟨dS_T, S_0⟩ + Σ_{j<t} f_j
-    (a prefix sum: no large terms that cancel).
-    """
-    g = log_decay.float()  # [B, T, H]
-    after = torch.nn.functional.pad(g.flip(1).cumsum(1).flip(1)[:, 1:], (0, 0, 0, 1))  # Σ_{u>j} g_u
-    weights = torch.exp(after)  # [B, T, H], <= 1
-    key_side = torch.einsum("bthe,bhde->bthd", v.float(), grad_final_state)  # v_j dS_Tᵀ, [B, T, H, Dk]
-    value_side = torch.einsum("bthd,bhde->bthe", k.float(), grad_final_state)  # k_j dS_T, [B, T, H, Dv]
-    total_decay = torch.exp(g.sum(1))  # exp(G_T), [B, H]
-    contributions = weights * (k.float() * key_side).sum(-1)  # f_j, [B, T, H]
-    grad_log_decay = torch.nn.functional.pad(contributions.cumsum(1)[:, :-1], (0, 0, 1, 0))  # Σ_{j<t} f_j
-    if initial_state is not None:
-        grad_log_decay = grad_log_decay + (total_decay * (grad_final_state * initial_state).sum((-1, -2)))[:, None]
-    grad_initial = total_decay[..., None, None] * grad_final_state
-    return weights[..., None] * key_side, weights[..., None] * value_side, grad_initial, grad_log_decay
-
-
-class LinearAttentionTriton(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, log_decay, initial_state, scale, chunk_size):
-        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-        if initial_state is not None:
-            initial_state = initial_state.float().contiguous()
-        cumulative = chunk_cumulative_decay(log_decay, chunk_size)
-        output, final_state = _forward(q, k, v, cumulative, initial_state, scale, chunk_size)
-        ctx.save_for_backward(q, k, v, log_decay, cumulative, initial_state)
-        ctx.scale, ctx.chunk_size = scale, chunk_size
-        ctx.set_materialize_grads(False)  # None for an unused output instead of a zero tensor
-        return output, final_state
-
-    @staticmethod
-    def backward(ctx, grad_output, grad_final_state):
-        q, k, v, log_decay, cumulative, initial_state = ctx.saved_tensors
-        grad_output = torch.zeros_like(v) if grad_output is None else grad_output.to(v.dtype).contiguous()
-        if grad_final_state is not None:
-            grad_final_state = grad_final_state.float().contiguous()
-        decay_grad = ctx.needs_input_grad[3]
-        # with a log-decay gradient the final state's share is added outside the sweep (_final_state_gradients)
-        grad_q, grad_k, grad_v, grad_initial, grad_cumulative = _backward(
-            q, k, v, grad_output, cumulative, initial_state, None if decay_grad else grad_final_state,
-            ctx.scale, ctx.chunk_size, decay_grad,
-        )
-        grad_log_decay = None
-        if decay_grad:
-            grad_log_decay = grad_cumulative.transpose(1, 2).flip(1).cumsum(1).flip(1)  # Σ_{u>=t}, [B, T, H]
-            if grad_final_state is not None:
-                final_k, final_v, final_initial, final_log_decay = _final_state_gradients(
-                    k, v, log_decay, initial_state, grad_final_state
-                )
-                grad_k, grad_v = grad_k + final_k, grad_v + final_v
-                grad_initial = grad_initial + final_initial
-                grad_log_decay = grad_log_decay + final_log_decay
-            grad_log_decay = grad_log_decay.to(log_decay.dtype)
-        grad_initial = grad_initial if ctx.needs_input_grad[4] else None
-        return grad_q.to(q.dtype), grad_k.to(k.dtype), grad_v.to(v.dtype), grad_log_decay, grad_initial, None, None
-
-
-def linear_attention_triton(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    log_decay: torch.Tensor | None,
-    scale: float,
-    initial_state: torch.Tensor | None,
-    output_final_state: bool,
-    chunk_size: int | None = None,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """q, k: [B, T, H, Dk]; v: [B, T, H, Dv]; log_decay None or [B, T, H]. Checks are done by the caller."""
-    chunk_size = chunk_size or DEFAULT_CHUNK_SIZE
+def check_chunk_size(chunk_size: int) -> int:
     if chunk_size < 16 or chunk_size & (chunk_size - 1):
-        raise ValueError(f"linear_attention_triton: chunk_size must be a power of two >= 16, got {chunk_size}")
-    output, final_state = LinearAttentionTriton.apply(q, k, v, log_decay, initial_state, scale, chunk_size)
-    return output, (final_state if output_final_state else None)
+        raise ValueError(f"linear_attention: the triton chunk_size must be a power of two >= 16, got {chunk_size}")
+    return chunk_size
+
+
+def triton_forward(q, k, v, log_decay, scale, initial_state, chunk_size, keep_states):
+    """(o, final_state fp32, states or None). q, k, v contiguous; log_decay None, [H] or [B, T, H] contiguous."""
+    states, final_state = chunk_states(k, v, log_decay, initial_state, chunk_size)
+    output = chunk_output(q, k, v, log_decay, states, scale, chunk_size)
+    return output, final_state, (states if keep_states else None)
+
+
+def triton_backward(q, k, v, log_decay, scale, initial_state, states, grad_output, grad_final_state, chunk_size,
+                    decay_grad, initial_grad):
+    """(dq, dk, dv, dlog_decay fp32 or None, dinitial_state fp32 or None); states None = recompute them."""
+    if states is None:
+        states, _ = chunk_states(k, v, log_decay, initial_state, chunk_size, store_final=False)
+    grad_states, grad_initial = chunk_state_gradients(
+        q, grad_output, log_decay, grad_final_state, scale, chunk_size, initial_grad
+    )
+    grad_q, grad_k, grad_v, grad_log_decay = chunk_input_gradients(
+        q, k, v, grad_output, log_decay, states, grad_states, scale, chunk_size, decay_grad
+    )
+    return grad_q, grad_k, grad_v, grad_log_decay, grad_initial
