@@ -2,44 +2,46 @@
 
 Run as `spindle bench cp [...]` or `python -m spindle.benchmarks.cp [...]`.
 
-Part 1, measured: P gloo ranks on this machine (loopback), one layer forward+backward per method across
-sequence lengths; median wall time (the slowest rank of each repetition) and the bytes each rank
-receives, from spindle.parallel.cp.record_comm. Ratios are taken within the same run.
+Measured: P gloo ranks on this machine (loopback), one layer forward+backward per scheme across sequence
+lengths, timed with the shared harness (benchmarks/harness.py: warm-ups, repeats, median and spread, each
+sample the slowest rank's), and the bytes each rank receives (spindle.parallel.cp.record_comm). Schemes
+are compared only with schemes for the same layer kind at equal shapes: LASP-1 against LASP-2, all-gather
+and Ulysses against ring attention.
 
-Part 2, projected: one layer at P GPUs and T tokens (default 64 GPUs, 2048K tokens) from an analytic
-model: kernel compute time from a FLOP rate (measured here on the single-device kernels, and,
-separately, from the published GPU anchors in ALGORITHMS.md) plus the communication each scheme
-cannot hide, from stated link bandwidths and latencies. See `projection_terms` for the formulas.
+Projected: one layer at P GPUs and T tokens (default 64 GPUs, 2048K tokens) from the planner's
+context-parallel cost model (spindle.runtime.plan.cp_layer_cost), and the whole-model step of the
+Linear-Llama3-8B preset with LASP-2 and with LASP-1, next to the LASP-2 paper's measurement.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import os
 import shlex
-import socket
-import statistics
 import sys
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+
+from spindle.benchmarks import harness
 
 LINEAR_METHODS = ("lasp2", "lasp1")
 SOFTMAX_METHODS = ("ring", "allgather", "ulysses")
 METHODS = LINEAR_METHODS + SOFTMAX_METHODS
-CHUNK = 64  # kernel block size used in the nominal linear-attention FLOP count
+BASELINE = {"linear": "lasp2", "softmax": "ring"}  # the scheme each layer kind's ratios are taken against
+# LASP-2 paper (Sun et al. 2025, Linear-Llama3 at 64 GPUs, 2048K tokens, end-to-end throughput): LASP-2 is
+# faster than LASP-1 by 15.2% and than Ring Attention by 36.6%.
+PAPER_RATIOS = {"lasp2_vs_lasp1": 0.152, "lasp2_vs_ring": 0.366}
+PRESET = Path(__file__).resolve().parent.parent / "configs" / "linear-llama3-8b-2m-64gpu.yaml"
 
-# Published single-device anchors (ALGORITHMS.md §1, Lightning Attention-2 README): b=4, h=32, d=128, bf16,
-# 32K tokens, GPU unstated. Forward / backward milliseconds.
-ANCHOR = {"batch": 4, "heads": 32, "dim": 128, "length": 32768,
-          "linear_ms": (17.7, 74.6), "softmax_ms": (162.9, 470.7)}  # fmt: skip
-PAPER_RATIOS = {"lasp2_vs_lasp1": 0.152, "lasp2_vs_ring": 0.366}  # LASP-2 paper: faster by, 64 GPUs, 2048K
+
+def kind_of(method: str) -> str:
+    return "linear" if method in LINEAR_METHODS else "softmax"
 
 
 @dataclass
@@ -47,32 +49,37 @@ class Measurement:
     world_size: int
     length: int
     method: str
-    median_ms: float
+    timing: dict
     forward_bytes: int
     backward_bytes: int
     forward_calls: int
     backward_calls: int
+    note: str = ""
+
+    @property
+    def median_ms(self) -> float:
+        return self.timing["median_ms"] if self.timing else float("nan")
 
 
 # ----------------------------------------------------------------------------------------------------
-# part 1: measured on gloo ranks
+# measured on gloo ranks
 
 
-def _layer_inputs(method: str, args: argparse.Namespace, local_length: int, rank: int):
+def _layer_inputs(method: str, args: argparse.Namespace, local_length: int, rank: int) -> list[torch.Tensor]:
     generator = torch.Generator().manual_seed(rank)
-    kv_heads = args.heads if method in LINEAR_METHODS else args.kv_heads
+    kv_heads = args.heads if kind_of(method) == "linear" else args.kv_heads
     shape = (args.batch, local_length)
     q = torch.randn(*shape, args.heads, args.dim, generator=generator)
     k = torch.randn(*shape, kv_heads, args.dim, generator=generator)
     v = torch.randn(*shape, kv_heads, args.dim, generator=generator)
     tensors = [t.requires_grad_() for t in (q, k, v)]
-    if method in LINEAR_METHODS:
+    if kind_of(method) == "linear":
         decay = torch.nn.functional.logsigmoid(torch.randn(*shape, args.heads, generator=generator) + 4)
         tensors.append(decay.requires_grad_())
     return tensors
 
 
-def _run_layer(method: str, tensors, group, layout: str) -> torch.Tensor:
+def _run_layer(method: str, tensors: list[torch.Tensor], group: dist.ProcessGroup, layout: str) -> torch.Tensor:
     from spindle.parallel import cp
 
     q, k, v = tensors[:3]
@@ -87,228 +94,155 @@ def _run_layer(method: str, tensors, group, layout: str) -> torch.Tensor:
     return cp.ulysses_attention(q, k, v, group, layout=layout)
 
 
-def _time_method(method: str, args, length: int, group) -> Measurement:
+def _forward_backward(method: str, tensors: list[torch.Tensor], group, layout: str) -> None:
+    for tensor in tensors:
+        tensor.grad = None
+    output = _run_layer(method, tensors, group, layout)
+    output.backward(torch.ones_like(output))
+
+
+def _traffic(method: str, tensors: list[torch.Tensor], group, layout: str) -> list[int]:
+    """The busiest rank's received bytes and calls per direction, from one untimed run."""
     from spindle.parallel.cp import record_comm
 
-    rank, world_size = dist.get_rank(group), dist.get_world_size(group)
-    tensors = _layer_inputs(method, args, length // world_size, rank)
-    durations, stats = [], None
-    for repetition in range(args.warmup + args.repeats):
-        for tensor in tensors:
-            tensor.grad = None
-        dist.barrier(group=group)
-        start = time.perf_counter()
-        with record_comm() as forward:
-            output = _run_layer(method, tensors, group, args.layout)
-        with record_comm() as backward:
-            output.backward(torch.ones_like(output))
-        elapsed = torch.tensor([time.perf_counter() - start], dtype=torch.float64)
-        dist.all_reduce(elapsed, op=dist.ReduceOp.MAX, group=group)  # a layer is done when its slowest rank is
-        if repetition >= args.warmup:
-            durations.append(float(elapsed) * 1e3)
-        stats = (forward, backward)
-    forward, backward = stats
-    # the busiest rank's traffic (ranks differ on LASP-1's chain and at the ends of a zigzag)
+    for tensor in tensors:
+        tensor.grad = None
+    with record_comm() as forward:
+        output = _run_layer(method, tensors, group, layout)
+    with record_comm() as backward:
+        output.backward(torch.ones_like(output))
     counts = torch.tensor([forward.total_bytes(), backward.total_bytes(),
                            sum(forward.calls.values()) - forward.calls.get("validate", 0),
                            sum(backward.calls.values())], dtype=torch.int64)  # fmt: skip
-    dist.all_reduce(counts, op=dist.ReduceOp.MAX, group=group)
-    return Measurement(world_size, length, method, statistics.median(durations), *counts.tolist())
+    dist.all_reduce(counts, op=dist.ReduceOp.MAX, group=group)  # ranks differ along LASP-1's chain
+    return counts.tolist()
 
 
-def _worker(rank: int, world_size: int, port: int, args: argparse.Namespace, results) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
-                            timeout=datetime.timedelta(seconds=args.timeout))  # fmt: skip
-    try:
-        measurements = []
-        for length in args.lengths:
-            for method in args.methods:
-                if method == "ulysses" and (args.heads % world_size or args.kv_heads % world_size):
-                    continue  # Ulysses needs the heads divisible by P
-                measurements.append(_time_method(method, args, length, dist.group.WORLD))
-        if rank == 0:
-            results.put([asdict(m) for m in measurements])
-    finally:
-        dist.destroy_process_group()
-    os._exit(0)  # skip interpreter teardown (see tests/distributed_utils.py: DeepSpeed's exit-time abort)
+def _measure_case(method: str, args: argparse.Namespace, length: int, group) -> Measurement:
+    world_size = dist.get_world_size(group)
+    tensors = _layer_inputs(method, args, length // world_size, dist.get_rank(group))
+    timing, note = harness.guard_out_of_memory(lambda: harness.time_on_ranks(
+        lambda: _forward_backward(method, tensors, group, args.layout), group,
+        warmup=args.warmup, repeats=args.repeats))  # fmt: skip
+    traffic = _traffic(method, tensors, group, args.layout) if timing is not None else [0, 0, 0, 0]
+    return Measurement(world_size, length, method, timing.as_dict() if timing else {}, *traffic, note=note)
+
+
+def _rank_worker(rank: int, world_size: int, group, args: argparse.Namespace) -> list[dict]:
+    measurements = []
+    for length in args.lengths:
+        for method in args.methods:
+            if method == "ulysses" and (args.heads % world_size or args.kv_heads % world_size):
+                continue  # Ulysses needs the heads divisible by P
+            measurements.append(asdict(_measure_case(method, args, length, group)))
+    return measurements
 
 
 def measure(args: argparse.Namespace, world_size: int) -> list[Measurement]:
     """Spawn `world_size` gloo ranks on loopback and time every method at every length."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    results = mp.get_context("spawn").SimpleQueue()
-    context = mp.start_processes(_worker, args=(world_size, port, args, results), nprocs=world_size,
-                                 join=False, start_method="spawn")  # fmt: skip
-    collected = None
-    while not context.join(timeout=0.5):
-        if not results.empty():
-            collected = results.get()
-    if collected is None and not results.empty():
-        collected = results.get()
-    return [Measurement(**row) for row in collected or []]
+    rows = harness.spawn(_rank_worker, world_size, args, timeout=args.timeout)[0]
+    return [Measurement(**row) for row in rows]
 
 
 # ----------------------------------------------------------------------------------------------------
-# part 2: projection
+# projected with the planner's cost model
 
 
-def linear_flops(batch: int, heads: int, length: int, dim: int) -> float:
-    """Nominal forward+backward FLOPs of chunked linear attention (benchmarks/kernels.py): 3 × forward."""
-    forward = 2 * batch * heads * length * (CHUNK * dim + 2 * dim * dim)
-    return 3 * forward
+def projection(args: argparse.Namespace) -> dict:
+    """One layer per scheme at the projected shape, and the preset's step with LASP-2 vs LASP-1."""
+    from spindle.runtime import plan
 
+    gpu = plan.gpu_spec(args.gpu)
+    network = plan.network_for(gpu, args.link_gbps)
+    spans_nodes = args.project_gpus > network.gpus_per_node
+    bandwidth = network.inter_node_bytes_per_s if spans_nodes else network.intra_node_bytes_per_s
+    latency = network.inter_node_latency_s if spans_nodes else network.intra_node_latency_s
+    flop_rate = gpu.peak_flops * args.efficiency
+    layers = {}
+    for method in METHODS:
+        shape = plan.CpShape(args.project_gpus, args.project_tokens // args.project_gpus, args.project_batch,
+                             args.project_heads, args.project_heads if kind_of(method) == "linear"
+                             else args.project_kv_heads, args.project_dim, 2, 2)  # fmt: skip
+        cost = plan.cp_layer_cost(method, shape, bandwidth, latency, flop_rate)
+        layers[method] = dataclasses.asdict(cost) | {"total_s": cost.total_s}
+    steps = {}
+    if PRESET.exists():
+        from spindle.runtime.config import load_config
 
-def softmax_flops(batch: int, heads: int, query_length: int, key_length: int, dim: int, causal_share: float) -> float:
-    """Nominal forward+backward FLOPs: forward 4·Tq·Tk·D per head times the unmasked share, backward 2.5×."""
-    forward = 4 * batch * heads * query_length * key_length * dim * causal_share
-    return 3.5 * forward
-
-
-def anchor_rates() -> dict[str, float]:
-    """FLOP/s implied by the published single-device GPU anchors (forward+backward)."""
-    a = ANCHOR
-    linear = linear_flops(a["batch"], a["heads"], a["length"], a["dim"]) / (sum(a["linear_ms"]) / 1e3)
-    softmax = softmax_flops(a["batch"], a["heads"], a["length"], a["length"], a["dim"], 0.5) / (
-        sum(a["softmax_ms"]) / 1e3
-    )
-    return {"linear": linear, "softmax": softmax}
-
-
-def measured_rates(args: argparse.Namespace) -> dict[str, float]:
-    """FLOP/s of spindle's single-device kernels on this machine (forward+backward, one process)."""
-    from spindle.kernels import attention, linear_attention
-
-    torch.manual_seed(0)
-    batch, heads, dim, length = 1, 4, args.dim, args.rate_length
-    q, k, v = (torch.randn(batch, length, heads, dim, requires_grad=True) for _ in range(3))
-    decay = torch.nn.functional.logsigmoid(torch.randn(batch, length, heads) + 4).requires_grad_()
-
-    def timed(function) -> float:
-        function()  # warm-up
-        samples = []
-        for _ in range(3):
-            start = time.perf_counter()
-            function()
-            samples.append(time.perf_counter() - start)
-        return statistics.median(samples)
-
-    linear_seconds = timed(lambda: linear_attention(q, k, v, log_decay=decay)[0].sum().backward())
-    softmax_seconds = timed(lambda: attention(q, k, v, causal=True).sum().backward())
-    return {
-        "linear": linear_flops(batch, heads, length, dim) / linear_seconds,
-        "softmax": softmax_flops(batch, heads, length, length, dim, 0.5) / softmax_seconds,
-    }
-
-
-def _step(bytes_per_step: float, bandwidth: float, latency: float) -> float:
-    return latency + bytes_per_step / bandwidth
-
-
-def _link(args: argparse.Namespace) -> tuple[float, float]:
-    """(bandwidth, latency) pacing a ring over the projected ranks: inter-node once they span nodes."""
-    if args.project_gpus > args.gpus_per_node:
-        return args.inter_bandwidth, args.inter_latency
-    return args.intra_bandwidth, args.intra_latency
-
-
-def _gather_seconds(args: argparse.Namespace) -> float:
-    bandwidth, latency = _link(args)
-    state = args.project_batch * args.project_heads * args.project_dim**2 * 4
-    return (args.project_gpus - 1) * _step(state, bandwidth, latency)
-
-
-def projection_terms(args: argparse.Namespace, rates: dict[str, float]) -> dict[str, dict[str, float]]:
-    """Per-layer forward+backward seconds (compute, exposed communication) and bytes per rank, per method.
-
-    P ranks, T tokens, n = T/P per rank, B batch, H heads, H_kv kv heads, d head dim; activations bf16
-    (2 bytes), states and dK/dV accumulators fp32. A collective or ring hop over P > gpus_per_node ranks
-    is paced by the inter-node link (bandwidth β, latency α per step). Forward is 2/7 of the softmax
-    compute and 1/3 of the linear compute (backward 2.5× and 2× forward).
-    - lasp2: two all-gathers of the states, s = B·H·d²·4 bytes per rank: G = (P-1)·(α + s/β) each;
-      each overlaps the local kernel of its direction: exposed max(0, G - t_fwd) + max(0, G - t_bwd).
-    - lasp1: 2·(P-1) dependent hops of one state, each α + δ + s/β (δ: per-hop launch/sync overhead),
-      nothing to overlap (a rank needs its incoming state before its inter term).
-    - ring (zigzag, double-buffered): P steps of equal compute c; a hop moves the K/V chunk
-      kv = 2·B·n·H_kv·d·2 bytes (backward also the fp32 dK/dV, 2·kv): exposed (P-1)·max(0, hop - c).
-    - allgather: gather (P-1)·(α + kv/β) forward; backward gather again plus reduce-scatter of fp32
-      dK/dV (P-1)·(α + 2·kv/β); not overlapped (head_groups = 1).
-    - ulysses: 4 all-to-alls each way (q, k, v, o), each (P-1)·α + (P-1)/P·bytes/β.
-    """
-    p, total, batch = args.project_gpus, args.project_tokens, args.project_batch
-    heads, kv_heads, dim = args.project_heads, args.project_kv_heads, args.project_dim
-    n = total // p
-    bandwidth, latency = _link(args)
-    state = batch * heads * dim * dim * 4
-    kv = 2 * batch * n * kv_heads * dim * 2
-
-    linear_compute = linear_flops(batch, heads, n, dim) / rates["linear"]
-    # zigzag: every rank does 1/P of the causal T×T work
-    softmax_compute = softmax_flops(batch, heads, n, total, dim, 0.5) / rates["softmax"]
-    gather_states = _gather_seconds(args)
-    lasp2_exposed = max(0.0, gather_states - linear_compute / 3) + max(0.0, gather_states - 2 * linear_compute / 3)
-    lasp1_exposed = 2 * (p - 1) * (latency + args.p2p_overhead + state / bandwidth)
-
-    forward_step, backward_step = softmax_compute * (2 / 7) / p, softmax_compute * (5 / 7) / p
-    ring_exposed = (p - 1) * (max(0.0, _step(kv, bandwidth, latency) - forward_step)
-                              + max(0.0, _step(3 * kv, bandwidth, latency) - backward_step))  # fmt: skip
-    allgather_exposed = (p - 1) * (2 * _step(kv, bandwidth, latency) + _step(2 * kv, bandwidth, latency))
-    qo = batch * n * heads * dim * 2
-    all_to_all_bytes = 2 * qo + kv  # q, o and k+v
-    ulysses_exposed = 2 * (4 * (p - 1) * latency + (p - 1) / p * all_to_all_bytes / bandwidth)
-    return {
-        "lasp2": {"compute": linear_compute, "exposed": lasp2_exposed, "bytes": 2 * (p - 1) * state},
-        "lasp1": {"compute": linear_compute, "exposed": lasp1_exposed, "bytes": 2 * (p - 1) * state},
-        "ring": {"compute": softmax_compute, "exposed": ring_exposed, "bytes": (p - 1) * 4 * kv},
-        "allgather": {"compute": softmax_compute, "exposed": allgather_exposed, "bytes": (p - 1) * 4 * kv},
-        "ulysses": {"compute": softmax_compute, "exposed": ulysses_exposed,
-                    "bytes": 2 * (p - 1) / p * all_to_all_bytes},  # fmt: skip
-    }
+        for scheme in LINEAR_METHODS:
+            config = load_config(PRESET, [f"parallel.cp_linear={scheme}"])
+            made = plan.make_plan(config, gpu, inter_node_gbps=args.link_gbps, efficiency=args.efficiency)
+            steps[scheme] = dataclasses.asdict(made.time)
+    return {"gpu": gpu.name, "bandwidth": bandwidth, "latency": latency, "flop_rate": flop_rate,
+            "layers": layers, "preset_steps": steps}
 
 
 # ----------------------------------------------------------------------------------------------------
 # report
 
 
-def _ratio_rows(measurements: list[Measurement]) -> list[str]:
-    rows = []
+def _ms(value: float) -> str:
+    return f"{value * 1e3:,.2f}" if value < 10 else f"{value:,.2f} s"
+
+
+def measured_tables(measurements: list[Measurement]) -> list[str]:
+    """One table per layer kind; ratios only against the same kind's baseline at equal P and T."""
     by_key = {(m.world_size, m.length, m.method): m for m in measurements}
-    for m in measurements:
-        reference = by_key.get((m.world_size, m.length, "lasp2"))
-        ring = by_key.get((m.world_size, m.length, "ring"))
-        versus_lasp2 = f"{m.median_ms / reference.median_ms:.2f}" if reference else "–"
-        versus_ring = f"{m.median_ms / ring.median_ms:.2f}" if ring and m.method in SOFTMAX_METHODS else "–"
-        rows.append(
-            f"| {m.world_size} | {m.length:,} | {m.method} | {m.median_ms:.1f} | {versus_lasp2} | {versus_ring} "
-            f"| {m.forward_bytes:,} | {m.backward_bytes:,} | {m.forward_calls} / {m.backward_calls} |"
-        )
-    return rows
+    lines: list[str] = []
+    for kind, methods in (("linear", LINEAR_METHODS), ("softmax", SOFTMAX_METHODS)):
+        baseline = BASELINE[kind]
+        rows = []
+        for m in (m for m in measurements if m.method in methods):
+            reference = by_key.get((m.world_size, m.length, baseline))
+            ratio = f"{m.median_ms / reference.median_ms:.2f}" if reference and reference.timing and m.timing else "–"
+            timing = harness.Timing(**m.timing).spread() if m.timing else "–"
+            rows.append([m.world_size, f"{m.length:,}", m.method, timing, ratio, f"{m.forward_bytes:,}",
+                         f"{m.backward_bytes:,}", f"{m.forward_calls} / {m.backward_calls}", m.note])
+        if rows:
+            lines += [f"### {kind.capitalize()} layers (ratios against {baseline})", ""]
+            lines += harness.markdown_table(
+                ["P", "T", "scheme", "fwd+bwd ms (median ± IQR/2)", f"× {baseline}", "fwd bytes", "bwd bytes",
+                 "calls fwd / bwd", "note"], rows, align="rrlrrrrll")
+            lines.append("")
+    return lines
 
 
-def _duration(seconds: float) -> str:
-    return f"{seconds * 1e3:,.2f} ms" if seconds < 10 else f"{seconds:,.2f} s"
+def projection_section(args: argparse.Namespace, projected: dict) -> list[str]:
+    layers = projected["layers"]
+    lines = [
+        f"## Projection: {args.project_gpus} GPUs, {args.project_tokens // 1024}K tokens, one layer",
+        "",
+        f"The planner's cost model (`spindle.runtime.plan.cp_layer_cost`, assumptions in docs/algorithms.md): "
+        f"{projected['gpu']} at {args.efficiency:.0%} of its dense bf16 peak "
+        f"({projected['flop_rate'] / 1e12:.0f} TFLOP/s), link {projected['bandwidth'] / 1e9:.0f} GB/s and "
+        f"{projected['latency'] * 1e6:.0f} µs per step; B={args.project_batch}, H={args.project_heads}, "
+        f"H_kv={args.project_kv_heads} (softmax), d={args.project_dim}, bf16, zigzag.",
+        "",
+    ]
+    for kind, methods in (("linear", LINEAR_METHODS), ("softmax", SOFTMAX_METHODS)):
+        baseline = layers[BASELINE[kind]]["total_s"]
+        rows = [[method, _ms(layers[method]["forward_compute_s"] + layers[method]["backward_compute_s"]),
+                 _ms(layers[method]["forward_exposed_s"] + layers[method]["backward_exposed_s"]),
+                 _ms(layers[method]["total_s"]), f"{layers[method]['total_s'] / baseline:.3f}",
+                 f"{layers[method]['bytes_received'] / 2**20:,.1f}"] for method in methods]
+        lines += harness.markdown_table(["scheme", "compute ms", "exposed comm ms", "total ms",
+                                         f"× {BASELINE[kind]}", "MiB received"], rows) + [""]
+    steps = projected["preset_steps"]
+    if steps:
+        gain = steps["lasp1"]["step_s"] / steps["lasp2"]["step_s"] - 1
+        lines += [
+            f"Whole model (configs/{PRESET.name}, planner step estimate): LASP-2 "
+            f"{steps['lasp2']['step_s']:.3f} s, LASP-1 {steps['lasp1']['step_s']:.3f} s per step, so LASP-2 is "
+            f"{gain:.1%} faster. The LASP-2 paper measured {PAPER_RATIOS['lasp2_vs_lasp1']:.1%} in this setting "
+            "(end-to-end throughput on its cluster); the model prices LASP-1's chain by link latency, bandwidth "
+            "and a stated per-hop overhead only, so launch and scheduling costs of a real chain are not in it.",
+            "",
+        ]
+    return lines
 
 
-def _total(term: dict[str, float]) -> float:
-    return term["compute"] + term["exposed"]
-
-
-def _projection_rows(terms_by_source: dict[str, dict[str, dict[str, float]]]) -> list[str]:
-    rows = []
-    for source, terms in terms_by_source.items():
-        lasp2_total = _total(terms["lasp2"])
-        for method, term in terms.items():
-            total = _total(term)
-            rows.append(
-                f"| {source} | {method} | {_duration(term['compute'])} | {_duration(term['exposed'])} "
-                f"| {_duration(total)} | {total / lasp2_total:,.3f} | {term['bytes'] / 2**20:,.1f} |"
-            )
-    return rows
-
-
-def markdown(args, argv, measurements, terms_by_source, rates_by_source, plot: Path | None) -> str:
+def markdown(args: argparse.Namespace, argv: list[str], measurements: list[Measurement], projected: dict,
+             plot: Path | None) -> str:
     command = "spindle bench cp" + ("" if not argv else " " + shlex.join(argv))
     lines = [
         "# Context-parallel benchmark: LASP-2, LASP-1, ring, all-gather and Ulysses",
@@ -317,73 +251,20 @@ def markdown(args, argv, measurements, terms_by_source, rates_by_source, plot: P
         "",
         f"Device: CPU ({os.cpu_count()} cores, shared with other jobs), gloo over loopback, torch {torch.__version__}, "
         f"{datetime.date.today()}; one layer, fp32, B={args.batch}, H={args.heads} (softmax H_kv={args.kv_heads}), "
-        f"d={args.dim}, layout {args.layout}, per-token decay for the linear layers; median of {args.repeats} "
-        f"forward+backward runs after {args.warmup} warm-up, each the slowest rank's time.",
+        f"d={args.dim}, layout {args.layout}, per-token decay for the linear layers; {args.repeats} timed "
+        f"forward+backward runs after {args.warmup} warm-ups, each sample the slowest rank's.",
         "",
-        "**Measured on a CPU with all ranks sharing two cores**: compute contends for the cores and the loopback "
-        "'network' is nearly free, so these times say little about GPU clusters. The byte counts are exact and "
-        "hold anywhere (bytes a rank receives per layer; see spindle/parallel/cp/comm.py). GPU runs are pending.",
+        "On a CPU all ranks share the cores and the loopback 'network' is nearly free, so these times say little "
+        "about GPU clusters. The byte counts are exact and hold anywhere (the busiest rank's received bytes per "
+        "layer, spindle/parallel/cp/comm.py).",
         "",
         "## Measured",
         "",
-        "| P | T | method | fwd+bwd ms | × lasp2 | × ring | fwd bytes | bwd bytes | calls fwd / bwd |",
-        "|---:|---:|---|---:|---:|---:|---:|---:|---|",
-        *_ratio_rows(measurements),
-        "",
-        "Bytes and calls are the busiest rank's (received, per layer). LASP-2's bytes do not depend on T (one "
-        "gather of d×d states per direction); the softmax schemes' grow with T. lasp1's calls are the P2P hops "
-        "a rank receives; along the chain they are serial.",
-        "",
+        *measured_tables(measurements),
     ]
     if plot is not None:
-        lines += [f"![fwd+bwd time per method]({plot.name})", ""]
-    return "\n".join(lines + _projection_section(args, terms_by_source, rates_by_source))
-
-
-def _projection_section(args, terms_by_source, rates_by_source) -> list[str]:
-    cpu, anchor = rates_by_source.get("CPU-measured"), rates_by_source["GPU anchor"]
-    p, total = args.project_gpus, args.project_tokens
-    lines = [
-        f"## Projection: {p} GPUs, {total // 1024}K tokens, one layer",
-        "",
-        f"Shape: B={args.project_batch}, H={args.project_heads}, H_kv={args.project_kv_heads}, "
-        f"d={args.project_dim}, bf16 activations, fp32 states; {args.gpus_per_node} GPUs per node; stated links: "
-        f"intra-node {args.intra_bandwidth / 1e9:.0f} GB/s, {args.intra_latency * 1e6:.0f} µs; inter-node "
-        f"{args.inter_bandwidth / 1e9:.0f} GB/s, {args.inter_latency * 1e6:.0f} µs per step; LASP-1 per-hop "
-        f"overhead {args.p2p_overhead * 1e6:.0f} µs. Model and formulas: `projection_terms` in benchmarks/cp.py.",
-        "",
-        "Kernel compute comes from a FLOP rate, two ways: **GPU anchor** = the published Lightning Attention-2 / "
-        f"FlashAttention-2 times (b=4, h=32, d=128, 32K, bf16; {anchor['linear'] / 1e12:.1f} and "
-        f"{anchor['softmax'] / 1e12:.1f} TFLOP/s fwd+bwd), and "
-        + (f"**CPU-measured** = spindle's own kernels timed on this CPU ({cpu['linear'] / 1e9:.2f} and "
-           f"{cpu['softmax'] / 1e9:.2f} GFLOP/s, {anchor['linear'] / cpu['linear']:,.0f}× and "
-           f"{anchor['softmax'] / cpu['softmax']:,.0f}× below the anchors), so there compute dwarfs and hides "
-           "all communication." if cpu else "(CPU measurement skipped).")
-        + "",
-        "",
-        "| kernel rate | method | compute | exposed comm | total | × lasp2 | MiB per rank |",
-        "|---|---|---:|---:|---:|---:|---:|",
-        *_projection_rows(terms_by_source),
-        "",
-    ]
-    terms = terms_by_source["GPU anchor"]
-    lasp2_total, lasp1_total, ring_total = (_total(terms[m]) for m in ("lasp2", "lasp1", "ring"))
-    lines += [
-        "LASP-2 paper (64 GPUs, 2048K tokens, Linear-Llama3 end-to-end throughput): LASP-2 is "
-        f"{PAPER_RATIOS['lasp2_vs_lasp1']:.1%} faster than LASP-1 and {PAPER_RATIOS['lasp2_vs_ring']:.1%} faster "
-        "than Ring Attention. This projection (GPU anchor), per layer: LASP-2 is "
-        f"{lasp1_total / lasp2_total - 1:.1%} faster than LASP-1 on a linear layer, and a linear layer with LASP-2 "
-        f"costs {lasp2_total / ring_total:.2%} of a softmax layer with zigzag ring attention. The comparisons "
-        "differ: the paper measures whole-model throughput (MLPs and all) and runs Ring Attention on the linear "
-        "model, while here ring attention is the softmax layer of a hybrid model. Where the LASP gap comes from: "
-        f"LASP-1's 2(P-1) serial hops expose {_duration(terms['lasp1']['exposed'])} per layer, while each of "
-        f"LASP-2's two state gathers ({_duration(_gather_seconds(args))}) hides behind the local kernel of its "
-        f"direction ({_duration(terms['lasp2']['compute'] / 3)} forward, "
-        f"{_duration(2 * terms['lasp2']['compute'] / 3)} backward). The whole gap rides on the stated link "
-        "latencies and per-hop overhead: change them with the projection options.",
-        "",
-    ]
-    return lines
+        lines += [f"![fwd+bwd time per scheme]({plot.name})", ""]
+    return "\n".join(lines + projection_section(args, projected))
 
 
 def plot_measurements(measurements: list[Measurement], path: Path) -> None:
@@ -393,16 +274,18 @@ def plot_measurements(measurements: list[Measurement], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     world_sizes = sorted({m.world_size for m in measurements})
-    figure, axes = plt.subplots(1, len(world_sizes), figsize=(5.5 * len(world_sizes), 4), squeeze=False)
-    for axis, world_size in zip(axes[0], world_sizes):
-        for method in METHODS:
-            points = sorted((m.length, m.median_ms) for m in measurements
-                            if m.world_size == world_size and m.method == method)  # fmt: skip
-            if points:
-                axis.plot(*zip(*points), marker="o", label=method)
-        axis.set(title=f"P = {world_size} gloo ranks (CPU)", xlabel="sequence length T",
-                 ylabel="fwd+bwd ms per layer", xscale="log", yscale="log")  # fmt: skip
-        axis.legend()
+    figure, axes = plt.subplots(2, len(world_sizes), figsize=(5.5 * len(world_sizes), 7), squeeze=False)
+    for column, world_size in enumerate(world_sizes):
+        for row, (kind, methods) in enumerate((("linear", LINEAR_METHODS), ("softmax", SOFTMAX_METHODS))):
+            axis = axes[row][column]
+            for method in methods:
+                points = sorted((m.length, m.median_ms) for m in measurements
+                                if m.world_size == world_size and m.method == method and m.timing)  # fmt: skip
+                if points:
+                    axis.plot(*zip(*points), marker="o", label=method)
+            axis.set(title=f"{kind} layer, P = {world_size} gloo ranks (CPU)", xlabel="sequence length T",
+                     ylabel="fwd+bwd ms", xscale="log", yscale="log")  # fmt: skip
+            axis.legend()
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
@@ -418,43 +301,47 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--heads", type=int, default=8)
     parser.add_argument("--kv-heads", type=int, default=4, help="softmax layers (GQA)")
     parser.add_argument("--dim", type=int, default=32)
-    parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--timeout", type=float, default=900.0, help="seconds before a collective gives up")
-    parser.add_argument("--rate-length", type=int, default=2048, help="T for the single-device FLOP-rate probe")
-    parser.add_argument("--skip-measured-rate", action="store_true", help="project from the GPU anchor only")
-    projection = parser.add_argument_group("projection")
-    projection.add_argument("--project-gpus", type=int, default=64)
-    projection.add_argument("--project-tokens", type=int, default=2048 * 1024)
-    projection.add_argument("--project-batch", type=int, default=1)
-    projection.add_argument("--project-heads", type=int, default=32)
-    projection.add_argument("--project-kv-heads", type=int, default=8)
-    projection.add_argument("--project-dim", type=int, default=128)
-    projection.add_argument("--gpus-per-node", type=int, default=8)
-    projection.add_argument("--intra-bandwidth", type=float, default=300e9, help="bytes/s per GPU (NVLink)")
-    projection.add_argument("--inter-bandwidth", type=float, default=25e9, help="bytes/s per GPU (200 Gb/s IB)")
-    projection.add_argument("--intra-latency", type=float, default=3e-6, help="seconds per step")
-    projection.add_argument("--inter-latency", type=float, default=10e-6, help="seconds per step")
-    projection.add_argument("--p2p-overhead", type=float, default=20e-6, help="LASP-1 launch/sync per hop, s")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--timeout", type=float, default=900.0, help="seconds before a run is declared hung")
+    projection_options = parser.add_argument_group("projection (the planner's cost model)")
+    projection_options.add_argument("--gpu", default="h200", help="GPU of runtime/hardware.py")
+    projection_options.add_argument("--efficiency", type=float, default=None,
+                                    help="achievable fraction of peak (default: the planner's)")
+    projection_options.add_argument("--link-gbps", type=float, default=None,
+                                    help="inter-node GB/s per GPU (default: the planner's)")
+    projection_options.add_argument("--project-gpus", type=int, default=64)
+    projection_options.add_argument("--project-tokens", type=int, default=2048 * 1024)
+    projection_options.add_argument("--project-batch", type=int, default=1)
+    projection_options.add_argument("--project-heads", type=int, default=32)
+    projection_options.add_argument("--project-kv-heads", type=int, default=8)
+    projection_options.add_argument("--project-dim", type=int, default=128)
     parser.add_argument("--output", default="docs/benchmarks/cp.md")
     return parser
 
 
 def _parse(argv: list[str]) -> argparse.Namespace:
-    args = _parser().parse_args(argv)
+    from spindle.runtime import plan
+
+    parser = _parser()
+    args = parser.parse_args(argv)
     try:
         args.world_sizes = [int(x) for x in args.world_sizes.split(",") if x]
         args.lengths = [int(x) for x in args.lengths.split(",") if x]
     except ValueError as error:
-        _parser().error(f"--world-sizes and --lengths take comma-separated integers ({error})")
+        parser.error(f"--world-sizes and --lengths take comma-separated integers ({error})")
     args.methods = [m for m in args.methods.split(",") if m]
     unknown = sorted(set(args.methods) - set(METHODS))
     if unknown:
-        _parser().error(f"--methods: unknown {unknown}; choose from {', '.join(METHODS)}")
+        parser.error(f"--methods: unknown {unknown}; choose from {', '.join(METHODS)}")
     for length in args.lengths:
         for world_size in args.world_sizes:
             if length % (2 * world_size):
-                _parser().error(f"--lengths: {length} is not divisible by 2 x {world_size} ranks (zigzag)")
+                parser.error(f"--lengths: {length} is not divisible by 2 x {world_size} ranks (zigzag)")
+    if args.gpu.lower() not in plan.GPUS:
+        parser.error(f"--gpu {args.gpu!r}: expected one of {', '.join(plan.GPUS)}")
+    args.efficiency = plan.DEFAULT_EFFICIENCY if args.efficiency is None else args.efficiency
+    args.link_gbps = plan.DEFAULT_INTER_NODE_GBPS if args.link_gbps is None else args.link_gbps
     return args
 
 
@@ -465,23 +352,16 @@ def main(argv: list[str] | None = None) -> int:
     for world_size in args.world_sizes:
         print(f"measuring on {world_size} gloo ranks: lengths {args.lengths}, methods {args.methods}", flush=True)
         measurements += measure(args, world_size)
-    rates_by_source = {"GPU anchor": anchor_rates()}
-    if not args.skip_measured_rate:
-        rates_by_source["CPU-measured"] = measured_rates(args)
-    terms_by_source = {source: projection_terms(args, rates) for source, rates in rates_by_source.items()}
-
+    projected = projection(args)
     output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)
     plot = output.with_suffix(".png") if measurements else None
     if plot is not None:
         plot_measurements(measurements, plot)
-    text = markdown(args, argv, measurements, terms_by_source, rates_by_source, plot)
+    text = markdown(args, argv, measurements, projected, plot)
     output.write_text(text)
-    output.with_suffix(".json").write_text(json.dumps({
-        "measured": [asdict(m) for m in measurements],
-        "projection": terms_by_source,
-        "rates_flops_per_s": rates_by_source,
-    }, indent=1))  # fmt: skip
+    output.with_suffix(".json").write_text(json.dumps(
+        {"measured": [asdict(m) for m in measurements], "projection": projected}, indent=1))
     print(text)
     return 0
 

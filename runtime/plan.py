@@ -614,12 +614,151 @@ def flops(shape: Shape, layout: Layout) -> Flops:
     # intra-chunk products of the linear kernels (not in the model count): 2 matmuls over C/2 keys, ×3
     linear_intra = shape.linear_layers * 3 * 2 * LINEAR_CHUNK * shape.dim
     hardware_per_token = per_token + recompute + linear_intra
+    if layout.cp > 1 and LINEAR_BACKWARD_RECOMPUTES_FORWARD:
+        # the LASP backward reruns each linear layer's local forward kernel (cp_layer_cost)
+        hardware_per_token += shape.linear_layers * linear_kernel_flops(1, shape.heads, 1, shape.head_dim)
     if layout.cp_layout == "contiguous" and layout.cp > 1:
         # the last cp rank attends to the most keys: (2P−1)/P of the average
         attention = shape.softmax_layers * 6 * layout.seq_len * shape.dim
         hardware_per_token += attention * ((2 * layout.cp - 1) / layout.cp - 1)
     return Flops(model_per_token=per_token, model_per_step=per_token * tokens_per_step,
                  hardware_per_step_per_gpu=hardware_per_token * tokens_per_step / layout.world_size)
+
+
+# ---------------------------------------------------------------------------------------------
+# The context-parallel cost model: one layer of one scheme (used by step_time and `spindle bench cp`)
+# ---------------------------------------------------------------------------------------------
+# Launch and synchronization cost of one dependent hop of LASP-1's chain on top of link latency (an
+# assumption: a point-to-point receive, a small kernel and a send per hop); docs/algorithms.md.
+LASP1_HOP_OVERHEAD_S = 20e-6
+# parallel/cp/linear.py's backward reruns the local forward kernel (to get gradients with the incoming
+# state held fixed) before the local backward: one extra forward per linear layer under CP.
+LINEAR_BACKWARD_RECOMPUTES_FORWARD = True
+LINEAR_BACKWARD_FACTOR = 2.0  # the chunked kernel's backward costs about two forwards
+SOFTMAX_BACKWARD_FACTOR = 2.5  # flash-attention backward: about 2.5 forwards
+
+
+@dataclass(frozen=True)
+class CpShape:
+    """One layer under context parallelism, seen from one rank."""
+
+    world_size: int
+    local_tokens: int
+    batch: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    compute_bytes: int
+    states_per_rank: int = 1
+    """Contiguous chunks a rank owns (zigzag: 2): LASP moves one state per chunk."""
+
+
+@dataclass(frozen=True)
+class CpLayerCost:
+    """Seconds and bytes of one layer's forward and backward on one rank."""
+
+    scheme: str
+    forward_compute_s: float
+    backward_compute_s: float
+    forward_exposed_s: float
+    """Communication the forward cannot hide behind its computation."""
+    backward_exposed_s: float
+    bytes_received: float
+    """Both directions, per rank."""
+
+    @property
+    def total_s(self) -> float:
+        return self.forward_compute_s + self.backward_compute_s + self.forward_exposed_s + self.backward_exposed_s
+
+
+def linear_kernel_flops(batch: int, heads: int, tokens: int, head_dim: int) -> float:
+    """Forward FLOPs of chunked linear attention: per token and head, the intra-chunk products (q·kᵀ and
+    the weighted sum of v over a chunk of LINEAR_CHUNK) and the state read and update (2·d² each)."""
+    return 2.0 * batch * heads * tokens * (LINEAR_CHUNK * head_dim + 2 * head_dim * head_dim)
+
+
+def softmax_kernel_flops(batch: int, heads: int, query_tokens: int, key_tokens: int, head_dim: int,
+                         causal_share: float) -> float:
+    """Forward FLOPs of attention: q·kᵀ and p·v, 4·Tq·Tk·d per head, times the unmasked share."""
+    return 4.0 * batch * heads * query_tokens * key_tokens * head_dim * causal_share
+
+
+def _hop(bytes_moved: float, bandwidth: float, latency: float) -> float:
+    return latency + bytes_moved / bandwidth
+
+
+def cp_layer_cost(scheme: str, shape: CpShape, bandwidth: float, latency: float, flop_rate: float) -> CpLayerCost:
+    """Forward and backward of one layer with ``scheme`` on P = shape.world_size ranks.
+
+    Compute runs at ``flop_rate``; every transfer costs latency + bytes / bandwidth per step of a ring
+    (collectives over P ranks take P − 1 steps). Assumptions (docs/algorithms.md, "cost model"):
+    - lasp2: one all-gather of the fp32 d×d states per direction; each overlaps the local kernel of its
+      direction (forward: the intra-rank forward; backward: the rerun forward and the local backward).
+    - lasp1: the same bytes as a chain of P − 1 dependent hops per direction, each also paying
+      LASP1_HOP_OVERHEAD_S; nothing to overlap, since a rank needs its incoming state to go on.
+    - ring (zigzag): P equal steps; a hop moves local K and V (backward: also fp32 dK/dV) while a step
+      computes, so only a hop longer than a step shows.
+    - allgather: gather K/V before attention (forward), re-gather and reduce-scatter fp32 dK/dV
+      (backward), not overlapped.
+    - ulysses: all-to-all of q, k, v and o in each direction, not overlapped.
+    """
+    p, n, b, d = shape.world_size, shape.local_tokens, shape.batch, shape.head_dim
+    if scheme in ("lasp2", "lasp1"):
+        forward = linear_kernel_flops(b, shape.heads, n, d) / flop_rate
+        backward = LINEAR_BACKWARD_FACTOR * forward + (forward if LINEAR_BACKWARD_RECOMPUTES_FORWARD else 0.0)
+        state = shape.states_per_rank * b * shape.heads * d * d * 4
+        if p == 1:
+            return CpLayerCost(scheme, forward, backward, 0.0, 0.0, 0.0)
+        if scheme == "lasp2":
+            gather = (p - 1) * _hop(state, bandwidth, latency)
+            return CpLayerCost(scheme, forward, backward, max(0.0, gather - forward), max(0.0, gather - backward),
+                               2 * (p - 1) * state)
+        chain = (p - 1) * (_hop(state, bandwidth, latency) + LASP1_HOP_OVERHEAD_S)
+        return CpLayerCost(scheme, forward, backward, chain, chain, 2 * state)
+    if scheme not in ("ring", "allgather", "ulysses"):
+        raise ValueError(f"cp scheme {scheme!r}: expected one of lasp2, lasp1, ring, allgather, ulysses")
+    # zigzag balances the causal mask: every rank does 1/P of the T×T/2 work
+    forward = softmax_kernel_flops(b, shape.heads, n, n * p, d, 0.5) / flop_rate
+    backward = SOFTMAX_BACKWARD_FACTOR * forward
+    if p == 1:
+        return CpLayerCost(scheme, forward, backward, 0.0, 0.0, 0.0)
+    kv = 2 * b * n * shape.kv_heads * d * shape.compute_bytes  # local K and V
+    kv_grad = 2 * b * n * shape.kv_heads * d * 4  # fp32 dK and dV
+    if scheme == "ring":
+        forward_step, backward_step = forward / p, backward / p
+        return CpLayerCost(scheme, forward, backward,
+                           (p - 1) * max(0.0, _hop(kv, bandwidth, latency) - forward_step),
+                           (p - 1) * max(0.0, _hop(kv + kv_grad, bandwidth, latency) - backward_step),
+                           (p - 1) * (2 * kv + kv_grad))
+    if scheme == "allgather":
+        gather = (p - 1) * _hop(kv, bandwidth, latency)
+        reduce_scatter = (p - 1) * _hop(kv_grad, bandwidth, latency)
+        return CpLayerCost(scheme, forward, backward, gather, gather + reduce_scatter, (p - 1) * (2 * kv + kv_grad))
+    qkvo = b * n * (2 * shape.heads + 2 * shape.kv_heads) * d * shape.compute_bytes
+    all_to_all = 4 * (p - 1) * latency + (p - 1) / p * qkvo / bandwidth
+    return CpLayerCost(scheme, forward, backward, all_to_all, all_to_all, 2 * (p - 1) / p * qkvo)
+
+
+def cp_shape(kind: str, shape: Shape, layout: Layout) -> CpShape:
+    """The per-rank shape of one layer of ``kind`` ("L" / "A") under ``layout`` (heads split by tp)."""
+    kv_heads = shape.heads if kind == "L" else shape.kv_heads
+    return CpShape(layout.cp, layout.local_tokens, layout.micro_batch, shape.heads // layout.tp,
+                   max(1, kv_heads // layout.tp), shape.head_dim, layout.compute_bytes, layout.states_per_rank)
+
+
+def _cp_exposed_seconds(shape: Shape, layout: Layout, network: Network, flop_rate: float) -> float:
+    """Exposed context-parallel communication of one optimizer step (recomputed layers repeat the forward)."""
+    if layout.cp == 1:
+        return 0.0
+    bandwidth, latency = group_bandwidth("cp", layout, network)
+    total = 0.0
+    for kind in sorted(set(shape.pattern)):
+        scheme = layout.cp_linear if kind == "L" else layout.cp_softmax
+        cost = cp_layer_cost(scheme, cp_shape(kind, shape, layout), bandwidth, latency, flop_rate)
+        forwards = 2 if checkpointed(kind, layout.checkpointing) else 1
+        per_layer = forwards * cost.forward_exposed_s + cost.backward_exposed_s
+        total += shape.pattern.count(kind) * layout.accumulation * per_layer
+    return total
 
 
 @dataclass
@@ -641,37 +780,20 @@ def _exposed_seconds(volume: CommVolume, layout: Layout, network: Network, hide_
     return max(0.0, seconds - hide_under) if volume.overlapped else seconds
 
 
-def _overlap_window(volume: CommVolume, shape: Shape, layout: Layout, compute: float,
-                    flop_rate: float) -> float:
-    """Seconds of computation an overlapped transfer can hide behind: the linear kernels' work for
-    LASP-2 (the intra-chunk part runs while the states travel), the softmax layers' attention for
-    ring attention, the backward pass (2/3 of the compute) for dp gradient traffic."""
-    if not volume.overlapped:
-        return 0.0
-    if volume.group != "cp":
-        return compute * 2 / 3
-    tokens = layout.micro_batch * layout.local_tokens * layout.accumulation
-    if volume.name.startswith("LASP"):
-        per_token = shape.linear_layers * 3 * (4 * shape.head_dim * shape.dim + 2 * LINEAR_CHUNK * shape.dim)
-    else:
-        per_token = shape.softmax_layers * 6 * layout.seq_len * shape.dim
-    return tokens * per_token / layout.tp / flop_rate
-
-
 def step_time(shape: Shape, layout: Layout, gpu: GpuSpec, network: Network,
               efficiency: float = DEFAULT_EFFICIENCY) -> StepTime:
     """Compute at ``efficiency`` × peak, plus exposed communication, plus the memory-bound AdamW step.
 
-    Overlapped traffic (LASP-2, ring attention, dp gradient sync) only shows where it exceeds the
-    computation it hides behind (the mixers' share for CP, the whole backward for dp).
+    Context-parallel traffic is priced by cp_layer_cost (LASP-2 and ring attention overlap, LASP-1's
+    chain does not); dp gradient sync only shows where it exceeds the backward pass (2/3 of compute).
     """
     counted = flops(shape, layout)
     flop_rate = gpu.peak_flops * efficiency
     compute = counted.hardware_per_step_per_gpu / flop_rate
-    exposed = 0.0
+    exposed = _cp_exposed_seconds(shape, layout, network, flop_rate)
     for volume in communication(shape, layout):
-        hide_under = _overlap_window(volume, shape, layout, compute, flop_rate)
-        exposed += _exposed_seconds(volume, layout, network, hide_under)
+        if volume.group != "cp":  # context parallelism: cp_layer_cost above
+            exposed += _exposed_seconds(volume, layout, network, compute * 2 / 3 if volume.overlapped else 0.0)
     state = model_state_memory(shape, layout)
     local_optimized = (state.optimizer + state.optimizer_cpu) / 8
     # AdamW reads parameter, gradient and both moments and writes three of them: 28 B per parameter

@@ -451,3 +451,47 @@ def test_e2e_benchmark_writes_report(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert output.with_suffix(".png").stat().st_size > 0
     assert e2e.main(["--models", "transformer"]) == 2
     assert "unknown model variant" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------
+# The one context-parallel cost model
+# ---------------------------------------------------------------------------------------------
+def _cp_shape(world_size: int, local_tokens: int = 32768) -> plan.CpShape:
+    return plan.CpShape(world_size, local_tokens, batch=1, heads=32, kv_heads=8, head_dim=128, compute_bytes=2,
+                        states_per_rank=2)
+
+
+def test_lasp1_chain_is_serial_and_lasp2_overlaps() -> None:
+    bandwidth, latency, rate = 50e9, 15e-6, 400e12
+    state = 2 * 32 * 128 * 128 * 4
+    lasp1 = plan.cp_layer_cost("lasp1", _cp_shape(64), bandwidth, latency, rate)
+    hop = latency + state / bandwidth + plan.LASP1_HOP_OVERHEAD_S
+    assert lasp1.forward_exposed_s == pytest.approx(63 * hop) and lasp1.backward_exposed_s == pytest.approx(63 * hop)
+    lasp2 = plan.cp_layer_cost("lasp2", _cp_shape(64), bandwidth, latency, rate)
+    gather = 63 * (latency + state / bandwidth)
+    assert lasp2.forward_exposed_s == pytest.approx(max(0.0, gather - lasp2.forward_compute_s))
+    assert lasp2.backward_exposed_s == pytest.approx(max(0.0, gather - lasp2.backward_compute_s))
+    assert lasp2.total_s < lasp1.total_s
+    # a slow kernel hides LASP-2's gathers completely, never LASP-1's chain
+    slow = plan.cp_layer_cost("lasp2", _cp_shape(64), bandwidth, latency, 1e9)
+    assert slow.forward_exposed_s == 0 == slow.backward_exposed_s
+    assert plan.cp_layer_cost("lasp1", _cp_shape(64), bandwidth, latency, 1e9).forward_exposed_s == pytest.approx(63 * hop)
+    # the backward reruns the local forward: 2 forwards of backward + 1 rerun
+    assert lasp2.backward_compute_s == pytest.approx(3 * lasp2.forward_compute_s)
+
+
+def test_ring_hides_hops_shorter_than_a_step_and_allgather_does_not() -> None:
+    fast_link = plan.cp_layer_cost("ring", _cp_shape(8), 450e9, 5e-6, 400e12)
+    assert fast_link.forward_exposed_s == 0
+    slow_link = plan.cp_layer_cost("ring", _cp_shape(8), 1e9, 5e-6, 400e12)
+    assert slow_link.forward_exposed_s > 0
+    gathered = plan.cp_layer_cost("allgather", _cp_shape(8), 450e9, 5e-6, 400e12)
+    assert gathered.forward_exposed_s > 0 and gathered.bytes_received == fast_link.bytes_received
+    with pytest.raises(ValueError, match="expected one of"):
+        plan.cp_layer_cost("ringg", _cp_shape(8), 1e9, 0, 1e12)
+
+
+def test_step_time_prices_cp_with_the_layer_model() -> None:
+    lasp2 = plan.make_plan(make_config(layers="L", n_layers=2, cp=4, seq_len=8192))
+    lasp1 = plan.make_plan(make_config(layers="L", n_layers=2, cp=4, seq_len=8192, cp_linear="lasp1"))
+    assert lasp1.time.communication_s > lasp2.time.communication_s
