@@ -200,13 +200,18 @@ def flash_attn3_backward(q, k, v, o, lse, do, causal: bool, scale: float, window
 # PyTorch's FlashAttention-2 kernel (aten), native GQA, window and varlen
 
 
+def aten_op(name: str) -> Any:
+    """torch.ops.aten.<name>; one lookup point, so CPU tests can stand in ops of the same schema."""
+    return getattr(torch.ops.aten, name)
+
+
 def sdpa_supports(q: torch.Tensor) -> bool:
     return _half_kernel_supports(q) and torch.cuda.get_device_capability(q.device) >= (8, 0)
 
 
 def sdpa_supports_window() -> bool:
-    return has_parameter(torch.ops.aten._flash_attention_forward, "window_size_left") and has_parameter(
-        torch.ops.aten._flash_attention_backward, "window_size_left"
+    return has_parameter(aten_op("_flash_attention_forward"), "window_size_left") and has_parameter(
+        aten_op("_flash_attention_backward"), "window_size_left"
     )
 
 
@@ -258,7 +263,7 @@ def sdpa_forward(q, k, v, causal: bool, scale: float, window: int | None = None,
     if documents is not None:
         values.update(query=_packed(q), key=_packed(k), value=_packed(v), cum_seq_q=documents.cu_seqlens,
                       cum_seq_k=documents.cu_seqlens, max_q=documents.max_seqlen, max_k=documents.max_seqlen)
-    output, lse = call_op(torch.ops.aten._flash_attention_forward, values, where="aten flash attention",
+    output, lse = call_op(aten_op("_flash_attention_forward"), values, where="aten flash attention",
                           required=required)[:2]
     if documents is None:
         return output, lse.float()
@@ -282,7 +287,7 @@ def sdpa_backward(q, k, v, o, lse, do, causal: bool, scale: float, window: int |
                       out=_packed(values["out"]), logsumexp=_sdpa_lse_to_kernel(lse, documents),
                       cum_seq_q=documents.cu_seqlens, cum_seq_k=documents.cu_seqlens,
                       max_q=documents.max_seqlen, max_k=documents.max_seqlen)
-    dq, dk, dv = call_op(torch.ops.aten._flash_attention_backward, values, where="aten flash attention backward",
+    dq, dk, dv = call_op(aten_op("_flash_attention_backward"), values, where="aten flash attention backward",
                          required=required)[:3]
     return dq.view(q.shape), dk.view(k.shape), dv.view(v.shape)
 
@@ -302,7 +307,7 @@ def _repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
 
 def sdpa_efficient_forward(q, k, v, causal: bool, scale: float, window=None, documents=None):
     groups = q.shape[2] // k.shape[2]
-    output, lse = call_op(torch.ops.aten._efficient_attention_forward, dict(
+    output, lse = call_op(aten_op("_efficient_attention_forward"), dict(
         query=q, key=_repeat_kv(k, groups), value=_repeat_kv(v, groups), bias=None, cu_seqlens_q=None,
         cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None, dropout_p=0.0,
         custom_mask_type=_MASK_BOTTOM_RIGHT if causal else _MASK_NONE, compute_log_sumexp=True, scale=scale,
@@ -317,7 +322,7 @@ def sdpa_efficient_backward(q, k, v, o, lse, do, causal: bool, scale: float, win
     padded_lse = torch.zeros(*lse.shape[:-1], padded, dtype=torch.float32, device=lse.device)
     padded_lse[..., :query_length] = lse
     unused_rng = torch.zeros((), dtype=torch.int64, device=q.device)
-    dq, dk, dv = call_op(torch.ops.aten._efficient_attention_backward, dict(
+    dq, dk, dv = call_op(aten_op("_efficient_attention_backward"), dict(
         grad_out_=do.contiguous(), query=q, key=_repeat_kv(k, groups), value=_repeat_kv(v, groups), bias=None,
         out=o.contiguous(), cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=query_length,
         max_seqlen_k=k.shape[1], logsumexp=padded_lse, dropout_p=0.0, philox_seed=unused_rng,
