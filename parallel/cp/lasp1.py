@@ -15,6 +15,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from spindle.kernels.linear_attn import floor_log_decay
+
 from .comm import RingComm
 from .layout import chunk_order
 from .linear import LinearContextParallel, LinearSetup, validate_linear_inputs
@@ -124,5 +126,6 @@ def lasp1(
     (one pass up the ranks). "zigzag" works too, at twice the serial hops.
     """
     setup = validate_linear_inputs("lasp1", q, k, v, group, layout, log_decay, scale)
-    exchange = ChainedStateExchange(group, setup, log_decay, chunk_length=q.shape[1] // setup.slots)
+    # the floored decay, as the local kernels see it (-inf: a reset)
+    exchange = ChainedStateExchange(group, setup, floor_log_decay(log_decay), chunk_length=q.shape[1] // setup.slots)
     return LinearContextParallel.apply(q, k, v, log_decay, setup, exchange)

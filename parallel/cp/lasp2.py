@@ -17,6 +17,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from spindle.kernels.linear_attn import floor_log_decay
+
 from .comm import AllGatherComm
 from .layout import chunk_order, local_chunks
 from .linear import LinearContextParallel, LinearSetup, validate_linear_inputs
@@ -99,5 +101,6 @@ def lasp2(
         unsharded tensors, sharded the same way. Differentiable in q, k, v and log_decay.
     """
     setup = validate_linear_inputs("lasp2", q, k, v, group, layout, log_decay, scale)
-    exchange = GatheredStateExchange(group, setup, log_decay, chunk_length=q.shape[1] // setup.slots)
+    # the floored decay, as the local kernels see it (-inf: a reset)
+    exchange = GatheredStateExchange(group, setup, floor_log_decay(log_decay), chunk_length=q.shape[1] // setup.slots)
     return LinearContextParallel.apply(q, k, v, log_decay, setup, exchange)

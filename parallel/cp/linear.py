@@ -26,8 +26,15 @@ from typing import Protocol
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
-from spindle.kernels import linear_attention
+from spindle.kernels.linear_attn import (
+    LOG_DECAY_FLOOR,
+    check_log_decay_values,
+    floor_log_decay,
+    linear_attention_bwd,
+    linear_attention_fwd,
+)
 
 from .comm import check_ranks_agree, group_rank_and_size
 from .layout import check_layout, chunks_per_rank, from_slots, to_slots
@@ -76,12 +83,19 @@ def validate_linear_inputs(
     """Cross-rank agreement first (so no rank is left waiting in a collective), then local checks."""
     rank, world_size = group_rank_and_size(group, caller)
     check_layout(layout, caller)
-    positive_decay = isinstance(log_decay, torch.Tensor) and bool((log_decay.detach() > 0).any())
+    bad_decay = False
+    if isinstance(log_decay, torch.Tensor) and log_decay.is_floating_point():
+        if log_decay.device.type == "cpu":  # checked here so every rank raises together; no device sync
+            bad_decay = not bool((log_decay.detach() <= 0).all())
+        else:  # on the device, no host sync: a bad value stops the program at the next synchronization
+            check_log_decay_values(log_decay, caller)
     check_ranks_agree(
         group,
         caller,
         {"q": q, "k": k, "v": v, "log_decay": log_decay, "layout": layout, "scale": scale},
-        any_rank_flags={"log_decay has positive values; it must be <= 0 (log of a decay in (0, 1])": positive_decay},
+        any_rank_flags={
+            "log_decay has NaN or positive values; it must be <= 0 (log of a decay in [0, 1]; -inf resets)": bad_decay
+        },
     )
     for name, tensor in (("q", q), ("k", k), ("v", v)):
         if not isinstance(tensor, torch.Tensor) or tensor.dim() != 4:
@@ -122,46 +136,85 @@ def validate_linear_inputs(
 # --------------------------------------------------------------------------- local math (slot-stacked)
 
 
-def cumulative_log_decay(log_decay: torch.Tensor | None, kind: str, length: int, dtype: torch.dtype):
-    """Inclusive G_i inside each chunk: [SB, m, H] (per token), [1, m, H] (constant) or None."""
+@dataclasses.dataclass
+class LocalDecay:
+    """Decay factors inside each chunk, all <= 1 and none from a difference of two long cumulative sums.
+
+    query: e^{G_i} [SB or 1, m, H] (G_i inclusive prefix); key: e^{Σ_{u>i} g_u} (the exclusive suffix sum,
+    the key's weight in the chunk's final state); transition: Γ = e^{G_m} [SB or 1, H].
+    """
+
+    query: torch.Tensor
+    key: torch.Tensor
+    transition: torch.Tensor
+
+
+def local_decay(log_decay: torch.Tensor | None, kind: str, length: int, dtype: torch.dtype) -> LocalDecay | None:
+    """From the (floored) decay: [H] (constant) or the slot-stacked [SB, m, H] (per token)."""
     if kind == "none":
         return None
     if kind == "constant":
-        steps = torch.arange(1, length + 1, device=log_decay.device, dtype=dtype)
-        return steps[None, :, None] * log_decay.to(dtype)[None, None, :]
-    return log_decay.to(dtype).cumsum(dim=1)
+        steps = torch.arange(1, length + 1, device=log_decay.device, dtype=dtype)[None, :, None]
+        rate = log_decay.to(dtype)[None, None, :]
+        # (m − i − 1)·g directly: exact, where e^{G_m − G_i} from two cumulative sums would not be
+        return LocalDecay(torch.exp(steps * rate), torch.exp((length - steps) * rate), torch.exp(length * rate[:, 0]))
+    g = log_decay.to(dtype)
+    prefix = g.cumsum(dim=1)
+    suffix = F.pad(g.flip(1).cumsum(1).flip(1)[:, 1:], (0, 0, 0, 1))  # Σ_{u>i} g_u
+    return LocalDecay(torch.exp(prefix), torch.exp(suffix), torch.exp(prefix[:, -1]))
 
 
-def local_states(k: torch.Tensor, v: torch.Tensor, cumulative: torch.Tensor | None) -> torch.Tensor:
-    """M = Σ_i exp(G_m − G_i) k_iᵀ v_i: [SB, m, H, Dk] x [SB, m, H, Dv] -> [SB, H, Dk, Dv]."""
+def local_states(k: torch.Tensor, v: torch.Tensor, decay: LocalDecay | None) -> torch.Tensor:
+    """M = Σ_i e^{Σ_{u>i} g_u} k_iᵀ v_i: [SB, m, H, Dk] x [SB, m, H, Dv] -> [SB, H, Dk, Dv]."""
     dtype = accumulation_dtype(k.dtype)
     keys = k.to(dtype)
-    if cumulative is not None:
-        # G_m − G_i <= 0: no overflow
-        keys = keys * torch.exp(cumulative[:, -1:] - cumulative)[..., None]
+    if decay is not None:
+        keys = keys * decay.key[..., None]
     return torch.einsum("bthk,bthv->bhkv", keys, v.to(dtype))
 
 
-def transitions(cumulative: torch.Tensor | None) -> torch.Tensor | None:
-    """Γ = exp(G_m): [SB, H] (per token), [1, H] (constant) or None."""
-    return None if cumulative is None else torch.exp(cumulative[:, -1])
-
-
-def inter_output(q: torch.Tensor, cumulative: torch.Tensor | None, incoming: torch.Tensor, scale: float):
-    """scale · (q ⊙ exp(G_i)) S_in: [SB, m, H, Dk] x [SB, H, Dk, Dv] -> [SB, m, H, Dv] (state dtype)."""
+def inter_output(q: torch.Tensor, decay: LocalDecay | None, incoming: torch.Tensor, scale: float) -> torch.Tensor:
+    """scale · (q ⊙ e^{G_i}) S_in: [SB, m, H, Dk] x [SB, H, Dk, Dv] -> [SB, m, H, Dv] (state dtype)."""
     queries = q.to(incoming.dtype) * scale
-    if cumulative is not None:
-        queries = queries * torch.exp(cumulative)[..., None]
+    if decay is not None:
+        queries = queries * decay.query[..., None]
     return torch.einsum("bthk,bhkv->bthv", queries, incoming)
 
 
-def state_gradients(q: torch.Tensor, d_output: torch.Tensor, cumulative, scale: float) -> torch.Tensor:
-    """dM = ∂<inter_output, do>/∂S_in = scale · Σ_i exp(G_i) q_iᵀ do_i -> [SB, H, Dk, Dv]."""
+def state_gradients(q: torch.Tensor, d_output: torch.Tensor, decay: LocalDecay | None, scale: float) -> torch.Tensor:
+    """dM = ∂<inter_output, do>/∂S_in = scale · Σ_i e^{G_i} q_iᵀ do_i -> [SB, H, Dk, Dv]."""
     dtype = accumulation_dtype(q.dtype)
     queries = q.to(dtype) * scale
-    if cumulative is not None:
-        queries = queries * torch.exp(cumulative)[..., None]
+    if decay is not None:
+        queries = queries * decay.query[..., None]
     return torch.einsum("bthk,bthv->bhkv", queries, d_output.to(dtype))
+
+
+def chain_gradients(q, k, v, d_output, decay: LocalDecay | None, kind: str, incoming, final_grads, scale: float):
+    """Gradients of <inter_output, do> + <Γ·S_in + M, T> with S_in held fixed (closed forms).
+
+    Returns (dq, dk, dv, dg) in the state dtype; dg is [SB, m, H] (per token), [H] (constant) or None:
+        dq_i = scale·e^{G_i} do_i S_inᵀ        dk_i = w_i v_i Tᵀ        dv_i = w_i k_i T      (w_i = e^{Σ_{u>i} g_u})
+        dg_t = Σ_{i≥t} scale·e^{G_i}⟨q_i S_in, do_i⟩ + Σ_{i<t} w_i⟨k_i T, v_i⟩ + Γ⟨S_in, T⟩
+    Each sum has terms of one kind; no two large terms cancel (the fp32 drift of long chunks).
+    """
+    dtype = incoming.dtype
+    q, k, v, d_output = (x.to(dtype) for x in (q, k, v, d_output))
+    grad_q = scale * torch.einsum("bthv,bhkv->bthk", d_output, incoming)
+    key_side = torch.einsum("bthv,bhkv->bthk", v, final_grads)  # v_i Tᵀ
+    value_side = torch.einsum("bthk,bhkv->bthv", k, final_grads)  # k_i T
+    if decay is None:
+        return grad_q, key_side, value_side, None
+    grad_q = grad_q * decay.query[..., None]
+    grad_k, grad_v = key_side * decay.key[..., None], value_side * decay.key[..., None]
+    query_terms = scale * decay.query * (torch.einsum("bthk,bhkv->bthv", q, incoming) * d_output).sum(-1)
+    key_terms = (k * grad_k).sum(-1)  # w_i⟨k_i T, v_i⟩
+    grad_decay = query_terms.flip(1).cumsum(1).flip(1)  # Σ_{i≥t}
+    grad_decay = grad_decay + F.pad(key_terms.cumsum(1)[:, :-1], (0, 0, 1, 0))  # Σ_{i<t}
+    grad_decay = grad_decay + (decay.transition * (incoming * final_grads).sum((-1, -2)))[:, None]
+    if kind == "constant":
+        grad_decay = grad_decay.sum((0, 1))
+    return grad_q, grad_k, grad_v, grad_decay
 
 
 # --------------------------------------------------------------------------- the autograd Function
@@ -173,66 +226,56 @@ def _slot_view(x: torch.Tensor, slots: int) -> torch.Tensor:
 
 
 class LinearContextParallel(torch.autograd.Function):
-    """Linear attention over a CP group; the scheme's `exchange` object does all communication."""
+    """Linear attention over a CP group; the scheme's `exchange` object does all communication.
+
+    The local kernel runs through linear_attention_fwd / linear_attention_bwd (no autograd replay); the
+    incoming-state and outgoing-state terms have closed-form gradients (chain_gradients).
+    """
 
     @staticmethod
     def forward(ctx, q, k, v, log_decay, setup: LinearSetup, exchange: StateExchange):
         slots, kind = setup.slots, setup.decay_kind
         qs, ks, vs = (to_slots(x, slots) for x in (q, k, v))  # [S·B, m, H, D]
-        gs = to_slots(log_decay, slots) if kind == "token" else log_decay
-        dtype = accumulation_dtype(q.dtype)
-        cumulative = cumulative_log_decay(gs, kind, qs.shape[1], dtype)
-        states = local_states(ks, vs, cumulative)
-        gamma = transitions(cumulative) if kind == "token" else None
+        floored = floor_log_decay(to_slots(log_decay, slots) if kind == "token" else log_decay)
+        decay = local_decay(floored, kind, qs.shape[1], accumulation_dtype(q.dtype))
+        states = local_states(ks, vs, decay)
+        gamma = decay.transition if kind == "token" else None
         exchange.start_forward(_slot_view(states, slots), None if gamma is None else _slot_view(gamma, slots))
         # the intra-rank work overlaps the state exchange
-        output, _ = linear_attention(qs, ks, vs, log_decay=gs, scale=setup.scale)
+        output, _, residuals = linear_attention_fwd(qs, ks, vs, log_decay=floored, scale=setup.scale)
         incoming = exchange.finish_forward().reshape(states.shape)  # [S·B, H, Dk, Dv]
-        output = output + inter_output(qs, cumulative, incoming, setup.scale).to(output.dtype)
-        ctx.save_for_backward(q, k, v, log_decay, incoming)
-        ctx.setup, ctx.exchange = setup, exchange
+        output = output + inter_output(qs, decay, incoming, setup.scale).to(output.dtype)
+        ctx.save_for_backward(log_decay, incoming)
+        ctx.setup, ctx.exchange, ctx.residuals, ctx.decay = setup, exchange, residuals, decay
         return from_slots(output, slots)
 
     @staticmethod
     def backward(ctx, d_output):
-        q, k, v, log_decay, incoming = ctx.saved_tensors
-        setup, exchange = ctx.setup, ctx.exchange
+        log_decay, incoming = ctx.saved_tensors
+        setup, exchange, residuals, decay = ctx.setup, ctx.exchange, ctx.residuals, ctx.decay
         slots, kind = setup.slots, setup.decay_kind
-        d_output = to_slots(d_output, slots)
-        qs, ks, vs = (to_slots(x, slots).detach().requires_grad_() for x in (q, k, v))
-        gs = None
-        if log_decay is not None:
-            gs = (to_slots(log_decay, slots) if kind == "token" else log_decay).detach().requires_grad_()
-        dtype = accumulation_dtype(q.dtype)
-        with torch.no_grad():
-            cumulative = cumulative_log_decay(gs, kind, qs.shape[1], dtype)
-            exchange.start_backward(_slot_view(state_gradients(qs, d_output, cumulative, setup.scale), slots))
-        inputs = [x for x in (qs, ks, vs, gs) if x is not None]
-        # overlapped with the exchange: gradients of <o, do> with the incoming state held fixed
-        with torch.enable_grad():
-            cumulative = cumulative_log_decay(gs, kind, qs.shape[1], dtype)
-            output, _ = linear_attention(qs, ks, vs, log_decay=gs, scale=setup.scale)
-            output = output + inter_output(qs, cumulative, incoming, setup.scale).to(output.dtype)
-            grads = torch.autograd.grad(output, inputs, d_output, allow_unused=True)
+        d_output = to_slots(d_output, slots).contiguous()
+        qs, ks, vs = residuals.q, residuals.k, residuals.v
+        exchange.start_backward(_slot_view(state_gradients(qs, d_output, decay, setup.scale), slots))
+        # overlapped with the exchange: the local kernel's gradients (zero incoming state)
+        grad_q, grad_k, grad_v, grad_decay, _ = linear_attention_bwd(d_output, None, residuals)
         final_grads = exchange.finish_backward().reshape(incoming.shape)
-        # gradients of <Γ·S_in + M, T>: how this rank's chunks shape every later chunk's incoming state
-        with torch.enable_grad():
-            cumulative = cumulative_log_decay(gs, kind, qs.shape[1], dtype)  # the first graph is freed
-            final_state = local_states(ks, vs, cumulative)
-            gamma = transitions(cumulative)
-            if gamma is not None:
-                final_state = final_state + gamma[..., None, None] * incoming
-            state_inputs = inputs[1:]  # k, v (, g)
-            state_grads = torch.autograd.grad(final_state, state_inputs, final_grads, allow_unused=True)
-        grads = [grads[0]] + [_add(a, b) for a, b in zip(grads[1:], state_grads)]
+        extra = chain_gradients(qs, ks, vs, d_output, decay, kind, incoming, final_grads, setup.scale)
+        grads = [_add(local, chained) for local, chained in zip((grad_q, grad_k, grad_v, grad_decay), extra)]
         dq, dk, dv = (from_slots(g, slots) for g in grads[:3])
         d_decay = None
         if log_decay is not None:
             d_decay = grads[3] if kind == "constant" else from_slots(grads[3], slots)
+            # the floor passes no gradient below it
+            d_decay = torch.where(log_decay >= LOG_DECAY_FLOOR, d_decay, 0.0).to(log_decay.dtype)
+        ctx.residuals = ctx.decay = None
         return dq, dk, dv, d_decay, None, None
 
 
-def _add(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
-    if a is None:
-        return b
-    return a if b is None else a + b.to(a.dtype)
+def _add(local: torch.Tensor | None, chained: torch.Tensor | None) -> torch.Tensor | None:
+    """local (the kernel's dtype) + chained (state dtype), summed in the wider of the two."""
+    if local is None:
+        return chained
+    if chained is None:
+        return local
+    return (local.to(chained.dtype) + chained).to(local.dtype)
