@@ -32,7 +32,7 @@ from torch.utils.checkpoint import checkpoint
 from spindle.parallel import cp as context_parallel
 from spindle.parallel.layout import ParallelContext
 from spindle.runtime.config import Config, ParallelConfig
-from spindle.runtime.layers import LinearAttention, SoftmaxAttention
+from spindle.runtime.layers import LinearAttention, RAttention, SlidingWindowAttention, SoftmaxAttention
 from spindle.runtime.model import HybridModel
 
 log = logging.getLogger(__name__)
@@ -74,6 +74,9 @@ def apply_tp(model: HybridModel, tp_mesh) -> None:
             if mixer.log_decay_slopes is not None:
                 # heads % tp == 0 is a config rule, so every rank gets whole heads.
                 mixer.log_decay_slopes = mixer.log_decay_slopes.chunk(tp_size)[tp_rank].clone()
+        if isinstance(mixer, RAttention):
+            _shard_head_norm(mixer.local_norm, tp_mesh)
+            _shard_head_norm(mixer.residual_norm, tp_mesh)
         parallelize_module(mixer, tp_mesh, plan)
         parallelize_module(block.mlp, tp_mesh, {"gate_proj": ColwiseParallel(), "up_proj": ColwiseParallel(),
                                                 "down_proj": RowwiseParallel()})
@@ -105,12 +108,20 @@ def apply_cp(model: HybridModel, cp_group: dist.ProcessGroup, parallel: Parallel
             block.mixer.sequence_op = linear_op
         elif isinstance(block.mixer, SoftmaxAttention):
             block.mixer.attention_op = softmax_op
+        elif isinstance(block.mixer, SlidingWindowAttention):
+            # one halo exchange of the window's keys/values, whatever parallel.cp_softmax says
+            block.mixer.attention_op = functools.partial(context_parallel.window_attention, group=cp_group,
+                                                         layout=parallel.cp_layout)
+        elif isinstance(block.mixer, RAttention):
+            # both branches over one halo exchange; the residual branch's states go through cp_linear
+            block.mixer.branch_op = functools.partial(context_parallel.rattention_branches, group=cp_group,
+                                                      layout=parallel.cp_layout, lasp=linear_scheme)
     log.info("apply_cp: cp=%d layout=%s linear=%s softmax=%s", dist.get_world_size(cp_group), parallel.cp_layout,
              parallel.cp_linear, parallel.cp_softmax)
 
 
 # --------------------------------------------------------------------------------------------- ac
-AC_POLICIES = {"full": "LA", "linear": "L", "softmax": "A"}
+AC_POLICIES = {"full": "LARS", "linear": "L", "softmax": "AS"}
 
 
 def apply_ac(model: HybridModel, policy: str) -> None:

@@ -22,7 +22,13 @@ import yaml
 class ModelConfig:
     layers: str = "LLLA"
     """Layer pattern: one letter per layer, L = linear attention (with decay), A = softmax
-    attention. Repeated (and truncated) to ``n_layers``, e.g. "LLLA" with 8 layers -> LLLALLLA."""
+    attention, R = RAttention (sliding-window softmax attention plus linear attention over the
+    tokens that left the window), S = sliding-window softmax attention. Repeated (and truncated)
+    to ``n_layers``, e.g. "LLLA" with 8 layers -> LLLALLLA."""
+    window: int = 512
+    """Sliding window w of R and S layers: query i sees keys i - w < j <= i (R's linear branch
+    covers the rest). At least 1 and below data.seq_len when R or S layers are present; any size
+    relative to the context-parallel chunk (each rank fetches the w tokens before its chunks)."""
     n_layers: int = 4
     """Number of decoder layers."""
     dim: int = 128
@@ -94,8 +100,8 @@ class ParallelConfig:
     offload_optimizer: bool = False
     """DeepSpeed only: keep optimizer states in CPU memory."""
     activation_checkpointing: str = "none"
-    """Recompute activations in backward: "none", "full", "linear" (linear layers only) or
-    "softmax" (softmax layers only)."""
+    """Recompute activations in backward: "none", "full" (every layer), "linear" (L layers only) or
+    "softmax" (A and S layers only)."""
 
 
 @dataclass
@@ -208,7 +214,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
 }
 
 SYNTHETIC_SOURCES = ("synthetic:recall", "synthetic:copy")
-LAYER_LETTERS = {"L": "linear attention", "A": "softmax attention"}
+LAYER_LETTERS = {"L": "linear attention", "A": "softmax attention", "R": "RAttention",
+                 "S": "sliding-window attention"}
 
 
 def quoted(values: Iterable[object]) -> str:
@@ -418,7 +425,7 @@ def _check_ranges(config: Config) -> None:
     for key, value, minimum in [
         ("model.n_layers", model.n_layers, 1), ("model.dim", model.dim, 1), ("model.heads", model.heads, 1),
         ("model.kv_heads", model.kv_heads, 1), ("model.vocab_size", model.vocab_size, 2),
-        ("model.ffn_dim", model.ffn_dim, 0), ("data.seq_len", data.seq_len, 2),
+        ("model.ffn_dim", model.ffn_dim, 0), ("model.window", model.window, 1), ("data.seq_len", data.seq_len, 2),
         ("data.num_samples", data.num_samples, 0), ("data.recall_pairs", data.recall_pairs, 0),
         ("parallel.cp", config.parallel.cp, 1),
         ("parallel.tp", config.parallel.tp, 1), ("train.steps", train.steps, 1),
@@ -458,7 +465,8 @@ def _check_model(model: ModelConfig) -> None:
     if not model.layers or bad_letters:
         raise ConfigError(
             f"model.layers = {model.layers!r} is not a layer pattern: expected a non-empty string of the letters "
-            f"{quoted(LAYER_LETTERS)} (L = linear attention, A = softmax attention), e.g. 'LLLA'"
+            f"{quoted(LAYER_LETTERS)} (L = linear attention, A = softmax attention, R = RAttention, "
+            f"S = sliding-window attention), e.g. 'LLLA'"
             + (f"; found {quoted(bad_letters)}." if bad_letters else "."))
     if model.dim % model.heads:
         raise ConfigError(f"model.dim = {model.dim} is not divisible by model.heads = {model.heads}: "
@@ -542,6 +550,17 @@ def _check_batch(config: Config, world_size: int | None) -> None:
                           f"parallel.dp = {per_rank}: use a divisor of {per_rank} (or 0 for no accumulation).")
 
 
+def _check_window(config: Config) -> None:
+    """A window that covers the whole sequence is no window: R's linear branch would never see a token."""
+    window, seq_len = config.model.window, config.data.seq_len
+    windowed = sorted(set(layer_pattern(config.model)) & {"R", "S"})
+    if windowed and window >= seq_len:
+        raise ConfigError(
+            f"model.window = {window} is not below data.seq_len = {seq_len}, so the {quoted(windowed)} layers "
+            f"would see every earlier token (no sliding window; R's linear branch would stay empty): use a "
+            f"window below {seq_len}, or A layers for full attention.")
+
+
 def _check_types(config: Config) -> None:
     """Configs built in code (not from YAML) get the same type errors as loaded ones."""
     for section, section_class in SECTIONS.items():
@@ -563,6 +582,7 @@ def validate(config: Config, world_size: int | None = None) -> None:
     _check_choices(config)
     _check_ranges(config)
     _check_model(config.model)
+    _check_window(config)
     _check_parallel(config, world_size)
     _check_batch(config, world_size)
     # Imported here: data.py imports ConfigError from this module.

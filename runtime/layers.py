@@ -1,4 +1,4 @@
-"""Layers of the hybrid decoder: norms, SwiGLU MLP, RoPE, and the two token mixers.
+"""Layers of the hybrid decoder: norms, SwiGLU MLP, RoPE, and the token mixers (L, A, R, S).
 
 No distributed code lives here (STYLE.md principle 1). Parallelism is applied from outside:
 - the token-mixer kernels are reached through instance attributes (``LinearAttention.sequence_op``,
@@ -263,10 +263,123 @@ class SoftmaxAttention(nn.Module):
         return self.out_proj(o.reshape(batch, length, -1))  # [B, T, H * hd] -> [B, T, dim]
 
 
-class DecoderBlock(nn.Module):
-    """Pre-norm block: x + mixer(norm(x)), then x + mlp(norm(x)). ``kind`` is "L" or "A"."""
+def plus_minus_softmax(x: torch.Tensor) -> torch.Tensor:
+    """RAttention's feature map φ(x) = [softmax(x), softmax(−x)] over the head dimension: [..., D] -> [..., 2D].
 
-    def __init__(self, kind: str, mixer: LinearAttention | SoftmaxAttention, dim: int,
+    Both halves are positive and sum to one, so φ(q)·φ(k) ∈ (0, 2] and the un-normalized linear
+    branch stays bounded per key; computed in at least fp32.
+    """
+    compute = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+    return torch.cat((torch.softmax(compute, dim=-1), torch.softmax(-compute, dim=-1)), dim=-1).to(x.dtype)
+
+
+def single_device_rattention(local_q: torch.Tensor, local_k: torch.Tensor, residual_q: torch.Tensor,
+                             residual_k: torch.Tensor, v: torch.Tensor, *, window: int,
+                             log_decay: torch.Tensor | None = None, local_scale: float | None = None,
+                             residual_scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The default ``branch_op`` of RAttention: (window attention, linear attention delayed by the window).
+
+    Same call signature and return as ``spindle.parallel.cp.rattention_branches`` with its group
+    bound. The residual branch repeats the k/v heads to the query heads (GQA as in the window branch).
+    """
+    local = kernels.attention(local_q, local_k, v, causal=True, window=window, scale=local_scale)
+    groups = residual_q.shape[2] // residual_k.shape[2]
+    residual, _ = kernels.linear_attention(
+        residual_q, residual_k.repeat_interleave(groups, dim=2), v.repeat_interleave(groups, dim=2),
+        log_decay=log_decay, scale=residual_scale, delay=window)
+    return local, residual
+
+
+def _grouped_projections(module: nn.Module, dim: int, heads: int, kv_heads: int) -> None:
+    """q/k/v/out projections of a grouped-query mixer (head counts read from tensor sizes at run time)."""
+    module.head_dim = dim // heads
+    module.q_proj = nn.Linear(dim, heads * module.head_dim, bias=False)
+    module.k_proj = nn.Linear(dim, kv_heads * module.head_dim, bias=False)
+    module.v_proj = nn.Linear(dim, kv_heads * module.head_dim, bias=False)
+    module.out_proj = nn.Linear(heads * module.head_dim, dim, bias=False)
+
+
+def _project(module: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    batch, length, _ = x.shape
+    q = module.q_proj(x).view(batch, length, -1, module.head_dim)  # [B, T, H, hd]
+    k = module.k_proj(x).view(batch, length, -1, module.head_dim)  # [B, T, H_kv, hd]
+    v = module.v_proj(x).view(batch, length, -1, module.head_dim)  # [B, T, H_kv, hd]
+    return q, k, v
+
+
+class SlidingWindowAttention(nn.Module):
+    """``S`` layers: causal GQA softmax attention with RoPE over the last ``window`` keys only.
+
+    Query i sees keys i − window < j <= i. ``attention_op`` is kernels.attention (single device) or
+    spindle.parallel.cp.window_attention with its group and layout bound (context parallelism).
+    """
+
+    def __init__(self, dim: int, heads: int, kv_heads: int, *, window: int) -> None:
+        super().__init__()
+        _grouped_projections(self, dim, heads, kv_heads)
+        self.window = window
+        self.attention_op: Callable[..., torch.Tensor] = kernels.attention
+
+    def reset_parameters(self, init_std: float, output_std: float) -> None:
+        for projection in (self.q_proj, self.k_proj, self.v_proj):
+            nn.init.normal_(projection.weight, std=init_std)
+        nn.init.normal_(self.out_proj.weight, std=output_std)
+
+    def forward(self, x: torch.Tensor, rotary: Rotary | None = None) -> torch.Tensor:
+        """x: [B, T, dim], rotary: (cos, sin) of the tokens' positions -> [B, T, dim]."""
+        if rotary is None:
+            raise ValueError("SlidingWindowAttention needs the RoPE tables of the tokens' positions")
+        q, k, v = _project(self, x)
+        q, k = apply_rotary(q, rotary), apply_rotary(k, rotary)
+        o = self.attention_op(q, k, v, window=self.window, scale=self.head_dim ** -0.5)  # [B, T, H, hd]
+        return self.out_proj(o.reshape(*x.shape[:2], -1))
+
+
+class RAttention(nn.Module):
+    """``R`` layers (RAttention): sliding-window softmax attention plus linear attention over the
+    tokens that have left the window (docs/rattention.md).
+
+        local    = attention(rope(q), rope(k), v, window=w)                     keys i − w < j <= i
+        residual = linear_attention(φ(q), φ(k), v, scale=1, delay=w)            keys j <= i − w
+        out      = out_proj(local_norm(local) + residual_norm(residual))
+
+    with φ = plus_minus_softmax and one q, k, v projection shared by both branches (GQA: the residual
+    branch repeats k/v heads). Each branch has its own per-head RMSNorm. No decay on the residual
+    branch (as in the paper). ``branch_op`` computes both branches: single_device_rattention, or
+    spindle.parallel.cp.rattention_branches (one halo exchange for both) under context parallelism.
+    """
+
+    def __init__(self, dim: int, heads: int, kv_heads: int, *, window: int, norm_eps: float) -> None:
+        super().__init__()
+        _grouped_projections(self, dim, heads, kv_heads)
+        self.window = window
+        self.local_norm = RMSNorm(self.head_dim, norm_eps)
+        self.residual_norm = RMSNorm(self.head_dim, norm_eps)
+        self.branch_op: Callable[..., tuple[torch.Tensor, torch.Tensor]] = single_device_rattention
+
+    def reset_parameters(self, init_std: float, output_std: float) -> None:
+        for projection in (self.q_proj, self.k_proj, self.v_proj):
+            nn.init.normal_(projection.weight, std=init_std)
+        nn.init.normal_(self.out_proj.weight, std=output_std)
+        self.local_norm.reset_parameters()
+        self.residual_norm.reset_parameters()
+
+    def forward(self, x: torch.Tensor, rotary: Rotary | None = None) -> torch.Tensor:
+        """x: [B, T, dim], rotary: (cos, sin) of the tokens' positions -> [B, T, dim]."""
+        if rotary is None:
+            raise ValueError("RAttention needs the RoPE tables of the tokens' positions")
+        q, k, v = _project(self, x)
+        local, residual = self.branch_op(
+            apply_rotary(q, rotary), apply_rotary(k, rotary), plus_minus_softmax(q), plus_minus_softmax(k), v,
+            window=self.window, local_scale=self.head_dim ** -0.5, residual_scale=1.0)  # each [B, T, H, hd]
+        o = self.local_norm(local) + self.residual_norm(residual)
+        return self.out_proj(o.reshape(*x.shape[:2], -1))
+
+
+class DecoderBlock(nn.Module):
+    """Pre-norm block: x + mixer(norm(x)), then x + mlp(norm(x)). ``kind`` is "L", "A", "R" or "S"."""
+
+    def __init__(self, kind: str, mixer: nn.Module, dim: int,
                  ffn_dim: int, norm_eps: float) -> None:
         super().__init__()
         self.kind = kind

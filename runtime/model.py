@@ -25,13 +25,17 @@ from spindle.runtime.layers import (
     OUTPUT_GATES,
     DecoderBlock,
     LinearAttention,
+    RAttention,
     RMSNorm,
     RotaryEmbedding,
+    SlidingWindowAttention,
     SoftmaxAttention,
     default_ffn_dim,
 )
 
-LAYER_KINDS = {"L": "linear attention", "A": "softmax attention"}
+LAYER_KINDS = {"L": "linear attention", "A": "softmax attention", "R": "RAttention (window + residual linear)",
+               "S": "sliding-window softmax attention"}
+ROPE_KINDS = "ARS"  # layers that rotate q and k
 IGNORE_INDEX = -100
 
 
@@ -43,8 +47,9 @@ def resolve_pattern(pattern: str, n_layers: int) -> str:
     for position, letter in enumerate(pattern):
         if letter not in LAYER_KINDS:
             raise ValueError(f"model.layers={pattern!r} has the letter {letter!r} at position "
-                             f"{position}; allowed letters are 'L' (linear attention) and 'A' "
-                             f"(softmax attention), in upper case, e.g. 'LLLA'")
+                             f"{position}; allowed letters are 'L' (linear attention), 'A' "
+                             f"(softmax attention), 'R' (RAttention) and 'S' (sliding-window "
+                             f"attention), in upper case, e.g. 'LLLA'")
     if isinstance(n_layers, bool) or not isinstance(n_layers, int) or n_layers < 1:
         raise ValueError(f"model.n_layers must be a positive integer, got {n_layers!r}")
     repeats = -(-n_layers // len(pattern))  # ceil division
@@ -95,10 +100,15 @@ class HybridModel(nn.Module):
     def _build_block(self, kind: str, index: int) -> DecoderBlock:
         config = self.config
         if kind == "L":
-            mixer: LinearAttention | SoftmaxAttention = LinearAttention(
+            mixer: nn.Module = LinearAttention(
                 config.dim, config.heads, decay=config.decay, feature_map=config.feature_map,
                 output_gate=getattr(config, "output_gate", "sigmoid"), layer_index=index,
                 n_layers=config.n_layers, norm_eps=config.norm_eps)
+        elif kind == "R":
+            mixer = RAttention(config.dim, config.heads, config.kv_heads, window=config.window,
+                               norm_eps=config.norm_eps)
+        elif kind == "S":
+            mixer = SlidingWindowAttention(config.dim, config.heads, config.kv_heads, window=config.window)
         else:
             mixer = SoftmaxAttention(config.dim, config.heads, config.kv_heads)
         ffn_dim = config.ffn_dim or default_ffn_dim(config.dim)
@@ -144,7 +154,7 @@ class HybridModel(nn.Module):
         if positions is None:
             positions = self.default_positions(tokens)
         hidden = self.embedding(tokens)  # [B, T, dim]
-        rotary = self.rotary(positions, hidden.dtype) if "A" in self._layer_kinds else None
+        rotary = self.rotary(positions, hidden.dtype) if set(ROPE_KINDS) & set(self._layer_kinds) else None
         for block in self.layers:
             hidden = block(hidden, rotary)
         return self.norm(hidden)
@@ -178,6 +188,9 @@ class HybridModel(nn.Module):
                                                            2·hd² multiply-adds per head each, ×3
           + Σ_softmax layers  6 · seq_len · dim            QKᵀ and PV over on average seq_len/2
                                                            causal keys, ×3 (PaLM's 12·T·dim, halved)
+          + Σ_window layers (S, R)  12 · K_w · dim         the same over K_w = mean visible keys of a
+                                                           window w: w − w(w − 1)/(2T) for w < T, T/2 else
+          + Σ_R layers  24 · head_dim · dim                the residual linear branch, state 2·hd × hd
 
         N_matmul is every parameter except the input embedding table (a lookup, not a matmul);
         a tied table still counts once, for the output projection. Recomputation (activation
@@ -190,9 +203,19 @@ class HybridModel(nn.Module):
         head_dim = config.dim // config.heads
         linear_layers = self._layer_kinds.count("L")
         softmax_layers = self._layer_kinds.count("A")
+        window_layers = self._layer_kinds.count("S") + self._layer_kinds.count("R")
         return float(6 * matmul_parameters
                      + linear_layers * 12 * head_dim * config.dim
-                     + softmax_layers * 6 * seq_len * config.dim)
+                     + softmax_layers * 6 * seq_len * config.dim
+                     + window_layers * 12 * mean_window_keys(config.window, seq_len) * config.dim
+                     + self._layer_kinds.count("R") * 24 * head_dim * config.dim)
+
+
+def mean_window_keys(window: int, seq_len: int) -> float:
+    """Mean number of keys a query sees under a causal window w over T tokens: (1/T) Σ_i min(i + 1, w)."""
+    if window >= seq_len:
+        return seq_len / 2  # as A layers count it
+    return window - window * (window - 1) / (2 * seq_len)
 
 
 def _check_inputs(tokens: torch.Tensor, positions: torch.Tensor | None) -> None:

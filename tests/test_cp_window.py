@@ -1,0 +1,253 @@
+"""Sliding-window attention and delayed LASP-2 / LASP-1 over CP groups against dense float64 formulas.
+
+`window_attention`, `lasp2/lasp1(delay=)` (through `delayed_lasp`) and the one-exchange
+`rattention_branches` on 2, 3 and 4 gloo ranks (one spawn), both layouts, windows smaller than,
+equal to and larger than a rank's chunk (up to beyond the whole sequence): outputs and every input
+gradient. The halo's bytes are checked to be independent of the sequence length.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+import torch.distributed as dist
+from cp_reference import assert_close, random_inputs
+from distributed_utils import run_distributed, subgroup
+
+from spindle.parallel.cp import (
+    delayed_lasp,
+    halo_exchange,
+    lasp1,
+    lasp2,
+    rattention_branches,
+    record_comm,
+    shard,
+    window_attention,
+)
+from spindle.parallel.cp.halo import make_halo_plan
+
+pytestmark = pytest.mark.slow
+
+BATCH, HEADS, KV_HEADS, HEAD_DIM = 2, 4, 2, 4
+TOLERANCE = 1e-10
+
+
+# --------------------------------------------------------------------------- dense float64 formulas
+
+
+def dense_window_attention(q, k, v, window, scale):
+    """softmax over keys i − w < j <= i, GQA by repeating kv heads; [B, T, H, D]."""
+    groups = q.shape[2] // k.shape[2]
+    k, v = k.repeat_interleave(groups, dim=2), v.repeat_interleave(groups, dim=2)
+    length = q.shape[1]
+    i = torch.arange(length)[:, None]
+    j = torch.arange(length)[None, :]
+    visible = (j <= i) & (j > i - window)
+    scores = (scale * torch.einsum("bihd,bjhd->bhij", q, k)).masked_fill(~visible, float("-inf"))
+    return torch.einsum("bhij,bjhd->bihd", torch.softmax(scores, dim=-1), v)
+
+
+def dense_delayed_linear_attention(q, k, v, log_decay, scale, delay):
+    """o_i = scale · Σ_{j <= i − delay} exp(G_{i−delay} − G_j) (q_i·k_j) v_j, G the inclusive cumulative log-decay."""
+    batch, length, heads, _ = q.shape
+    if log_decay is None:
+        cumulative = q.new_zeros(batch, length, heads)
+    elif log_decay.dim() == 1:
+        cumulative = (torch.arange(1, length + 1, dtype=q.dtype)[:, None] * log_decay[None, :]).expand(
+            batch, length, heads)
+    else:
+        cumulative = log_decay.cumsum(dim=1)
+    i = torch.arange(length)[:, None]
+    j = torch.arange(length)[None, :]
+    visible = j <= i - delay  # [Ti, Tj]
+    source = (i - delay).clamp_min(0).expand(length, length)  # the state S_{i−delay}
+    exponent = cumulative[:, source[:, 0]][:, :, None, :] - cumulative[:, None, :, :]  # [B, Ti, Tj, H]
+    weights = torch.exp(exponent.masked_fill(~visible[None, :, :, None], float("-inf")))
+    scores = torch.einsum("bihd,bjhd->bijh", q, k) * weights
+    return scale * torch.einsum("bijh,bjhv->bihv", scores, v)
+
+
+# --------------------------------------------------------------------------- cases
+
+
+def _window_case(group, size, layout, window, seed):
+    length = 2 * size * 3  # zigzag chunk 3, contiguous chunk 6
+    full = random_inputs(seed, {"q": (BATCH, length, HEADS, HEAD_DIM), "k": (BATCH, length, KV_HEADS, HEAD_DIM),
+                                "v": (BATCH, length, KV_HEADS, HEAD_DIM), "do": (BATCH, length, HEADS, HEAD_DIM)})
+    scale = 0.6
+    leaves = {name: full[name].clone().requires_grad_() for name in ("q", "k", "v")}
+    expected = dense_window_attention(leaves["q"], leaves["k"], leaves["v"], window, scale)
+    expected.backward(full["do"])
+    local = {name: shard(full[name], group, layout=layout).requires_grad_() for name in ("q", "k", "v")}
+    output = window_attention(local["q"], local["k"], local["v"], group, window=window, layout=layout, scale=scale)
+    output.backward(shard(full["do"], group, layout=layout))
+    label = f"window_attention P={size} {layout} w={window}"
+    assert_close(f"{label} output", output, shard(expected, group, layout=layout), TOLERANCE)
+    for name in ("q", "k", "v"):
+        assert_close(f"{label} d{name}", local[name].grad, shard(leaves[name].grad, group, layout=layout), TOLERANCE)
+
+
+def _decay(kind, shape, seed):
+    if kind == "none":
+        return None
+    if kind == "constant":
+        return torch.tensor([-0.1, -0.6, -0.02, -1.0], dtype=torch.float64)
+    generator = torch.Generator().manual_seed(seed + 100)
+    return torch.nn.functional.logsigmoid(torch.randn(*shape, generator=generator, dtype=torch.float64))
+
+
+def _check_decay_grad(label, g, reference_grad, group, layout):
+    if g is None:
+        return
+    if g.dim() == 1:  # replicated: each rank holds its contribution
+        total = g.grad.clone()
+        dist.all_reduce(total, group=group)
+        assert_close(f"{label} dlog_decay", total, reference_grad, TOLERANCE)
+    else:
+        assert_close(f"{label} dlog_decay", g.grad, shard(reference_grad, group, layout=layout), TOLERANCE)
+
+
+def _delay_case(op, group, size, layout, delay, decay_kind, seed):
+    length = 2 * size * 3
+    full = random_inputs(seed, {"q": (BATCH, length, HEADS, HEAD_DIM), "k": (BATCH, length, HEADS, HEAD_DIM),
+                                "v": (BATCH, length, HEADS, 3), "do": (BATCH, length, HEADS, 3)})
+    full["g"] = _decay(decay_kind, (BATCH, length, HEADS), seed)
+    scale = 0.8
+    leaves = {name: full[name].clone().requires_grad_() for name in ("q", "k", "v")}
+    g_leaf = None if full["g"] is None else full["g"].clone().requires_grad_()
+    expected = dense_delayed_linear_attention(leaves["q"], leaves["k"], leaves["v"], g_leaf, scale, delay)
+    expected.backward(full["do"])
+    local = {name: shard(full[name], group, layout=layout).requires_grad_() for name in ("q", "k", "v")}
+    g = full["g"]
+    if g is not None:
+        g = (g.clone() if g.dim() == 1 else shard(g, group, layout=layout)).requires_grad_()
+    output = delayed_lasp(local["q"], local["k"], local["v"], group, delay=delay, lasp=op, layout=layout,
+                          log_decay=g, scale=scale)
+    output.backward(shard(full["do"], group, layout=layout))
+    label = f"{op.__name__}(delay={delay}) P={size} {layout} decay={decay_kind}"
+    assert_close(f"{label} output", output, shard(expected, group, layout=layout), TOLERANCE)
+    for name in ("q", "k", "v"):
+        assert_close(f"{label} d{name}", local[name].grad, shard(leaves[name].grad, group, layout=layout), TOLERANCE)
+    _check_decay_grad(label, g, None if g_leaf is None else g_leaf.grad, group, layout)
+
+
+def _branches_case(group, size, layout, window, seed):
+    """One exchange for both branches equals the two dense formulas (GQA repeat on the residual branch)."""
+    length = 2 * size * 3
+    full = random_inputs(seed, {"lq": (BATCH, length, HEADS, HEAD_DIM), "lk": (BATCH, length, KV_HEADS, HEAD_DIM),
+                                "rq": (BATCH, length, HEADS, 2 * HEAD_DIM),
+                                "rk": (BATCH, length, KV_HEADS, 2 * HEAD_DIM),
+                                "v": (BATCH, length, KV_HEADS, HEAD_DIM), "dl": (BATCH, length, HEADS, HEAD_DIM),
+                                "dr": (BATCH, length, HEADS, HEAD_DIM)})
+    full["g"] = _decay("token", (BATCH, length, HEADS), seed)
+    names = ("lq", "lk", "rq", "rk", "v", "g")
+    leaves = {name: full[name].clone().requires_grad_() for name in names}
+    groups = HEADS // KV_HEADS
+    local_expected = dense_window_attention(leaves["lq"], leaves["lk"], leaves["v"], window, 0.5)
+    residual_expected = dense_delayed_linear_attention(
+        leaves["rq"], leaves["rk"].repeat_interleave(groups, dim=2), leaves["v"].repeat_interleave(groups, dim=2),
+        leaves["g"], 1.0, window)
+    (local_expected * full["dl"] + residual_expected * full["dr"]).sum().backward()
+    local = {name: shard(full[name], group, layout=layout).requires_grad_() for name in names}
+    with record_comm() as stats:
+        local_out, residual_out = rattention_branches(
+            local["lq"], local["lk"], local["rq"], local["rk"], local["v"], group, window=window, layout=layout,
+            log_decay=local["g"], local_scale=0.5)
+    assert stats.calls.get("send_recv", 0) <= size  # one message per peer for k, k, v and g together
+    (local_out * shard(full["dl"], group, layout=layout) + residual_out * shard(full["dr"], group, layout=layout)
+     ).sum().backward()
+    label = f"rattention_branches P={size} {layout} w={window}"
+    assert_close(f"{label} local", local_out, shard(local_expected, group, layout=layout), TOLERANCE)
+    assert_close(f"{label} residual", residual_out, shard(residual_expected, group, layout=layout), TOLERANCE)
+    for name in names:
+        assert_close(f"{label} d{name}", local[name].grad, shard(leaves[name].grad, group, layout=layout), TOLERANCE)
+
+
+def _windows(size, layout):
+    """Smaller than, equal to and larger than one chunk of the layout, several chunks, beyond T."""
+    chunk = 3 if layout == "zigzag" else 6
+    return sorted({1, chunk - 1, chunk, chunk + 1, 2 * chunk + 1, 2 * size * 3 + 2})
+
+
+def _equivalence_worker(rank, world_size, world_group):
+    for size in (2, 3, 4):
+        group = subgroup(size)
+        if group is None:
+            continue
+        for layout in ("zigzag", "contiguous"):
+            for seed, window in enumerate(_windows(size, layout)):
+                _window_case(group, size, layout, window, seed)
+                _branches_case(group, size, layout, window, seed)
+            chunk = 3 if layout == "zigzag" else 6
+            cases = itertools.product((lasp2, lasp1), (chunk - 1, chunk, 2 * chunk + 1), ("none", "constant", "token"))
+            for seed, (op, delay, decay_kind) in enumerate(cases):
+                _delay_case(op, group, size, layout, delay, decay_kind, seed)
+            _delay_case(lasp2, group, size, layout, 0, "token", 7)
+
+
+def test_window_and_delayed_lasp_match_dense_formulas():
+    """window_attention, delayed lasp2/lasp1 and rattention_branches on 2, 3 and 4 ranks."""
+    run_distributed(_equivalence_worker, 4)
+
+
+# --------------------------------------------------------------------------- the halo itself
+
+
+def test_halo_plan_covers_every_window_token_once():
+    """Each chunk's halo is exactly the min(w, start) tokens before it, taken from their owners."""
+    for world_size, layout, chunk, window in itertools.product((1, 2, 3, 4), ("zigzag", "contiguous"), (1, 3),
+                                                               (1, 2, 3, 5, 13)):
+        plan = make_halo_plan(world_size, layout, chunk, window)
+        slots = plan.slots
+        owners = {}
+        for piece in plan.pieces:
+            chunk_id = [c for c, (r, s) in enumerate(_owners(world_size, layout)) if (r, s) == (piece.target_rank,
+                                                                                               piece.target_slot)][0]
+            source_id = _owners(world_size, layout).index((piece.source_rank, piece.source_slot))
+            for offset in range(piece.length):
+                position = source_id * chunk + piece.source_start + offset
+                owners.setdefault(chunk_id, []).append((piece.target_start + offset, position))
+        for chunk_id in range(slots * world_size):
+            halo = min(window, chunk_id * chunk)
+            expected = [(t, chunk_id * chunk - halo + t) for t in range(halo)]
+            assert sorted(owners.get(chunk_id, [])) == expected, (world_size, layout, chunk, window, chunk_id)
+
+
+def _owners(world_size, layout):
+    from spindle.parallel.cp.layout import chunk_order
+
+    return chunk_order(world_size, layout)
+
+
+def _halo_bytes(group, length, window, layout):
+    x = torch.randn(BATCH, length // dist.get_world_size(group), KV_HEADS, 2 * HEAD_DIM, requires_grad=True)
+    with record_comm() as forward:
+        halos = halo_exchange(x, group, window=window, layout=layout)
+    with record_comm() as backward:
+        torch.cat([h.reshape(-1) for h in halos]).sum().backward()
+    return forward.bytes.get("send_recv", 0), backward.bytes.get("send_recv", 0)
+
+
+def _comm_worker(rank, world_size, group):
+    window, element = 5, BATCH * KV_HEADS * 2 * HEAD_DIM * 4
+    results = {}
+    for layout in ("zigzag", "contiguous"):
+        short = _halo_bytes(group, 2 * world_size * 8, window, layout)
+        long = _halo_bytes(group, 2 * world_size * 64, window, layout)
+        results[layout] = (short, long)
+        # a rank receives at most one window per chunk it holds, whatever T is
+        assert short == long, (layout, short, long)
+        assert 0 < short[0] <= (2 if layout == "zigzag" else 1) * window * element or rank == 0
+    return results
+
+
+def test_halo_bytes_are_independent_of_sequence_length():
+    results = run_distributed(_comm_worker, 2)
+    # exact count: contiguous rank 1 receives w tokens from rank 0; zigzag rank 0's second chunk (3)
+    # takes w from chunk 2 (rank 1), rank 1's chunks 1 and 2 take w each from chunks 0 and 1 (rank 0, itself)
+    element = BATCH * KV_HEADS * 2 * HEAD_DIM * 4
+    assert results[1]["contiguous"][0] == (5 * element, 0)
+    assert results[0]["contiguous"][0] == (0, 5 * element)
+    assert results[0]["zigzag"][0] == results[1]["zigzag"][0] == (5 * element, 5 * element)
