@@ -189,15 +189,16 @@ def test_bad_dtype_and_backend_raise():
 
 @needs_cuda
 @pytest.mark.gpu
-@pytest.mark.parametrize("backend", ["sdpa", "flash_attn"])
+@pytest.mark.parametrize("backend", ["flash_attn3", "flash_attn", "sdpa", "sdpa_efficient"])
 @pytest.mark.parametrize("case", [(2, 1024, 1024, 8, 2, 128, True), (1, 256, 1024, 8, 8, 64, True),
                                   (1, 512, 200, 4, 1, 64, True), (1, 300, 700, 4, 2, 128, False)])
 def test_fused_kernels_bf16_on_gpu(backend, case):
     """bf16 error <= 5e-3 and <= 2x the plain PyTorch bf16 computation, output, lse and every gradient."""
-    from spindle.kernels.attn import gpu
+    from spindle.kernels.attn import unsupported_reason
 
-    if backend == "flash_attn" and gpu.flash_attn_module() is None:
-        pytest.skip("needs flash-attn")
+    reason = unsupported_reason(backend, torch.empty(1, 1, 1, case[5], device="cuda", dtype=torch.bfloat16))
+    if reason is not None:
+        pytest.skip(f"{backend} {reason}")
     batch, query_length, key_length, heads, kv_heads, dim, causal = case
     q, k, v, grad_output, grad_lse = (t.cuda() for t in make_inputs(batch, query_length, key_length, heads, kv_heads, dim))
     scale = dim**-0.5
