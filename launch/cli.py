@@ -1,27 +1,34 @@
 """The `spindle` command line.
 
     spindle train CONFIG [--set key=value ...] [--run-dir DIR] [--address ADDR] [--resume auto|never|PATH]
+                         [--overwrite] [--trust-checkpoint]
     spindle submit CONFIG --address http://HEAD:8265 [--set key=value ...]
     spindle plan CONFIG [--set key=value ...]
     spindle bench {kernels,cp,e2e} [...]
     spindle report RUN_DIR
     spindle ckpt ...
+    spindle data prepare INPUT... --tokenizer TOKENIZER --out DIR [--text-field text] [--workers N]
 
-A config error prints one message on stderr and exits with code 2 before anything is created on disk.
+A config error, and anything wrong with the run directory or --resume, prints one message on stderr
+and exits with code 2 before anything is created on disk or any process starts. `spindle plan` exits
+1 when the config does not fit.
 """
 from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import sys
 from pathlib import Path
 from typing import Callable
 
-from spindle.launch.ray_launcher import LaunchError
+from spindle.launch.errors import LaunchError
 from spindle.runtime.config import Config, ConfigError, load_config
 from spindle.runtime.main import add_train_arguments, default_run_dir
 
 USAGE_ERROR = 2
+DOES_NOT_FIT = 1
+INTERRUPTED = 130
 BENCHMARKS = ("kernels", "cp", "e2e")
 
 
@@ -33,24 +40,39 @@ def _error(message: str) -> int:
 # ---------------------------------------------------------------------------------------------
 # train
 # ---------------------------------------------------------------------------------------------
-def launch_training(config: Config, run_dir: Path, resume: str, address: str | None) -> dict:
+def launch_training(config: Config, run_dir: Path, resume: str, address: str | None, *,
+                    trust_checkpoint: bool = False, start_step: int = 0) -> dict:
     """Run the job on Ray Train workers (an embedded local cluster, or the one at ``address`` /
     RAY_ADDRESS) and return rank 0's final metrics."""
     from spindle.launch.ray_launcher import run_training
 
-    return run_training(config, run_dir, resume, address)
+    return run_training(config, run_dir, resume, address, trust_checkpoint=trust_checkpoint, start_step=start_step)
 
 
 def _train(arguments: argparse.Namespace) -> int:
+    from spindle.runtime.run_dir import interrupted_message, prepare_run
+
     run_dir = Path(arguments.run_dir) if arguments.run_dir else default_run_dir(arguments.config)
     try:
         config = load_config(arguments.config, arguments.overrides)
-        final = launch_training(config, run_dir, arguments.resume, arguments.address)
-    except (ConfigError, NotImplementedError) as error:
+        decision = prepare_run(config, run_dir, arguments.resume, overwrite=arguments.overwrite,
+                               trust_checkpoint=arguments.trust_checkpoint)
+        if decision.finished:
+            print(f"spindle: {run_dir} already finished at step {decision.start_step}; nothing to do (raise "
+                  f"train.steps to train further)", flush=True)
+            return 0
+        if decision.moved_aside is not None:
+            print(f"spindle: moved the previous run aside to {decision.moved_aside}", file=sys.stderr, flush=True)
+        final = launch_training(config, run_dir, decision.resume, arguments.address,
+                                trust_checkpoint=arguments.trust_checkpoint, start_step=decision.start_step)
+    except ConfigError as error:
         return _error(str(error))
     except LaunchError as error:  # the cluster cannot host the job, or the job failed
         print(f"spindle: error: {error}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print(f"\nspindle: {interrupted_message(run_dir, arguments.config)}", file=sys.stderr, flush=True)
+        return INTERRUPTED
     if final:
         print(f"spindle: finished step {final['step']}, loss {final['loss']:.4f} in {final['elapsed_s']:.1f} s; "
               f"metrics in {run_dir / 'metrics.jsonl'} (plots: spindle report {run_dir})", flush=True)
@@ -75,10 +97,33 @@ def _dispatch(module_name: str, argv: list[str], what: str) -> int:
 
 
 def _plan(argv: list[str]) -> int:
-    return _dispatch("spindle.runtime.plan", argv, "spindle plan")
+    """spindle plan's output, and exit 1 when the config does not fit (0 when it fits, 2 on bad input)."""
+    try:
+        plan = importlib.import_module("spindle.runtime.plan")
+    except ModuleNotFoundError:
+        return _error("spindle plan is not available in this installation (spindle.runtime.plan is missing).")
+    parser = plan.build_parser()
+    try:
+        arguments = parser.parse_args(argv)
+    except SystemExit as exit_request:  # --help (0) or a usage error (2), already printed
+        return int(exit_request.code or 0)
+    try:
+        data, text = plan.run(arguments)
+    except (ConfigError, ValueError) as error:
+        print(f"spindle plan: error: {error}", file=sys.stderr)
+        return USAGE_ERROR
+    print(json.dumps(data, indent=2) if arguments.json else text)
+    if not data.get("fits", True):
+        print("spindle plan: the config does not fit (see the recommendation above)", file=sys.stderr)
+        return DOES_NOT_FIT
+    return 0
 
 
 def _bench(argv: list[str]) -> int:
+    if argv and argv[0] in ("-h", "--help"):
+        print(f"usage: spindle bench {{{','.join(BENCHMARKS)}}} [options]\n\nRun a benchmark: "
+              f"{', '.join(BENCHMARKS)}. Each has its own options: spindle bench NAME --help.")
+        return 0
     if not argv or argv[0] not in BENCHMARKS:
         given = repr(argv[0]) if argv else "nothing"
         return _error(f"spindle bench needs a benchmark name, got {given}: expected one of "
@@ -101,8 +146,12 @@ def _ckpt(argv: list[str]) -> int:
     return _dispatch("spindle.launch.ckpt", argv, "spindle ckpt")
 
 
+def _data(argv: list[str]) -> int:
+    return _dispatch("spindle.runtime.prepare", argv, "spindle data")
+
+
 PASS_THROUGH: dict[str, Callable[[list[str]], int]] = {"plan": _plan, "bench": _bench, "submit": _submit,
-                                                      "ckpt": _ckpt}
+                                                      "ckpt": _ckpt, "data": _data}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -124,6 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
     report.set_defaults(handler=_report)
 
     commands.add_parser("ckpt", help="list or verify committed checkpoints: ckpt ls RUN_DIR", add_help=False)
+    commands.add_parser("data", help="tokenize text for training: data prepare INPUT... --tokenizer T --out DIR",
+                        add_help=False)
     return parser
 
 

@@ -23,7 +23,8 @@ from pathlib import Path
 from typing import TextIO
 from urllib.parse import urlparse
 
-from spindle.launch.ray_launcher import LaunchError, check_reachable
+from spindle.launch.cluster import check_reachable
+from spindle.launch.errors import LaunchError
 from spindle.runtime.config import Config, save_config
 
 CONFIG_NAME = "config.yaml"

@@ -6,12 +6,17 @@ A checkpoint is a directory ``RUN_DIR/checkpoints/step_<8 digits>/`` holding
   train counters (``.metadata`` and ``__<rank>_<n>.distcp``); model and optimizer state are keyed by
   parameter FQN (``get_state_dict``), which is what lets DCP reshard them onto another dp/cp/tp layout;
 - one ``rng_rank<k>.pt`` per rank (torch CPU/CUDA, python ``random`` and numpy generator states);
-- ``manifest.json``, written last by rank 0.
+- ``manifest.json``, written last by rank 0: the SHA-256 and size of every file, the parameter shapes,
+  the config and layout, and an HMAC tag over all of it under this user's key (``trust.py``).
 
-Commit protocol: every rank finishes writing -> rank 0 checksums every file (crc32) and writes the
-manifest atomically -> ``checkpoints/latest`` (a text file naming the directory) moves atomically ->
+Commit protocol: every rank finishes writing -> rank 0 hashes every file (SHA-256) and writes the
+signed manifest atomically -> ``checkpoints/latest`` (a text file naming the directory) moves atomically ->
 old checkpoints are pruned down to ``checkpoint.keep``. A directory without a manifest is not a
 checkpoint; a crash at any point leaves the previous committed checkpoint as ``latest``.
+
+Loading verifies the manifest's tag and the files' hashes before anything reads DCP's pickled
+``.metadata`` or unpickles a non-tensor entry; a checkpoint from elsewhere loads only with
+``trust_checkpoint`` (``--trust-checkpoint``).
 
 The trainer needs four calls::
 
@@ -26,6 +31,7 @@ No Ray import here; the ``spindle ckpt`` command lives in ``spindle.launch.ckpt`
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -50,13 +56,16 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 
 import spindle
 from spindle.parallel.layout import ParallelDegrees
+from spindle.runtime.trust import check_origin, sign
 
 log = logging.getLogger(__name__)
 
 CHECKPOINTS_DIR = "checkpoints"
 LATEST_FILE = "latest"
 MANIFEST_FILE = "manifest.json"
-MANIFEST_FORMAT = 1
+MANIFEST_FORMAT = 2
+"""2: SHA-256 per file, parameter shapes and an origin tag; 1 (read for resumes): crc32 per file."""
+READABLE_FORMATS = (1, 2)
 STEP_PREFIX = "step_"
 FAULT_ENV = "SPINDLE_CHECKPOINT_FAULT"
 """Test hook: ``before_manifest`` (or ``before_manifest@STEP``) raises after the shards are written and
@@ -121,9 +130,11 @@ def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
     except (OSError, json.JSONDecodeError) as error:
         raise CheckpointError(
             f"{manifest_path} cannot be read as JSON ({error}); the checkpoint is damaged.") from error
-    if manifest.get("format") != MANIFEST_FORMAT:
+    if not isinstance(manifest, dict) or manifest.get("format") not in READABLE_FORMATS:
+        found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
         raise CheckpointError(
-            f"{manifest_path} has format {manifest.get('format')!r}; this spindle reads format {MANIFEST_FORMAT}.")
+            f"{manifest_path} has format {found!r}; this spindle reads formats "
+            f"{', '.join(map(str, READABLE_FORMATS))}.")
     return manifest
 
 
@@ -172,14 +183,30 @@ def _file_crc32(path: Path) -> str:
     return f"{checksum:08x}"
 
 
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(_CHECKSUM_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+_DIGESTS = {"sha256": _file_sha256, "crc32": _file_crc32}
+"""Per-file digests a manifest may record, strongest first (crc32: format 1, integrity only)."""
+
+
+def _digest_kind(entry: Mapping[str, Any]) -> str:
+    return next(kind for kind in _DIGESTS if kind in entry)
+
+
 def checksum_files(directory: Path) -> dict[str, dict[str, Any]]:
-    """crc32 and size of every file of a checkpoint directory except the manifest. zlib releases the GIL
-    on large buffers, so a small thread pool reads several shards at once."""
+    """SHA-256 and size of every file of a checkpoint directory except the manifest. hashlib releases
+    the GIL on large buffers, so a small thread pool reads several shards at once."""
     names = sorted(entry.name for entry in directory.iterdir()
                    if entry.is_file() and entry.name != MANIFEST_FILE and not entry.name.endswith(".tmp"))
     with ThreadPoolExecutor(max_workers=min(8, max(1, len(names)))) as pool:
-        sums = list(pool.map(lambda name: _file_crc32(directory / name), names))
-    return {name: {"bytes": (directory / name).stat().st_size, "crc32": crc} for name, crc in zip(names, sums)}
+        sums = list(pool.map(lambda name: _file_sha256(directory / name), names))
+    return {name: {"bytes": (directory / name).stat().st_size, "sha256": digest} for name, digest in zip(names, sums)}
 
 
 def verify_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
@@ -194,14 +221,15 @@ def verify_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         if not (directory / name).is_file():
             raise ChecksumMismatchError(f"checkpoint {directory} is corrupt: file {name} is missing.")
     names = sorted(recorded)
+    kinds = {name: _digest_kind(recorded[name]) for name in names}
     with ThreadPoolExecutor(max_workers=min(8, max(1, len(names)))) as pool:
-        actual = dict(zip(names, pool.map(lambda name: _file_crc32(directory / name), names)))
+        actual = dict(zip(names, pool.map(lambda name: _DIGESTS[kinds[name]](directory / name), names)))
     for name in names:
-        size = (directory / name).stat().st_size
-        if actual[name] != recorded[name]["crc32"] or size != recorded[name]["bytes"]:
+        size, kind = (directory / name).stat().st_size, kinds[name]
+        if actual[name] != recorded[name][kind] or size != recorded[name]["bytes"]:
             raise ChecksumMismatchError(
-                f"checkpoint {directory} is corrupt: file {name} has crc32 {actual[name]} and {size} bytes, the "
-                f"manifest recorded crc32 {recorded[name]['crc32']} and {recorded[name]['bytes']} bytes. Resume "
+                f"checkpoint {directory} is corrupt: file {name} has {kind} {actual[name]} and {size} bytes, the "
+                f"manifest recorded {kind} {recorded[name][kind]} and {recorded[name]['bytes']} bytes. Resume "
                 f"from an earlier checkpoint (--resume auto falls back to one).")
     return manifest
 
@@ -396,8 +424,11 @@ class Checkpointer:
 
     def __init__(self, run_dir: str | os.PathLike, config: Any, model: torch.nn.Module,
                  optimizer: torch.optim.Optimizer, scheduler: Any | None = None, *,
-                 degrees: ParallelDegrees | None = None, process_group: dist.ProcessGroup | None = None) -> None:
+                 degrees: ParallelDegrees | None = None, process_group: dist.ProcessGroup | None = None,
+                 trust_checkpoint: bool = False) -> None:
         self.run_dir = Path(run_dir)
+        self.trust_checkpoint = trust_checkpoint
+        """Load checkpoints whose origin tag does not verify (the user vouches for them)."""
         self.config = _as_dict(config)
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         self.degrees = degrees or ParallelDegrees(1, 1, 1)
@@ -441,6 +472,8 @@ class Checkpointer:
         if self.scheduler is not None:
             state["scheduler"] = self.scheduler.state_dict()
         manifest = self._manifest(step, data_cursor, wandb_run_id)
+        manifest["shapes"] = {name: list(value.shape) for name, value in model_state.items()
+                              if isinstance(value, torch.Tensor)}
         if self.async_save:
             upload = dcp.async_save(state, checkpoint_id=str(directory), process_group=self.group,
                                     no_dist=not self.distributed)
@@ -502,8 +535,8 @@ class Checkpointer:
             return
         files = checksum_files(directory)
         total = time.perf_counter() - started
-        manifest = {**manifest, "files": files, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                    "save_blocking_s": round(blocking, 4), "save_total_s": round(total, 4)}
+        manifest = sign({**manifest, "files": files, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                         "save_blocking_s": round(blocking, 4), "save_total_s": round(total, 4)})
         _write_atomically(directory / MANIFEST_FILE, json.dumps(manifest, indent=1, sort_keys=True))
         _write_atomically(checkpoints_dir(self.run_dir) / LATEST_FILE, directory.name + "\n")
         self.last_save = SaveStats(manifest["step"], blocking, total, sum(entry["bytes"] for entry in files.values()))
@@ -514,11 +547,14 @@ class Checkpointer:
     # -- restoring ------------------------------------------------------------------------------
 
     def restore(self, resume: str | os.PathLike) -> ResumeState | None:
-        """Resolve ``--resume`` on rank 0 (checksums are read once), share the choice, and load it."""
+        """Resolve ``--resume`` on rank 0 (files are hashed once, the origin tag checked), share the
+        choice, and load it."""
         choice: list[Any] = [None]
         if self.rank == 0:
             try:
                 choice[0] = resolve_resume(self.run_dir, resume)
+                if choice[0] is not None:
+                    check_origin(choice[0], read_manifest(choice[0]), trust_checkpoint=self.trust_checkpoint)
             except (CheckpointError, ValueError) as error:
                 choice[0] = error
         if self.distributed:
@@ -526,13 +562,18 @@ class Checkpointer:
                                        group=self.group)
         if isinstance(choice[0], Exception):
             raise choice[0]
-        return None if choice[0] is None else self.load(choice[0])
+        return None if choice[0] is None else self.load(choice[0], verified=True)
 
-    def load(self, path: str | os.PathLike) -> ResumeState:
+    def load(self, path: str | os.PathLike, *, verified: bool = False) -> ResumeState:
         """Load checkpoint ``path`` into the model, optimizer and scheduler (resharding when the layout
-        differs) and restore, or deterministically reseed, this rank's RNG."""
+        differs) and restore, or deterministically reseed, this rank's RNG. ``verified``: ``restore``
+        already checked the files' hashes and the origin tag; otherwise this rank checks them first."""
         path = Path(path)
-        manifest = read_manifest(path)
+        if verified:
+            manifest = read_manifest(path)
+        else:  # before anything below reads (and unpickles) the checkpoint's files
+            manifest = verify_checkpoint(path)
+            check_origin(path, manifest, trust_checkpoint=self.trust_checkpoint)
         layout_changed = check_layout_change(manifest, self.config, self.degrees)
         model_state, optimizer_state = get_state_dict(self.model, self.optimizer)
         check_shapes(path, model_state, manifest, self.config)

@@ -1,11 +1,13 @@
 """Per-process entry point of training.
 
     python -m spindle.runtime.main CONFIG [--set key=value ...] [--run-dir DIR] [--resume auto|never|PATH]
+                                   [--overwrite] [--trust-checkpoint]
     torchrun --nproc-per-node N -m spindle.runtime.main CONFIG ...
 
 Ray workers (and ``spindle train``) call ``train_entry`` directly. The order is always: validate the
 config against the world size, pick the device, and only then create the run directory, so a bad
-config leaves nothing on disk.
+config leaves nothing on disk. Before that, ``main`` checks the run directory and ``--resume``
+(``spindle.runtime.run_dir``), as `spindle train` does before Ray starts.
 """
 from __future__ import annotations
 
@@ -27,13 +29,13 @@ from spindle.runtime.config import (
     layer_pattern,
     load_config,
     resolve,
-    save_config,
     to_dict,
     validate,
 )
 from spindle.runtime.data import build_dataset
 from spindle.runtime.metrics import MetricsWriter
 from spindle.runtime.optim import build_optimizer
+from spindle.runtime.run_dir import record_config
 from spindle.runtime.tracking import start_tracking
 from spindle.parallel.layout import LayoutError, ParallelContext, ParallelDegrees
 from spindle.runtime.trainer import BatchProvider, OptimizerEngine, TorchEngine, Trainer
@@ -105,7 +107,8 @@ def refuse_deepspeed_resume(run_dir: Path, resume: str) -> None:
                           f"with --resume never (or another --run-dir).")
 
 
-def run_training(config: Config, run_dir: Path, context: ParallelContext, resume: str) -> dict:
+def run_training(config: Config, run_dir: Path, context: ParallelContext, resume: str, *,
+                 trust_checkpoint: bool = False) -> dict:
     """Build data, model, optimizer and checkpointer from a resolved config, resume, and train."""
     from spindle.runtime.checkpoint import Checkpointer
 
@@ -115,7 +118,7 @@ def run_training(config: Config, run_dir: Path, context: ParallelContext, resume
     optimizer = build_optimizer(model, config.train)
     # DeepSpeed partitions the optimizer its own way, which torch's get_state_dict cannot read.
     checkpointer = None if deepspeed else Checkpointer(run_dir, to_dict(config), model, optimizer,
-                                                       degrees=context.degrees)
+                                                       degrees=context.degrees, trust_checkpoint=trust_checkpoint)
     resumed = checkpointer.restore(resume) if checkpointer is not None else None
     start_step = resumed.step if resumed is not None else 0
     # Parameters are counted before DeepSpeed may partition them (ZeRO-3); DTensor numel is global.
@@ -164,12 +167,13 @@ def truncate_metrics(run_dir: Path, step: int) -> None:
     path.write_text("".join(kept), encoding="utf-8")
 
 
-def train_entry(config_dict: dict, run_dir: str, resume: str = "auto") -> dict:
+def train_entry(config_dict: dict, run_dir: str, resume: str = "auto", *, trust_checkpoint: bool = False) -> dict:
     """Train one process of a job from a plain config dict; returns the final metrics record.
 
     Runs alone, under torchrun (rank and world size from the environment) or in a Ray Train worker
     (process group already initialized). Raises ConfigError for a config that cannot run here, before
-    anything is written to disk.
+    anything is written to disk. ``trust_checkpoint``: load a checkpoint whose origin tag does not
+    verify (``--trust-checkpoint``).
     """
     config = config_from_dict(config_dict)
     rank, world_size, local_rank = process_world()
@@ -184,10 +188,10 @@ def train_entry(config_dict: dict, run_dir: str, resume: str = "auto") -> dict:
         refuse_deepspeed_resume(run_path, resume)  # before the run directory's config.yaml is replaced
     if context.is_main:
         run_path.mkdir(parents=True, exist_ok=True)
-        save_config(config, run_path / "config.yaml")
+        record_config(config, run_path)  # an existing run's config.yaml is never rewritten
     if dist.is_initialized():
         dist.barrier()  # the run directory exists before any rank writes into it
-    return run_training(config, run_path, context, resume)
+    return run_training(config, run_path, context, resume, trust_checkpoint=trust_checkpoint)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -207,20 +211,43 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", metavar="auto|never|PATH", default="auto",
                         help="resume from RUN_DIR's latest checkpoint (auto), start afresh (never), "
                              "or from a checkpoint directory (default: auto)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="with --resume never: move the run already in RUN_DIR aside to RUN_DIR.old-<time> "
+                             "(nothing is deleted) and start afresh")
+    parser.add_argument("--trust-checkpoint", action="store_true",
+                        help="load a checkpoint that this installation did not sign (another user's or machine's, "
+                             "or an older spindle's); loading unpickles files, which can run code: only for "
+                             "checkpoints from someone you trust")
 
 
 def main(argv: list[str] | None = None) -> int:
     from spindle.runtime.checkpoint import CheckpointError
+    from spindle.runtime.run_dir import interrupted_message, prepare_run
 
     arguments = build_parser().parse_args(argv)
     run_dir = arguments.run_dir or str(default_run_dir(arguments.config))
+    is_main = process_world()[0] == 0
     try:
         config = load_config(arguments.config, arguments.overrides)
-        final = train_entry(to_dict(config), run_dir, arguments.resume)
+        # Every rank checks (the same files, the same answer); only rank 0 moves an old run aside.
+        decision = prepare_run(config, Path(run_dir), arguments.resume, overwrite=arguments.overwrite,
+                               trust_checkpoint=arguments.trust_checkpoint, apply=is_main)
+        if decision.finished:
+            if is_main:
+                print(f"spindle: {run_dir} already finished at step {decision.start_step}; nothing to do (raise "
+                      f"train.steps to train further)", flush=True)
+            return 0
+        if decision.moved_aside is not None and is_main:
+            print(f"spindle: moved the previous run aside to {decision.moved_aside}", flush=True)
+        final = train_entry(to_dict(config), run_dir, decision.resume, trust_checkpoint=arguments.trust_checkpoint)
     except (ConfigError, LayoutError, CheckpointError) as error:
         print(f"spindle: error: {error}", file=sys.stderr)
         return 2
-    if final and process_world()[0] == 0:
+    except KeyboardInterrupt:
+        if is_main:
+            print(f"\nspindle: {interrupted_message(Path(run_dir), arguments.config)}", file=sys.stderr, flush=True)
+        return 130
+    if final and is_main:
         print(f"spindle: finished step {final['step']}, loss {final['loss']:.4f}, {final['elapsed_s']:.1f} s; "
               f"metrics in {Path(run_dir) / 'metrics.jsonl'}", flush=True)
     return 0

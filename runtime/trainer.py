@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +37,7 @@ from spindle.runtime.metrics import (
     peak_memory_gb,
 )
 from spindle.runtime.optim import learning_rate, set_learning_rate
+from spindle.runtime.progress import ProgressDisplay
 from spindle.runtime.tracking import NullTracker, Tracker
 
 if TYPE_CHECKING:
@@ -170,35 +170,6 @@ def train_step(model: nn.Module, optimizer: "torch.optim.Optimizer | OptimizerEn
     return StepResult(loss=context.sum_over_batch_ranks(loss_sum) / global_count, grad_norm=grad_norm, lr=lr)
 
 
-class _Progress:
-    """Console progress on the main rank: a tqdm bar (loss, tokens/s, memory, ETA) on a terminal, a
-    plain line every tenth of the run otherwise (logs of `make run`, CI); nothing when disabled."""
-
-    def __init__(self, enabled: bool, total: int, initial: int) -> None:
-        self.enabled, self.total, self.bar = enabled, total, None
-        self.line_every, self.last_line_step = max(1, total // 10), initial
-        if enabled and sys.stderr.isatty():
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True)
-
-    def update(self, record: dict | None) -> None:
-        if self.bar is not None:
-            if record is not None:
-                self.bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}",
-                                     mem_gb=f"{record['peak_mem_gb']:.2f}", refresh=False)
-            self.bar.update(1)
-        elif self.enabled and record is not None and (record["step"] - self.last_line_step >= self.line_every
-                                                      or record["step"] == self.total):
-            self.last_line_step = record["step"]
-            print(f"step {record['step']:>6}/{self.total}  loss {record['loss']:.4f}  "
-                  f"{record['tokens_per_s']:.0f} tokens/s  {record['elapsed_s']:.1f} s", flush=True)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
 class Trainer:
     """Runs ``train.steps`` optimizer steps; the main rank writes metrics.jsonl, wandb and the progress bar."""
 
@@ -222,7 +193,8 @@ class Trainer:
     def fit(self, start_step: int = 0) -> dict:
         """Train from ``start_step`` to ``train.steps``; returns the last metrics record."""
         train, log_every = self.config.train, self.config.logging.log_every
-        progress = _Progress(self.context.is_main and self.config.logging.progress, train.steps, start_step)
+        progress = ProgressDisplay(train.steps, start_step,
+                                   enabled=self.context.is_main and self.config.logging.progress)
         self.model.train()
         started = window_start = time.perf_counter()
         window_steps, last_record = 0, {}
@@ -238,7 +210,7 @@ class Trainer:
                     record = self._record(step + 1, result, window_steps / (now - window_start), now - started)
                     self._publish(record)
                     last_record, window_start, window_steps = record, time.perf_counter(), 0
-                progress.update(record)
+                progress.advance(step + 1, record)
                 # After the metrics line: a run that dies right after a commit has logged that step.
                 if self.checkpointer is not None:
                     self.checkpointer.maybe_save(step + 1, data_cursor=(step + 1) * train.global_batch)

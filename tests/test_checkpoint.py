@@ -136,7 +136,9 @@ def test_manifest_records_the_run(tmp_path: Path) -> None:
     assert manifest["versions"]["torch"] == torch.__version__
     on_disk = {path.name for path in directory.iterdir()} - {"manifest.json"}
     assert set(manifest["files"]) == on_disk and {".metadata", "rng_rank0.pt"} <= on_disk
-    assert all(len(entry["crc32"]) == 8 for entry in manifest["files"].values())
+    assert all(len(entry["sha256"]) == 64 for entry in manifest["files"].values())
+    assert manifest["shapes"]["embedding.weight"] == [config.model.vocab_size, 32]
+    assert manifest["auth"]["scheme"] == "hmac-sha256" and len(manifest["auth"]["tag"]) == 64
     assert read_latest(tmp_path) == directory
     assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "step_00000003"
 

@@ -19,9 +19,10 @@ def test_command_set_is_frozen() -> None:
     # Users and outside tests rely on these (DESIGN.md); changing them is a deliberate decision.
     parser = build_parser()
     commands = parser._subparsers._group_actions[0].choices  # argparse keeps subcommands here
-    assert set(commands) == {"train", "submit", "plan", "bench", "report", "ckpt"}
+    assert set(commands) == {"train", "submit", "plan", "bench", "report", "ckpt", "data"}
     train_options = {option for action in commands["train"]._actions for option in action.option_strings}
-    assert train_options == {"-h", "--help", "--set", "--run-dir", "--address", "--resume"}
+    assert train_options == {"-h", "--help", "--set", "--run-dir", "--address", "--resume", "--overwrite",
+                             "--trust-checkpoint"}
 
 
 def test_help_exits_zero(capsys: pytest.CaptureFixture) -> None:

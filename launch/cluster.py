@@ -1,0 +1,236 @@
+"""The Ray cluster a job runs on: the address to join, or an embedded cluster on this machine.
+
+The embedded cluster is private to this machine and this user: every Ray service (GCS, raylet,
+workers, object manager, dashboard and its agents, metrics export, runtime-env agent) listens on
+127.0.0.1 only, and its authentication token lives in a file only this user can read (0600), which
+is deleted when the session ends. Messages name this cluster's own session directory, not
+/tmp/ray/session_latest (which may belong to another Ray instance on the same host).
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import secrets
+import shutil
+import socket
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Iterator
+from urllib.parse import urlparse
+
+from spindle.launch.errors import LaunchError, last_line
+from spindle.launch.placement import NodeResources, PlacementPlan, format_resources
+
+log = logging.getLogger(__name__)
+
+CONNECT_TIMEOUT_S = 5.0
+LOOPBACK = "127.0.0.1"
+EMBEDDED_OBJECT_STORE_BYTES = 256 * 1024**2
+TOKEN_FILE = "auth_token"
+
+
+# ---------------------------------------------------------------------------------------------
+# Cluster address
+# ---------------------------------------------------------------------------------------------
+def resolve_address(address: str | None) -> str | None:
+    """The cluster to join: ``--address``, else RAY_ADDRESS, else None (start an embedded cluster)."""
+    source = "--address"
+    if not address and os.environ.get("RAY_ADDRESS"):
+        address, source = os.environ["RAY_ADDRESS"], "RAY_ADDRESS"
+    if not address or address == "local":
+        return None
+    if address == "auto":
+        return address
+    parsed = urlparse(address if "://" in address else f"gcs://{address}")
+    if parsed.scheme in ("http", "https"):
+        raise LaunchError(
+            f"{source}={address} is a dashboard (Jobs API) address: `spindle train` joins a cluster through "
+            f"its GCS address HOST:PORT (default port 6379), e.g. --address {parsed.hostname}:6379; to run the "
+            f"job on the cluster from here use `spindle submit CONFIG --address {address}`.")
+    if parsed.scheme != "gcs":
+        raise LaunchError(f"{source}={address}: Ray Train jobs join through the cluster's GCS address HOST:PORT "
+                          f"(e.g. 10.0.0.1:6379), not a {parsed.scheme}:// address; from a machine outside the "
+                          f"cluster use `spindle submit CONFIG --address http://HEAD:8265`.")
+    if not parsed.hostname or parsed.port is None:
+        raise LaunchError(f"{source}={address} is not HOST:PORT: pass the Ray cluster's GCS address, "
+                          f"e.g. 10.0.0.1:6379.")
+    check_reachable(parsed.hostname, parsed.port, address,
+                    advice="or leave out --address and RAY_ADDRESS to train on an embedded local cluster")
+    return address
+
+
+def check_reachable(host: str, port: int, shown: str, timeout_s: float = CONNECT_TIMEOUT_S, *,
+                    advice: str = "") -> None:
+    """Fail within ``timeout_s`` when nothing listens at host:port (Ray itself retries for minutes).
+    ``advice`` ends the message with what else the caller's user can do."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout_s):
+            pass
+    except OSError as error:
+        raise LaunchError(
+            f"cannot reach a Ray cluster at {shown}: {error.strerror or error}. Check that the head node is "
+            f"running (`ray start --head` or docker/compose.yaml) and that the address and port are right"
+            + (f", {advice}" if advice else "") + ".") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Ray session
+# ---------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def ray_session(address: str | None, num_cpus: int, workers: int | None = None) -> Iterator[None]:
+    """Join the cluster at ``address`` or start an embedded loopback one; disconnect (and stop it)
+    afterwards. ``workers``: shown in the startup line of an embedded cluster."""
+    import ray
+
+    with _ray_environment(embedded=address is None) as token_dir:
+        if address is None:
+            _start_embedded(num_cpus, workers, token_dir)
+        else:
+            log.info("joining the Ray cluster at %s", address)
+            _join(address)
+        try:
+            yield
+        finally:
+            ray.shutdown()
+
+
+@contextlib.contextmanager
+def _ray_environment(embedded: bool) -> Iterator[Path | None]:
+    """Environment variables of this Ray session (inherited by the GCS, raylet and workers an embedded
+    cluster starts), restored afterwards; for an embedded cluster, a private directory for its token."""
+    saved = dict(os.environ)
+    token_dir = Path(tempfile.mkdtemp(prefix="spindle-ray-")) if embedded else None  # mode 0700
+    try:
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no phone-home
+        # Workers print plain lines (Ray Train would otherwise also route print() through its logger).
+        os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+        if embedded:
+            # A single machine is never preempted by a cloud provider: skip Ray Train's watcher actor.
+            os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+        yield token_dir
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+        if token_dir is not None:
+            shutil.rmtree(token_dir, ignore_errors=True)
+        _set_cluster_mode(enabled=None)
+
+
+def _set_cluster_mode(enabled: bool | None) -> None:
+    """Ray resolves a local node's address to the host's outward IP (and binds its servers there and on
+    all interfaces) unless multi-host clusters are off; off, everything is 127.0.0.1. The flag is read
+    from the environment at import, so an already imported Ray gets it set too. None: back to Ray's default."""
+    variable = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+    from ray._private import ray_constants
+
+    if enabled is None:
+        default = not ray_constants.IS_WINDOWS_OR_OSX
+        ray_constants.ENABLE_RAY_CLUSTER = (os.environ.get(variable, str(int(default))).lower()
+                                            in ("1", "true", "yes"))
+        return
+    os.environ[variable] = "1" if enabled else "0"
+    ray_constants.ENABLE_RAY_CLUSTER = enabled
+
+
+def free_loopback_port() -> int:
+    with socket.socket() as probe:
+        probe.bind((LOOPBACK, 0))
+        return probe.getsockname()[1]
+
+
+def _private_token(token_dir: Path) -> Path:
+    """A fresh random token in a file only this user can read (Ray would otherwise write a world-readable
+    ~/.ray/auth_token shared by every cluster of the user)."""
+    path = token_dir / TOKEN_FILE
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(descriptor, "w") as handle:
+        handle.write(secrets.token_hex(32))
+    return path
+
+
+def _start_embedded(num_cpus: int, workers: int | None, token_dir: Path) -> None:
+    import ray
+
+    dashboard_port = free_loopback_port()
+    _set_cluster_mode(enabled=False)  # every service on 127.0.0.1 (see _set_cluster_mode)
+    os.environ.pop("RAY_AUTH_TOKEN", None)  # a user's token for another cluster is not this one's
+    os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(_private_token(token_dir)),
+                      # Ray's state API (queried by Ray Train's controller and placement-group cleaner) is
+                      # this cluster's dashboard: without this it scans the host for GCS processes and
+                      # fails when another Ray instance runs on it.
+                      RAY_API_SERVER_ADDRESS=f"http://{LOOPBACK}:{dashboard_port}")
+    what = f"{workers} worker(s)" if workers else f"{num_cpus} CPU(s)"
+    print(f"spindle: starting a local Ray cluster with {what} ...", file=sys.stderr, flush=True)
+    started = time.perf_counter()
+    try:
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host=LOOPBACK,
+                 dashboard_port=dashboard_port, logging_level=logging.WARNING, log_to_driver=True,
+                 object_store_memory=EMBEDDED_OBJECT_STORE_BYTES)
+    except (ConnectionError, RuntimeError, OSError) as error:
+        raise LaunchError(f"could not start an embedded Ray cluster: {last_line(error)} (Ray's logs: "
+                          f"{logs_hint()}). Free memory or /dev/shm space, or join a running cluster with "
+                          f"--address.") from None
+    print(f"spindle: local Ray cluster up in {time.perf_counter() - started:.1f} s (session "
+          f"{session_dir() or '?'})", file=sys.stderr, flush=True)
+
+
+def _join(address: str) -> None:
+    import ray
+    from ray.exceptions import AuthenticationError
+
+    try:
+        ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True)
+    except (ConnectionError, RuntimeError) as error:
+        causes, cause = [], error
+        while cause is not None:
+            causes.append(cause)
+            cause = cause.__cause__ or cause.__context__
+        if any(isinstance(cause, AuthenticationError) for cause in causes):
+            raise LaunchError(
+                f"the Ray cluster at {address} requires token authentication: set RAY_AUTH_MODE=token and make the "
+                f"cluster's token available here (~/.ray/auth_token, RAY_AUTH_TOKEN_PATH or RAY_AUTH_TOKEN; "
+                f"`ray get-auth-token` on the head node prints it).") from None
+        raise LaunchError(f"could not join the Ray cluster at {address}: {last_line(error)}. Check that the address "
+                          f"is the head node's GCS address (HOST:6379 by default) and that its Ray version matches "
+                          f"this one.") from None
+
+
+def session_dir() -> str | None:
+    """The session directory of the cluster this process is connected to (its logs are under logs/)."""
+    try:
+        from ray._private import worker
+
+        node = worker._global_node
+        return node.get_session_dir_path() if node is not None else None
+    except Exception:  # a private Ray attribute: messages fall back to a generic hint
+        return None
+
+
+def logs_hint() -> str:
+    """Where this cluster's logs are, for error messages."""
+    directory = session_dir()
+    return f"{directory}/logs" if directory else "the Ray session directory's logs/ on each node"
+
+
+def cluster_nodes() -> list[NodeResources]:
+    """The alive nodes of the connected cluster and their total CPUs/GPUs."""
+    import ray
+
+    return [NodeResources(node_id=node["NodeID"], address=node.get("NodeManagerAddress", "?"),
+                          cpus=float(node["Resources"].get("CPU", 0)), gpus=float(node["Resources"].get("GPU", 0)))
+            for node in ray.nodes() if node.get("Alive")]
+
+
+def warn_if_busy(plan: PlacementPlan) -> None:
+    """Other jobs may hold resources now; the workers then wait for them, which deserves a word."""
+    import ray
+
+    available = ray.available_resources()
+    short = {name: amount * plan.workers for name, amount in plan.resources_per_worker.items()
+             if available.get(name, 0) < amount * plan.workers}
+    if short:
+        print(f"spindle: waiting for resources held by other jobs: needs {format_resources(short)}, free now "
+              f"{format_resources({name: available.get(name, 0) for name in short})}", file=sys.stderr, flush=True)

@@ -1,0 +1,82 @@
+"""The trainer entry on a Ray Train worker, and how a restarted worker group resumes.
+
+Every worker calls ``spindle.runtime.main.train_entry`` (the same entry torchrun uses) inside the
+heartbeat of ``spindle.runtime.heartbeat``, so a failed collective is reported with the ranks that
+never entered it. A worker group that starts after a checkpoint was committed during this launch
+resumes from RUN_DIR/checkpoints/latest (``resume="auto"``); otherwise it starts the way the user asked.
+"""
+from __future__ import annotations
+
+import inspect
+import os
+from pathlib import Path
+
+from spindle.runtime.heartbeat import reporting_stalls
+
+
+def latest_checkpoint_marker(run_dir: str | os.PathLike) -> str | None:
+    """What RUN_DIR/checkpoints/latest names now (None when there is none yet)."""
+    latest = Path(run_dir) / "checkpoints" / "latest"
+    try:
+        if latest.is_symlink():
+            return os.readlink(latest)
+        return latest.read_text(encoding="utf-8").strip() if latest.is_file() else None
+    except OSError:
+        return None
+
+
+def resume_for_attempt(job: dict) -> str:
+    """The user's --resume for the first worker group; "auto" once this launch has committed a
+    checkpoint, so a restarted group continues from it rather than starting over."""
+    marker = latest_checkpoint_marker(job["run_dir"])
+    if marker is not None and marker != job["latest_at_launch"]:
+        return "auto"
+    return job["resume"]
+
+
+class PreemptionWatch:
+    """``should_checkpoint(step)`` for the trainer: True once when Ray Train reports that a node of this
+    job is about to be preempted. Every rank must call it at the same steps (Ray makes it a barrier)."""
+
+    def __init__(self) -> None:
+        self.notified = False
+
+    def __call__(self, step: int) -> bool:
+        import ray.train
+
+        info = ray.train.get_preemption_info()
+        if info is None or self.notified:
+            return False
+        self.notified = True
+        print(f"spindle: preemption notice for node(s) {', '.join(info.preempted_node_ids)} (ranks "
+              f"{info.preempted_ranks}); saving a checkpoint at step {step}", flush=True)
+        return True
+
+
+def train_worker(job: dict) -> dict:
+    """One Ray Train worker: the per-process trainer, with heartbeats and a readable hang report."""
+    import torch.distributed as dist
+
+    from spindle.runtime.main import train_entry
+
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    resume = agreed_resume(job)
+    options = {"trust_checkpoint": bool(job.get("trust_checkpoint", False))}
+    # The trainer's hook for a just-in-time checkpoint (called by every rank after every step), once
+    # train_entry offers it.
+    if job["watch_preemption"] and "should_checkpoint" in inspect.signature(train_entry).parameters:
+        options["should_checkpoint"] = PreemptionWatch()
+    group_id = f"{os.environ.get('MASTER_ADDR', 'local')}:{os.environ.get('MASTER_PORT', '0')}"
+    with reporting_stalls(job["run_dir"], rank, group_id):
+        final = train_entry(job["config"], job["run_dir"], resume, **options)
+    return dict(final or {})  # Ray Train hands rank 0's return value to the driver
+
+
+def agreed_resume(job: dict) -> str:
+    """Rank 0 decides how this worker group resumes and tells the others (one view of the files)."""
+    import torch.distributed as dist
+
+    choice = [resume_for_attempt(job)]
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.broadcast_object_list(choice, src=0)
+    return choice[0]
