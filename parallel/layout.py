@@ -148,23 +148,34 @@ class ParallelContext:
         return self.mesh["dp", "cp"]._flatten("dp_cp")
 
     # ------------------------------------------------------------------ what the trainer calls
-    def prepare(self, tokens: torch.Tensor, labels: torch.Tensor
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """(tokens, labels, positions) of this rank's part of a micro-batch, on the device.
+    def prepare(self, tokens: torch.Tensor, labels: torch.Tensor, cu_seqlens: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """(tokens, labels, positions, cu_seqlens) of this rank's part of a micro-batch, on the device.
 
         Every rank of a cp group receives the same full sequences; each keeps its shard in the cp
-        layout, and the RoPE positions and labels follow the same permutation (ALGORITHMS.md §4).
+        layout, and the RoPE positions and labels follow the same permutation (docs/algorithms.md).
+        Packed documents: ``cu_seqlens`` describes the whole (unsharded) micro-batch and stays so on
+        every rank, as the mixers' ops expect; positions restart at each document before sharding.
         """
         tokens, labels = tokens.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
+        positions = None
+        if cu_seqlens is not None:
+            from spindle.runtime.data import document_positions
+
+            cu_seqlens = cu_seqlens.to(self.device, non_blocking=True)
+            positions = document_positions(cu_seqlens, *tokens.shape)  # [B, T]
         if self.degrees.cp == 1:
-            return tokens, labels, None
+            return tokens, labels, positions, cu_seqlens
         from spindle.parallel import cp as context_parallel
 
         group = self.group("cp")
-        positions = context_parallel.local_positions(tokens.shape[1], group, layout=self.cp_layout,
-                                                     device=self.device)
+        if positions is None:
+            positions = context_parallel.local_positions(tokens.shape[1], group, layout=self.cp_layout,
+                                                         device=self.device)
+        else:
+            positions = context_parallel.shard(positions, group, layout=self.cp_layout)
         return (context_parallel.shard(tokens, group, layout=self.cp_layout),
-                context_parallel.shard(labels, group, layout=self.cp_layout), positions)
+                context_parallel.shard(labels, group, layout=self.cp_layout), positions, cu_seqlens)
 
     def sum_over_batch_ranks(self, value: torch.Tensor) -> torch.Tensor:
         """Sum over every rank that holds a different part of the global batch (dp x cp)."""

@@ -13,6 +13,8 @@ Tensors are BSHD: [batch, seq, heads, head_dim].
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 from typing import Callable
 
@@ -120,13 +122,44 @@ def apply_rotary(x: torch.Tensor, rotary: Rotary) -> torch.Tensor:
 
 def single_device_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
                                    log_decay: torch.Tensor | None = None,
-                                   scale: float | None = None) -> torch.Tensor:
+                                   scale: float | None = None,
+                                   cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
     """The default ``sequence_op``: spindle.kernels.linear_attention without states, returning o.
 
     Same call signature and return as ``spindle.parallel.cp.lasp2`` with its group bound, so context
-    parallelism swaps one for the other.
+    parallelism swaps one for the other. ``cu_seqlens`` (packed documents) restarts the state at
+    every document start.
     """
-    return kernels.linear_attention(q, k, v, log_decay=log_decay, scale=scale)[0]
+    if cu_seqlens is None:
+        return kernels.linear_attention(q, k, v, log_decay=log_decay, scale=scale)[0]
+    require_cu_seqlens(kernels.linear_attention, "spindle.kernels.linear_attention")
+    return kernels.linear_attention(q, k, v, log_decay=log_decay, scale=scale, cu_seqlens=cu_seqlens)[0]
+
+
+@functools.lru_cache(maxsize=None)
+def accepts_cu_seqlens(operation: Callable[..., object]) -> bool:
+    """Whether a token-mixer op (a kernel, a context-parallel scheme with its group bound, a mixer's
+    forward) takes the ``cu_seqlens`` keyword of packed documents."""
+    try:
+        parameters = inspect.signature(operation).parameters
+    except (TypeError, ValueError):  # no introspectable signature: let the call decide
+        return True
+    return "cu_seqlens" in parameters or any(
+        parameter.kind is inspect.Parameter.VAR_KEYWORD for parameter in parameters.values())
+
+
+def require_cu_seqlens(operation: Callable[..., object], name: str) -> None:
+    """Refuse packed documents, with a way out, where an op cannot keep documents apart yet."""
+    if not accepts_cu_seqlens(operation):
+        raise NotImplementedError(
+            f"packed documents (cu_seqlens) are not supported by {name} in this build: it would mix tokens "
+            f"across document boundaries. Set data.packing = 'concat' to train on the plain token stream, or "
+            f"choose a layer kind / context-parallel scheme that supports documents.")
+
+
+def _operation_name(operation: Callable[..., object]) -> str:
+    target = operation.func if isinstance(operation, functools.partial) else operation
+    return f"{getattr(target, '__module__', '')}.{getattr(target, '__qualname__', repr(target))}"
 
 
 def _feature_map(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -220,13 +253,19 @@ class LinearAttention(nn.Module):
                 return F.logsigmoid(logits)  # [B, T, H_local]
         return None
 
-    def forward(self, x: torch.Tensor, rotary: Rotary | None = None) -> torch.Tensor:
-        """x: [B, T, dim] -> [B, T, dim]. ``rotary`` is unused (linear layers carry no RoPE)."""
+    def forward(self, x: torch.Tensor, rotary: Rotary | None = None,
+                cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+        """x: [B, T, dim] -> [B, T, dim]. ``rotary`` is unused (linear layers carry no RoPE);
+        ``cu_seqlens`` (packed documents, over the global batch) restarts the state per document."""
         batch, length, _ = x.shape
         q = self.feature_map(self.q_proj(x).view(batch, length, -1, self.head_dim))  # [B, T, H, hd]
         k = self.feature_map(self.k_proj(x).view(batch, length, -1, self.head_dim))  # [B, T, H, hd]
         v = self.v_proj(x).view(batch, length, -1, self.head_dim)  # [B, T, H, hd]
-        o = self.sequence_op(q, k, v, log_decay=self.log_decay(x), scale=self.head_dim ** -0.5)
+        documents = {}
+        if cu_seqlens is not None:
+            require_cu_seqlens(self.sequence_op, _operation_name(self.sequence_op))
+            documents["cu_seqlens"] = cu_seqlens
+        o = self.sequence_op(q, k, v, log_decay=self.log_decay(x), scale=self.head_dim ** -0.5, **documents)
         o = self.output_norm(o).reshape(batch, length, -1)  # [B, T, H * hd]
         gate = self.gate_proj(x)  # [B, T, H * hd]
         gate = torch.sigmoid(gate) if self.output_gate == "sigmoid" else F.silu(gate)
@@ -250,8 +289,10 @@ class SoftmaxAttention(nn.Module):
             nn.init.normal_(projection.weight, std=init_std)
         nn.init.normal_(self.out_proj.weight, std=output_std)
 
-    def forward(self, x: torch.Tensor, rotary: Rotary | None = None) -> torch.Tensor:
-        """x: [B, T, dim], rotary: (cos, sin) of the tokens' positions -> [B, T, dim]."""
+    def forward(self, x: torch.Tensor, rotary: Rotary | None = None,
+                cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+        """x: [B, T, dim], rotary: (cos, sin) of the tokens' positions -> [B, T, dim]; ``cu_seqlens``
+        (packed documents, over the global batch) keeps attention inside each document."""
         if rotary is None:
             raise ValueError("SoftmaxAttention needs the RoPE tables of the tokens' positions")
         batch, length, _ = x.shape
@@ -259,7 +300,11 @@ class SoftmaxAttention(nn.Module):
         k = self.k_proj(x).view(batch, length, -1, self.head_dim)  # [B, T, H_kv, hd]
         v = self.v_proj(x).view(batch, length, -1, self.head_dim)  # [B, T, H_kv, hd]
         q, k = apply_rotary(q, rotary), apply_rotary(k, rotary)
-        o = self.attention_op(q, k, v, causal=True, scale=self.head_dim ** -0.5)  # [B, T, H, hd]
+        documents = {}
+        if cu_seqlens is not None:
+            require_cu_seqlens(self.attention_op, _operation_name(self.attention_op))
+            documents["cu_seqlens"] = cu_seqlens
+        o = self.attention_op(q, k, v, causal=True, scale=self.head_dim ** -0.5, **documents)  # [B, T, H, hd]
         return self.out_proj(o.reshape(batch, length, -1))  # [B, T, H * hd] -> [B, T, dim]
 
 
@@ -394,8 +439,16 @@ class DecoderBlock(nn.Module):
         self.mixer.reset_parameters(init_std, output_std)
         self.mlp.reset_parameters(init_std, output_std)
 
-    def forward(self, x: torch.Tensor, rotary: Rotary | None) -> torch.Tensor:
-        x = x + self.mixer(self.mixer_norm(x), rotary)
+    def forward(self, x: torch.Tensor, rotary: Rotary | None,
+                cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+        """``cu_seqlens`` (packed documents) goes to the mixer only when given, so mixers without
+        document support still run unpacked batches."""
+        if cu_seqlens is None:
+            mixed = self.mixer(self.mixer_norm(x), rotary)
+        else:
+            require_cu_seqlens(type(self.mixer).forward, f"{type(self.mixer).__name__} ({self.kind} layers)")
+            mixed = self.mixer(self.mixer_norm(x), rotary, cu_seqlens=cu_seqlens)
+        x = x + mixed
         return x + self.mlp(self.mlp_norm(x))
 
 

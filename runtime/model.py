@@ -19,6 +19,7 @@ from torch import nn
 
 from spindle import kernels
 from spindle.runtime.config import ModelConfig
+from spindle.runtime.data import document_positions
 from spindle.runtime.layers import (
     DECAY_KINDS,
     FEATURE_MAPS,
@@ -144,32 +145,41 @@ class HybridModel(nn.Module):
     def default_positions(self, tokens: torch.Tensor) -> torch.Tensor:
         return torch.arange(tokens.shape[1], device=tokens.device)  # [T]
 
-    def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
+                cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
         """tokens [B, T] long, positions [T] or [B, T] (default arange(T)) -> hidden [B, T, dim].
 
         ``positions`` are the tokens' positions in the full sequence; RoPE uses them as given
         (under context parallelism: the global positions of this rank's local tokens).
+        ``cu_seqlens`` (packed documents): int [N + 1] document offsets into the B·T tokens of the
+        GLOBAL batch (docs/design.md); every mixer keeps documents apart. Without ``positions`` they
+        restart at each document (one process only: under context parallelism the caller passes the
+        sharded document positions, as ``ParallelContext.prepare`` does).
         """
         _check_inputs(tokens, positions)
         if positions is None:
-            positions = self.default_positions(tokens)
+            positions = (self.default_positions(tokens) if cu_seqlens is None
+                         else document_positions(cu_seqlens, *tokens.shape))
         hidden = self.embedding(tokens)  # [B, T, dim]
         rotary = self.rotary(positions, hidden.dtype) if set(ROPE_KINDS) & set(self._layer_kinds) else None
         for block in self.layers:
-            hidden = block(hidden, rotary)
+            # Positional: activation checkpointing wraps block.forward in a positional-only function.
+            hidden = block(hidden, rotary) if cu_seqlens is None else block(hidden, rotary, cu_seqlens)
         return self.norm(hidden)
 
-    def loss(self, tokens: torch.Tensor, labels: torch.Tensor,
-             positions: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def loss(self, tokens: torch.Tensor, labels: torch.Tensor, positions: torch.Tensor | None = None,
+             cu_seqlens: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(sum of token cross-entropies as an fp32 scalar, count of labels != -100 as int64).
 
         A sum, not a mean: the trainer adds sums over micro-batches and cp ranks and divides by
-        the global token count (ALGORITHMS.md §4), so every layout gives the same loss.
+        the global token count (docs/algorithms.md), so every layout gives the same loss. With packed
+        documents the data already labels -100 every position whose next token starts another
+        document (spindle.runtime.data), so no prediction crosses a boundary.
         """
         if labels.shape != tokens.shape:
             raise ValueError(f"labels must have the shape of tokens {tuple(tokens.shape)}, "
                              f"got {tuple(labels.shape)}")
-        hidden = self(tokens, positions)  # [B, T, dim]
+        hidden = self(tokens, positions, cu_seqlens)  # [B, T, dim]
         flat_labels = labels.reshape(-1)  # [B·T]
         # Under mixed precision the hidden states may be lower precision than the stored weight;
         # the kernel wants one dtype (and accumulates logits in fp32 itself).

@@ -29,7 +29,7 @@ from torch import nn
 
 from spindle.parallel.layout import ParallelContext
 from spindle.runtime.config import Config
-from spindle.runtime.data import IGNORE_INDEX, Dataset
+from spindle.runtime.data import IGNORE_INDEX, Dataset, PackedBatch
 from spindle.runtime.metrics import (
     MetricsWriter,
     model_flops_utilization,
@@ -43,7 +43,8 @@ from spindle.runtime.tracking import NullTracker, Tracker
 if TYPE_CHECKING:
     from spindle.runtime.checkpoint import Checkpointer
 
-Batch = tuple[torch.Tensor, torch.Tensor]
+Batch = tuple[torch.Tensor, torch.Tensor] | PackedBatch
+"""(tokens [B, T], labels [B, T]), or a PackedBatch that adds the documents' cu_seqlens."""
 
 
 class BatchProvider:
@@ -150,17 +151,18 @@ def train_step(model: nn.Module, optimizer: "torch.optim.Optimizer | OptimizerEn
     # This rank's part of every micro-batch (cp ranks keep their shard of each sequence). Count the
     # label tokens of the whole global batch first: each micro-batch's loss sum is divided by that
     # count, so accumulated gradients are those of the global-token mean.
-    prepared = [context.prepare(tokens, labels) for tokens, labels in micro_batches]
-    local_count = sum(int((labels != IGNORE_INDEX).sum()) for _, labels, _ in prepared)
+    prepared = [context.prepare(*micro_batch) for micro_batch in micro_batches]
+    local_count = sum(int((labels != IGNORE_INDEX).sum()) for _, labels, _, _ in prepared)
     global_count = context.sum_over_batch_ranks(torch.tensor(float(local_count), device=context.device))
     global_count = global_count.clamp_min(1.0)
 
     engine.set_learning_rate(lr)
     engine.zero_grad()
     loss_sum = torch.zeros((), device=context.device)
-    for tokens, labels, positions in prepared:
+    for tokens, labels, positions, cu_seqlens in prepared:
         with _autocast(context.device, precision):
-            micro_loss_sum, _ = model.loss(tokens, labels, positions)
+            micro_loss_sum, _ = (model.loss(tokens, labels, positions) if cu_seqlens is None
+                                 else model.loss(tokens, labels, positions, cu_seqlens))
         # The data-parallel engines average gradients over dp x cp; gradient_scale turns that into a sum.
         engine.backward(micro_loss_sum * context.gradient_scale / global_count)
         loss_sum += micro_loss_sum.detach().float()
