@@ -1,4 +1,4 @@
-"""Sliding-window attention and delayed LASP-2 / LASP-1 over CP groups against dense float64 formulas.
+"""Sliding-window attention and delayed LASP-2 / LASP-1 (`delay=`) over CP groups against dense float64 formulas.
 
 `window_attention`, `lasp2/lasp1(delay=)` (through `delayed_lasp`) and the one-exchange
 `rattention_branches` on 2, 3 and 4 gloo ranks (one spawn), both layouts, windows smaller than,
@@ -123,8 +123,11 @@ def _delay_case(op, group, size, layout, delay, decay_kind, seed):
     g = full["g"]
     if g is not None:
         g = (g.clone() if g.dim() == 1 else shard(g, group, layout=layout)).requires_grad_()
-    output = delayed_lasp(local["q"], local["k"], local["v"], group, delay=delay, lasp=op, layout=layout,
-                          log_decay=g, scale=scale)
+    if delay == 0:  # delayed_lasp itself, at its trivial end
+        output = delayed_lasp(local["q"], local["k"], local["v"], group, delay=0, lasp=op, layout=layout,
+                              log_decay=g, scale=scale)
+    else:  # the public contract: lasp2 / lasp1(..., delay=)
+        output = op(local["q"], local["k"], local["v"], group, layout=layout, log_decay=g, scale=scale, delay=delay)
     output.backward(shard(full["do"], group, layout=layout))
     label = f"{op.__name__}(delay={delay}) P={size} {layout} decay={decay_kind}"
     assert_close(f"{label} output", output, shard(expected, group, layout=layout), TOLERANCE)
@@ -171,24 +174,34 @@ def _windows(size, layout):
     return sorted({1, chunk - 1, chunk, chunk + 1, 2 * chunk + 1, 2 * size * 3 + 2})
 
 
+def _delay_cases(chunk):
+    """lasp2 on every decay kind below / at / above a chunk; lasp1 where its ring crosses several chunks."""
+    cases = [(lasp2, delay, "token") for delay in (chunk - 1, chunk, 2 * chunk + 1)]
+    cases += [(lasp2, chunk + 1, "none"), (lasp2, chunk + 1, "constant")]
+    return cases + [(lasp1, chunk, "constant"), (lasp1, 2 * chunk + 1, "token")]
+
+
 def _equivalence_worker(rank, world_size, world_group):
     for size in (2, 3, 4):
         group = subgroup(size)
         if group is None:
             continue
+        if size == 2:
+            _check_halo_bytes(group)
         for layout in ("zigzag", "contiguous"):
-            for seed, window in enumerate(_windows(size, layout)):
+            windows = _windows(size, layout)
+            for seed, window in enumerate(windows):
                 _window_case(group, size, layout, window, seed)
+            for seed, window in enumerate(windows[1::2]):  # both branches with one exchange: every other window
                 _branches_case(group, size, layout, window, seed)
             chunk = 3 if layout == "zigzag" else 6
-            cases = itertools.product((lasp2, lasp1), (chunk - 1, chunk, 2 * chunk + 1), ("none", "constant", "token"))
-            for seed, (op, delay, decay_kind) in enumerate(cases):
+            for seed, (op, delay, decay_kind) in enumerate(_delay_cases(chunk)):
                 _delay_case(op, group, size, layout, delay, decay_kind, seed)
             _delay_case(lasp2, group, size, layout, 0, "token", 7)
 
 
 def test_window_and_delayed_lasp_match_dense_formulas():
-    """window_attention, delayed lasp2/lasp1 and rattention_branches on 2, 3 and 4 ranks."""
+    """window_attention, lasp2/lasp1(delay=) and rattention_branches on 2, 3 and 4 ranks; halo bytes on 2."""
     run_distributed(_equivalence_worker, 4)
 
 
@@ -230,24 +243,25 @@ def _halo_bytes(group, length, window, layout):
     return forward.bytes.get("send_recv", 0), backward.bytes.get("send_recv", 0)
 
 
-def _comm_worker(rank, world_size, group):
-    window, element = 5, BATCH * KV_HEADS * 2 * HEAD_DIM * 4
-    results = {}
+def _check_halo_bytes(group):
+    """Exact halo bytes on 2 ranks, the same for T = 32 and T = 256 (window 5 below the chunk)."""
+    rank, window, element = dist.get_rank(group), 5, BATCH * KV_HEADS * 2 * HEAD_DIM * 4
+    window_bytes = window * element
+    # contiguous: rank 1 receives w tokens from rank 0 and sends their gradient back. zigzag: chunk 1
+    # (rank 1) takes w from chunk 0 (rank 0), chunk 3 (rank 0) takes w from chunk 2 (rank 1); chunk 2
+    # takes its halo from chunk 1 on its own rank
+    expected = {"contiguous": [(0, window_bytes), (window_bytes, 0)][rank],
+                "zigzag": (window_bytes, window_bytes)}
     for layout in ("zigzag", "contiguous"):
-        short = _halo_bytes(group, 2 * world_size * 8, window, layout)
-        long = _halo_bytes(group, 2 * world_size * 64, window, layout)
-        results[layout] = (short, long)
-        # a rank receives at most one window per chunk it holds, whatever T is
-        assert short == long, (layout, short, long)
-        assert 0 < short[0] <= (2 if layout == "zigzag" else 1) * window * element or rank == 0
-    return results
-
-
-def test_halo_bytes_are_independent_of_sequence_length():
-    results = run_distributed(_comm_worker, 2)
-    # exact count: contiguous rank 1 receives w tokens from rank 0; zigzag rank 0's second chunk (3)
-    # takes w from chunk 2 (rank 1), rank 1's chunks 1 and 2 take w each from chunks 0 and 1 (rank 0, itself)
-    element = BATCH * KV_HEADS * 2 * HEAD_DIM * 4
-    assert results[1]["contiguous"][0] == (5 * element, 0)
-    assert results[0]["contiguous"][0] == (0, 5 * element)
-    assert results[0]["zigzag"][0] == results[1]["zigzag"][0] == (5 * element, 5 * element)
+        for length in (32, 256):
+            measured = _halo_bytes(group, length, window, layout)
+            assert measured == expected[layout], (layout, length, rank, measured, expected[layout])
+    # the op itself: window_attention's point-to-point bytes do not grow with T either
+    traffic = []
+    for length in (32, 256):
+        q, k, v = (torch.randn(BATCH, length // 2, heads, HEAD_DIM, requires_grad=True)
+                   for heads in (HEADS, KV_HEADS, KV_HEADS))
+        with record_comm() as stats:
+            window_attention(q, k, v, group, window=window).sum().backward()
+        traffic.append(stats.bytes["send_recv"])
+    assert traffic[0] == traffic[1] == 2 * window_bytes, traffic

@@ -119,12 +119,17 @@ def lasp1(
     layout: str = "contiguous",
     log_decay: torch.Tensor | None = None,
     scale: float | None = None,
+    delay: int = 0,
 ) -> torch.Tensor:
     """Causal linear attention with decay over a CP group, passing the state rank to rank (LASP-1).
 
     Same arguments, semantics and result as `lasp2` (see there); the default layout is "contiguous"
     (one pass up the ranks). "zigzag" works too, at twice the serial hops.
     """
+    if delay:  # o_i = scale · q_i S_(i-delay): the same op on k, v, g shifted by a halo exchange
+        from .window import delayed_lasp  # window.py imports this module
+
+        return delayed_lasp(q, k, v, group, delay=delay, lasp=lasp1, layout=layout, log_decay=log_decay, scale=scale)
     setup = validate_linear_inputs("lasp1", q, k, v, group, layout, log_decay, scale)
     # the floored decay, as the local kernels see it (-inf: a reset)
     exchange = ChainedStateExchange(group, setup, floor_log_decay(log_decay), chunk_length=q.shape[1] // setup.slots)

@@ -84,6 +84,7 @@ def lasp2(
     layout: str = "zigzag",
     log_decay: torch.Tensor | None = None,
     scale: float | None = None,
+    delay: int = 0,
 ) -> torch.Tensor:
     """Causal linear attention with decay over a context-parallel group (LASP-2).
 
@@ -95,11 +96,16 @@ def lasp2(
             rank's contribution, summed by the usual gradient reduction), or this rank's shard
             [B, n, H] of a per-token decay (sharded like q). Values <= 0.
         scale: multiplies q; default Dk ** -0.5.
+        delay: d >= 0; token i reads the state S_(i-d) (keys j <= i - d), 0 for i < d (window.py).
 
     Returns:
         o, [B, n, H, Dv] in the dtype of q: equal to spindle.kernels.linear_attention on the
         unsharded tensors, sharded the same way. Differentiable in q, k, v and log_decay.
     """
+    if delay:  # o_i = scale · q_i S_(i-delay): the same op on k, v, g shifted by a halo exchange
+        from .window import delayed_lasp  # window.py imports this module
+
+        return delayed_lasp(q, k, v, group, delay=delay, lasp=lasp2, layout=layout, log_decay=log_decay, scale=scale)
     setup = validate_linear_inputs("lasp2", q, k, v, group, layout, log_decay, scale)
     # the floored decay, as the local kernels see it (-inf: a reset)
     exchange = GatheredStateExchange(group, setup, floor_log_decay(log_decay), chunk_length=q.shape[1] // setup.slots)
