@@ -167,8 +167,9 @@ def _decode(raw: bytes, where: str) -> str:
 def _text_value(value: object, field_name: str, where: str) -> str | None:
     if value is None or isinstance(value, str):
         return value
-    raise PrepareError(f"{where}: field {field_name!r} holds a {type(value).__name__}, not a string; "
-                       f"pick the text field with --text-field")
+    kinds = {bool: "boolean", int: "number", float: "number", list: "array", dict: "object"}
+    raise PrepareError(f"{where}: field {field_name!r} holds a JSON {kinds.get(type(value), type(value).__name__)}, "
+                       f"not a string; pick the text field with --text-field")
 
 
 def read_jsonl(path: Path, field_name: str) -> Iterator[str | None]:
