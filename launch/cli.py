@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -49,12 +50,24 @@ def launch_training(config: Config, run_dir: Path, resume: str, address: str | N
     return run_training(config, run_dir, resume, address, trust_checkpoint=trust_checkpoint, start_step=start_step)
 
 
+def _without_ray(command: str) -> int | None:
+    """Exit code 1 with what to do instead when Ray is not installed (only train and submit need it)."""
+    if importlib.util.find_spec("ray") is not None:
+        return None
+    print(f"spindle: error: {command} runs on Ray, which is not installed here. Install it with "
+          f"pip install 'ray[default,train]>=2.40', or train without Ray: python -m spindle.runtime.main CONFIG "
+          f"(one process) or torchrun --nproc-per-node N -m spindle.runtime.main CONFIG (several).", file=sys.stderr)
+    return 1
+
+
 def _train(arguments: argparse.Namespace) -> int:
     from spindle.runtime.run_dir import interrupted_message, prepare_run
 
     run_dir = Path(arguments.run_dir) if arguments.run_dir else default_run_dir(arguments.config)
     try:
         config = load_config(arguments.config, arguments.overrides)
+        if (code := _without_ray("spindle train")) is not None:  # before anything is written
+            return code
         decision = prepare_run(config, run_dir, arguments.resume, overwrite=arguments.overwrite,
                                trust_checkpoint=arguments.trust_checkpoint)
         if decision.finished:
@@ -139,6 +152,8 @@ def _report(arguments: argparse.Namespace) -> int:
 
 # Commands whose arguments belong to another module's parser: everything after the name goes there.
 def _submit(argv: list[str]) -> int:
+    if not {"-h", "--help"} & set(argv) and (code := _without_ray("spindle submit")) is not None:
+        return code
     return _dispatch("spindle.launch.submit", argv, "spindle submit")
 
 
