@@ -243,6 +243,12 @@ def test_ckpt_ls_lists_committed_checkpoints(tmp_path: Path, capsys) -> None:
     assert ckpt.main(["verify", str(tmp_path)]) == 0
     flip_bytes(step_dir(tmp_path, 2) / ".metadata", offset=5)
     assert ckpt.main(["verify", str(tmp_path)]) == 1
+    capsys.readouterr()
+    # ls marks what --resume auto really loads: the damaged latest is skipped for step 1.
+    assert ckpt.main(["ls", str(tmp_path)]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if "dp=" in line]
+    assert rows[0].startswith("*") and rows[0].split()[1] == "1", rows
+    assert not rows[1].startswith("*") and rows[1].endswith("CORRUPT"), rows
     assert ckpt.main(["ls", str(tmp_path / "missing")]) == 2
     assert "not a directory" in capsys.readouterr().err
 
