@@ -586,9 +586,10 @@ def validate(config: Config, world_size: int | None = None) -> None:
     _check_parallel(config, world_size)
     _check_batch(config, world_size)
     # Imported here: data.py imports ConfigError from this module.
-    from spindle.runtime.data import validate_data
+    from spindle.runtime.data import check_document_support, validate_data
 
     validate_data(config.data, config.model.vocab_size)
+    check_document_support(config)
 
 
 def resolve(config: Config, world_size: int = 1) -> Config:

@@ -15,16 +15,26 @@ Tasks:
   labelled with the next one, which appears only in the first copy, half a sequence back.
 - a token file: ``.bin`` (raw memmap of ``data.dtype``) or ``.npy`` (1-D integer array); sample i is
   the window of T + 1 tokens starting at an offset drawn from ``(seed, i)``.
+- a prepared folder (``spindle data prepare``): the token stream is cut into non-overlapping windows
+  of T (+1) tokens; epoch e visits every window once, in an order drawn from (seed, e), so sample i is
+  window ``permuted_index(i % W, W, key(seed, i // W))``. With ``data.packing = "documents"`` a
+  batch also carries ``cu_seqlens`` (the document starts inside each row, row starts, and B·T) and no
+  label predicts a document's first token from the previous document.
 """
 from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 import torch
 
 from spindle.runtime.config import SYNTHETIC_SOURCES, ConfigError, DataConfig, did_you_mean, quoted
+from spindle.runtime.prepare import PrepareError, verify_folder
+
+if TYPE_CHECKING:
+    from spindle.runtime.config import Config
 
 IGNORE_INDEX = -100
 
@@ -62,6 +72,37 @@ class Dataset:
         """(tokens [B, T], labels [B, T]) for a list of global sample indices."""
         samples = [self.sample(int(index)) for index in indices]
         return torch.stack([tokens for tokens, _ in samples]), torch.stack([labels for _, labels in samples])
+
+
+class PackedBatch(NamedTuple):
+    """A batch of packed documents: what ``Dataset.batch`` returns when boundaries are kept."""
+
+    tokens: torch.Tensor
+    """[B, T] int64."""
+    labels: torch.Tensor
+    """[B, T] int64; -100 where the next token starts another document."""
+    cu_seqlens: torch.Tensor
+    """int32 [N + 1]: document starts in the B·T tokens flattened row-major, with 0, every row start
+    and B·T (a document never spans two rows)."""
+
+
+def batch_cu_seqlens(row_starts: list[np.ndarray], length: int) -> torch.Tensor:
+    """cu_seqlens of B rows of ``length`` tokens from each row's document starts inside (0, length)."""
+    rows = [np.concatenate([[row * length], row * length + np.asarray(starts, dtype=np.int64)])
+            for row, starts in enumerate(row_starts)]
+    offsets = np.concatenate([*rows, [len(row_starts) * length]])
+    return torch.from_numpy(offsets.astype(np.int32))
+
+
+def document_positions(cu_seqlens: torch.Tensor, batch: int, length: int) -> torch.Tensor:
+    """[B, T] int64 positions that restart at 0 at every document start (RoPE of packed documents).
+
+    Tensor ops only (no host sync): flat index minus the start of the document it falls in.
+    """
+    offsets = cu_seqlens.to(torch.int64)
+    flat = torch.arange(batch * length, device=cu_seqlens.device)  # [B·T]
+    document = torch.searchsorted(offsets, flat, right=True) - 1  # index of each token's document
+    return (flat - offsets[document]).view(batch, length)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -141,7 +182,8 @@ def open_token_file(source: str, dtype: str) -> np.ndarray:
     path = Path(source)
     if not path.is_file():
         raise _file_error(source, "the file does not exist",
-                          f"expected one of {quoted(SYNTHETIC_SOURCES)} or the path of a .bin/.npy token file")
+                          f"expected one of {quoted(SYNTHETIC_SOURCES)}, a folder written by `spindle data prepare` "
+                          f"or the path of a .bin/.npy token file")
     if path.suffix == ".bin":
         itemsize = np.dtype(dtype).itemsize
         size = os.path.getsize(path)
@@ -203,6 +245,144 @@ class TokenFileDataset(Dataset):
 
 
 # ---------------------------------------------------------------------------------------------
+# Prepared folders (spindle data prepare)
+# ---------------------------------------------------------------------------------------------
+_MASK64 = (1 << 64) - 1
+
+
+def _mix64(value: int, key: int) -> int:
+    """A 64-bit mixing function (splitmix64's finalizer): the round function of the Feistel network."""
+    value = (value + key + 0x9E3779B97F4A7C15) & _MASK64
+    value = ((value ^ (value >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    value = ((value ^ (value >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return value ^ (value >> 31)
+
+
+def permuted_index(index: int, size: int, key: int) -> int:
+    """A seeded bijection of range(size), evaluated at ``index`` in O(1) memory.
+
+    A four-round Feistel network permutes the smallest even-bit domain 2^(2h) >= size; values that land
+    outside [0, size) are fed through again (cycle walking), which stays a bijection of [0, size) and
+    takes under four rounds on average since the domain is less than 4 x size. A stored permutation of
+    every window would need gigabytes on a trillion-token corpus.
+    """
+    if not 0 <= index < size:
+        raise IndexError(f"index {index} is outside range({size})")
+    half = max(1, ((size - 1).bit_length() + 1) // 2)
+    mask = (1 << half) - 1
+    value = index
+    while True:
+        left, right = value >> half, value & mask
+        for round_index in range(4):
+            left, right = right, left ^ (_mix64(right, key + round_index) & mask)
+        value = (left << half) | right
+        if value < size:
+            return value
+
+
+class _TokenStream:
+    """The shards of a prepared folder as one token stream with global document starts."""
+
+    def __init__(self, folder: Path, manifest: dict) -> None:
+        self.tokens = [np.memmap(folder / shard["tokens_file"], dtype=np.dtype(manifest["dtype"]), mode="r")
+                       for shard in manifest["shards"]]
+        self.offsets = [np.load(folder / shard["documents_file"], mmap_mode="r", allow_pickle=False)
+                        for shard in manifest["shards"]]
+        self.bases = np.concatenate([[0], np.cumsum([len(tokens) for tokens in self.tokens])])  # [shards + 1]
+        self.size = int(self.bases[-1])
+
+    def _shards(self, start: int, stop: int) -> range:
+        first = int(np.searchsorted(self.bases, start, side="right")) - 1
+        last = int(np.searchsorted(self.bases, stop, side="left"))
+        return range(first, min(last, len(self.tokens)))
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        """Tokens [start, stop) as int64, across shard ends."""
+        pieces = [np.asarray(self.tokens[shard][max(start - base, 0) : stop - base])
+                  for shard in self._shards(start, stop) for base in [int(self.bases[shard])]]
+        return np.concatenate(pieces).astype(np.int64)
+
+    def document_starts(self, start: int, stop: int) -> np.ndarray:
+        """Global offsets s of document starts with start < s <= stop."""
+        found = []
+        for shard in self._shards(start, stop + 1):
+            base, offsets = int(self.bases[shard]), self.offsets[shard]
+            low = int(np.searchsorted(offsets, start - base, side="right"))
+            high = int(np.searchsorted(offsets, stop - base, side="right"))
+            found.append(base + np.asarray(offsets[low:high], dtype=np.int64))
+        starts = np.unique(np.concatenate(found)) if found else np.zeros(0, dtype=np.int64)
+        return starts[(starts > start) & (starts <= stop) & (starts < self.size)]
+
+
+class PreparedDataset(Dataset):
+    """Non-overlapping windows of a prepared folder, every window once per epoch in a seeded order.
+
+    Window w holds tokens [w·T, w·T + T] (T + 1 tokens: inputs and next-token labels); there are
+    W = (N - 1) // T of them. With ``packing == "documents"`` the labels of positions whose next token
+    starts another document are -100, and ``batch`` returns a ``PackedBatch`` with cu_seqlens.
+    """
+
+    def __init__(self, folder: str, manifest: dict, seq_len: int, seed: int, packing: str) -> None:
+        self.stream = _TokenStream(Path(folder), manifest)
+        self.seq_len, self.seed, self.packing = seq_len, seed, packing
+        self.windows = (self.stream.size - 1) // seq_len
+        self._epoch_keys: dict[int, int] = {}
+
+    def _epoch_key(self, epoch: int) -> int:
+        if epoch not in self._epoch_keys:
+            seeds = np.random.SeedSequence([self.seed, epoch]).generate_state(1, dtype=np.uint64)
+            self._epoch_keys[epoch] = int(seeds[0])
+        return self._epoch_keys[epoch]
+
+    def window(self, global_index: int) -> int:
+        """The window sample ``global_index`` reads."""
+        epoch, index = divmod(global_index, self.windows)
+        return permuted_index(index, self.windows, self._epoch_key(epoch))
+
+    def _read(self, global_index: int) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+        start = self.window(global_index) * self.seq_len
+        window = torch.from_numpy(self.stream.read(start, start + self.seq_len + 1))
+        tokens, labels = window[:-1].clone(), window[1:].clone()
+        if self.packing != "documents":
+            return tokens, labels, np.zeros(0, dtype=np.int64)
+        starts = self.stream.document_starts(start, start + self.seq_len) - start  # in (0, T]
+        labels[torch.from_numpy(starts - 1)] = IGNORE_INDEX  # the token before a start predicts across
+        return tokens, labels, starts[starts < self.seq_len]
+
+    def sample(self, global_index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        tokens, labels, _ = self._read(global_index)
+        return tokens, labels
+
+    def document_starts(self, global_index: int) -> np.ndarray:
+        """Document starts inside sample ``global_index``, in (0, T); empty with packing "concat"."""
+        return self._read(global_index)[2]
+
+    def batch(self, indices: list[int] | range) -> tuple[torch.Tensor, torch.Tensor] | PackedBatch:
+        samples = [self._read(int(index)) for index in indices]
+        tokens = torch.stack([sample[0] for sample in samples])
+        labels = torch.stack([sample[1] for sample in samples])
+        if self.packing != "documents":
+            return tokens, labels
+        return PackedBatch(tokens, labels, batch_cu_seqlens([sample[2] for sample in samples], self.seq_len))
+
+
+def open_prepared(data: DataConfig, vocab_size: int) -> dict:
+    """Verify a prepared folder (sizes every time, sha256 once per file version) against the config."""
+    try:
+        manifest = verify_folder(data.source)
+    except PrepareError as error:
+        raise ConfigError(f"data.source = {data.source!r}: {error}") from None
+    if manifest["tokens"] < data.seq_len + 1:
+        raise ConfigError(f"data.source = {data.source!r}: it holds {manifest['tokens']} tokens, fewer than "
+                          f"data.seq_len + 1 = {data.seq_len + 1}; prepare more text or use a smaller data.seq_len")
+    if manifest["max_token_id"] >= vocab_size:
+        raise ConfigError(f"data.source = {data.source!r}: it holds token id {manifest['max_token_id']} (vocabulary "
+                          f"of {manifest.get('vocab_size')} tokens), outside model.vocab_size = {vocab_size}; set "
+                          f"model.vocab_size to at least {manifest['max_token_id'] + 1}")
+    return manifest
+
+
+# ---------------------------------------------------------------------------------------------
 # Entry points
 # ---------------------------------------------------------------------------------------------
 def _check_recall_pairs(data: DataConfig, vocab_size: int) -> None:
@@ -233,11 +413,40 @@ def validate_data(data: DataConfig, vocab_size: int) -> None:
         if source == "synthetic:recall":
             _check_recall_pairs(data, vocab_size)
         return
+    if Path(source).is_dir():
+        open_prepared(data, vocab_size)
+        return
     tokens = open_token_file(source, data.dtype)
     if len(tokens) < data.seq_len + 1:
         raise _file_error(source, f"it holds {len(tokens)} tokens, fewer than data.seq_len + 1 = {data.seq_len + 1}",
                           "use a longer file or a smaller data.seq_len")
     check_token_ids(tokens, source, vocab_size)
+
+
+def check_document_support(config: "Config") -> None:
+    """Refuse, before anything starts, packed documents that a context-parallel op of the config's layer
+    kinds cannot keep apart (the ops grow ``cu_seqlens`` one by one; each one that has it passes)."""
+    data, parallel = config.data, config.parallel
+    if data.packing != "documents" or parallel.cp == 1 or not Path(data.source).is_dir():
+        return
+    from spindle.parallel import cp as context_parallel
+    from spindle.parallel.parallelize import LINEAR_SCHEMES, SOFTMAX_SCHEMES
+    from spindle.runtime.config import layer_pattern
+    from spindle.runtime.layers import accepts_cu_seqlens
+
+    # The op each layer kind runs under context parallelism (parallel/parallelize.py binds the same).
+    operations = {"L": (LINEAR_SCHEMES[parallel.cp_linear], f"parallel.cp_linear = {parallel.cp_linear!r}"),
+                  "A": (SOFTMAX_SCHEMES[parallel.cp_softmax], f"parallel.cp_softmax = {parallel.cp_softmax!r}"),
+                  "S": ("window_attention", "sliding-window (S) layers"),
+                  "R": ("rattention_branches", "RAttention (R) layers")}
+    for kind in sorted(set(layer_pattern(config.model)) & set(operations)):
+        name, setting = operations[kind]
+        operation = getattr(context_parallel, name, None)
+        if operation is not None and not accepts_cu_seqlens(operation):
+            raise ConfigError(
+                f"data.packing = 'documents' with parallel.cp = {parallel.cp}: {setting} "
+                f"(spindle.parallel.cp.{name}) cannot keep packed documents apart in this build; set "
+                f"data.packing = 'concat' to train on the plain token stream, or parallel.cp = 1.")
 
 
 def build_dataset(data: DataConfig, vocab_size: int, seed: int) -> Dataset:
@@ -247,4 +456,8 @@ def build_dataset(data: DataConfig, vocab_size: int, seed: int) -> Dataset:
         return RecallTask(data.seq_len, vocab_size, seed, data.num_samples, data.recall_pairs)
     if data.source == "synthetic:copy":
         return CopyTask(data.seq_len, vocab_size, seed, data.num_samples)
+    if Path(data.source).is_dir():
+        # validate_data verified the folder; this second read of the manifest is a stat per file.
+        manifest = open_prepared(data, vocab_size)
+        return PreparedDataset(data.source, manifest, data.seq_len, seed, data.packing)
     return TokenFileDataset(data.source, data.dtype, data.seq_len, seed)

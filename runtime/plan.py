@@ -20,7 +20,13 @@ cross-entropy) running on a GPU; the assumptions that are not visible in those f
 - all-gather attention re-gathers K/V in the backward pass and reduce-scatters fp32 dK/dV, ring
   attention carries fp32 dK/dV around the ring, so both move about 3× the forward bytes backward;
 - a checkpointed layer keeps only its input and recomputes the rest (and repeats its forward
-  communication) during the backward pass; memory counts every saved tensor once.
+  communication) during the backward pass; memory counts every saved tensor once;
+- packed documents (``data.packing = "documents"``) change none of these numbers: a batch adds
+  cu_seqlens ([N + 1] integers) and [B, T] int64 RoPE positions, the document mask is never
+  materialized (varlen flash-attn / aten flash kernels; the math path scores only each query block's
+  key band), linear layers restart their state per document in the same kernels, and the CP schemes
+  move the same bytes. FLOPs and time are those of full causal sequences, an upper bound: softmax
+  attention inside short documents does less work.
 
 The per-token byte counts of each block were checked against the tensors autograd actually saves
 (saved-tensor hooks on CPU, with stand-ins that save what the GPU kernels save): equal for both

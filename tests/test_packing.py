@@ -252,3 +252,27 @@ def test_prepare_derives_positions_from_documents() -> None:
     assert positions.tolist() == [[0, 1, 0, 1, 2, 3], [0, 1, 2, 0, 1, 2]]
     assert torch.equal(documents, cu_seqlens)
     assert context.prepare(tokens, tokens)[2] is None
+
+
+@pytest.mark.parametrize("linear, softmax", [("lasp2", "allgather"), ("lasp1", "ring"), ("lasp2", "ulysses")],
+                         ids=["lasp2-allgather", "lasp1-ring", "lasp2-ulysses"])
+def test_context_parallel_documents_checked_at_config_time(corpus: dict, linear: str, softmax: str) -> None:
+    """cp > 1 with packed documents runs only where both schemes take cu_seqlens; otherwise the config is
+    refused up front, naming the scheme (never a run that silently mixes documents)."""
+    from spindle.parallel import cp as context_parallel
+    from spindle.parallel.parallelize import LINEAR_SCHEMES, SOFTMAX_SCHEMES
+    from spindle.runtime.config import Config, ParallelConfig, validate
+    from spindle.runtime.layers import accepts_cu_seqlens
+
+    config = Config(model=ModelConfig(layers="LA", n_layers=2, dim=32, heads=4, kv_heads=2, vocab_size=VOCAB),
+                    data=DataConfig(source=str(corpus["folder"] / "one-shard"), seq_len=SEQ_LEN),
+                    parallel=ParallelConfig(cp=2, cp_linear=linear, cp_softmax=softmax))
+    unsupported = [name for name, key in ((LINEAR_SCHEMES[linear], "cp_linear"), (SOFTMAX_SCHEMES[softmax], "cp_softmax"))
+                   if not accepts_cu_seqlens(getattr(context_parallel, name))]
+    if unsupported:
+        with pytest.raises(ConfigError, match=f"spindle.parallel.cp.({'|'.join(unsupported)}).*data.packing = 'concat'"):
+            validate(config)
+    else:
+        validate(config)
+    config.data.packing = "concat"
+    validate(config)  # the plain stream runs on every scheme
