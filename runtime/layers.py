@@ -321,18 +321,30 @@ def plus_minus_softmax(x: torch.Tensor) -> torch.Tensor:
 def single_device_rattention(local_q: torch.Tensor, local_k: torch.Tensor, residual_q: torch.Tensor,
                              residual_k: torch.Tensor, v: torch.Tensor, *, window: int,
                              log_decay: torch.Tensor | None = None, local_scale: float | None = None,
-                             residual_scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+                             residual_scale: float = 1.0,
+                             cu_seqlens: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The default ``branch_op`` of RAttention: (window attention, linear attention delayed by the window).
 
     Same call signature and return as ``spindle.parallel.cp.rattention_branches`` with its group
     bound. The residual branch repeats the k/v heads to the query heads (GQA as in the window branch).
+    With ``cu_seqlens`` (packed documents) both branches stay inside each document: the window and
+    the delay count positions within the document.
     """
-    local = kernels.attention(local_q, local_k, v, causal=True, window=window, scale=local_scale)
+    documents = {} if cu_seqlens is None else {"cu_seqlens": cu_seqlens}
+    local = kernels.attention(local_q, local_k, v, causal=True, window=window, scale=local_scale, **documents)
     groups = residual_q.shape[2] // residual_k.shape[2]
     residual, _ = kernels.linear_attention(
         residual_q, residual_k.repeat_interleave(groups, dim=2), v.repeat_interleave(groups, dim=2),
-        log_decay=log_decay, scale=residual_scale, delay=window)
+        log_decay=log_decay, scale=residual_scale, delay=window, **documents)
     return local, residual
+
+
+def _documents(operation: Callable[..., object], cu_seqlens: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """{"cu_seqlens": ...} for an op that keeps documents apart; refused clearly where it cannot."""
+    if cu_seqlens is None:
+        return {}
+    require_cu_seqlens(operation, _operation_name(operation))
+    return {"cu_seqlens": cu_seqlens}
 
 
 def _grouped_projections(module: nn.Module, dim: int, heads: int, kv_heads: int) -> None:
@@ -363,20 +375,23 @@ class SlidingWindowAttention(nn.Module):
         super().__init__()
         _grouped_projections(self, dim, heads, kv_heads)
         self.window = window
-        self.attention_op: Callable[..., torch.Tensor] = kernels.attention
+        self.attention_op: Callable[..., torch.Tensor] = functools.partial(kernels.attention, causal=True)
 
     def reset_parameters(self, init_std: float, output_std: float) -> None:
         for projection in (self.q_proj, self.k_proj, self.v_proj):
             nn.init.normal_(projection.weight, std=init_std)
         nn.init.normal_(self.out_proj.weight, std=output_std)
 
-    def forward(self, x: torch.Tensor, rotary: Rotary | None = None) -> torch.Tensor:
-        """x: [B, T, dim], rotary: (cos, sin) of the tokens' positions -> [B, T, dim]."""
+    def forward(self, x: torch.Tensor, rotary: Rotary | None = None,
+                cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+        """x: [B, T, dim], rotary: (cos, sin) of the tokens' positions -> [B, T, dim]; ``cu_seqlens``
+        (packed documents, over the global batch) keeps the window inside each document."""
         if rotary is None:
             raise ValueError("SlidingWindowAttention needs the RoPE tables of the tokens' positions")
         q, k, v = _project(self, x)
         q, k = apply_rotary(q, rotary), apply_rotary(k, rotary)
-        o = self.attention_op(q, k, v, window=self.window, scale=self.head_dim ** -0.5)  # [B, T, H, hd]
+        documents = _documents(self.attention_op, cu_seqlens)
+        o = self.attention_op(q, k, v, window=self.window, scale=self.head_dim ** -0.5, **documents)  # [B, T, H, hd]
         return self.out_proj(o.reshape(*x.shape[:2], -1))
 
 
@@ -409,14 +424,17 @@ class RAttention(nn.Module):
         self.local_norm.reset_parameters()
         self.residual_norm.reset_parameters()
 
-    def forward(self, x: torch.Tensor, rotary: Rotary | None = None) -> torch.Tensor:
-        """x: [B, T, dim], rotary: (cos, sin) of the tokens' positions -> [B, T, dim]."""
+    def forward(self, x: torch.Tensor, rotary: Rotary | None = None,
+                cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+        """x: [B, T, dim], rotary: (cos, sin) of the tokens' positions -> [B, T, dim]; ``cu_seqlens``
+        (packed documents, over the global batch) keeps both branches inside each document."""
         if rotary is None:
             raise ValueError("RAttention needs the RoPE tables of the tokens' positions")
         q, k, v = _project(self, x)
         local, residual = self.branch_op(
             apply_rotary(q, rotary), apply_rotary(k, rotary), plus_minus_softmax(q), plus_minus_softmax(k), v,
-            window=self.window, local_scale=self.head_dim ** -0.5, residual_scale=1.0)  # each [B, T, H, hd]
+            window=self.window, local_scale=self.head_dim ** -0.5, residual_scale=1.0,
+            **_documents(self.branch_op, cu_seqlens))  # each [B, T, H, hd]
         o = self.local_norm(local) + self.residual_norm(residual)
         return self.out_proj(o.reshape(*x.shape[:2], -1))
 
