@@ -7,7 +7,10 @@ final-state gradient). Without a GPU the triton backend runs on CPU under TRITON
 before triton is imported by this process), at tiny shapes.
 """
 
+import math
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -142,27 +145,49 @@ def test_torch_backend_float64_is_exact():
     check_against_reference("torch", (1, 130, 2, 16, 16), "token", dtype=torch.float64, tolerance=1e-12)
 
 
+@pytest.fixture
+def nan_poisoned(monkeypatch):
+    """Every Triton output buffer starts NaN-filled (the hot path allocates with torch.empty): an element a
+    kernel fails to write shows up as NaN."""
+    if not TRITON_ON_CPU:
+        return
+    from spindle.kernels.linear_attn import triton_chunk
+
+    def poisoned(shape, dtype, device):
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+
+    monkeypatch.setattr(triton_chunk, "_allocate", poisoned)
+
+
 @needs_triton
 @pytest.mark.parametrize(
     "length, decay, key_dim, value_dim",
-    [(1, "token", 16, 16), (17, "none", 32, 32), (33, "constant", 48, 24), (65, "token", 32, 48), (40, "strong", 16, 32),
-     (20, "token", 96, 192)],  # 96 x 192: several key and value blocks per head, padded to 128 x 256
+    [(1, "token", 16, 16), (17, "none", 32, 32), (33, "constant", 48, 24), (50, "token", 32, 48), (40, "strong", 16, 32),
+     (20, "token", 96, 192),  # several key and value blocks per head, padded
+     (21, "constant", 80, 80), (19, "token", 256, 16), (18, "none", 16, 256), (23, "strong", 48, 48)],
+    ids=lambda value: str(value),
 )
-def test_triton_matches_reference(length, decay, key_dim, value_dim, monkeypatch):
+def test_triton_matches_reference(length, decay, key_dim, value_dim, monkeypatch, nan_poisoned):
     from spindle.kernels.linear_attn import triton_chunk
 
-    # 16-token blocks, so that these short sequences span several blocks and a masked tail
+    # 16-token chunks, so that these short sequences span several chunks and a masked tail
     monkeypatch.setattr(triton_chunk, "DEFAULT_CHUNK_SIZE", 16)
-    check_against_reference("triton", (1, length, 2, key_dim, value_dim), decay)
+    check_against_reference("triton", (1, length, 1, key_dim, value_dim), decay)
 
 
 @needs_triton
-def test_triton_default_chunk_awkward_length():
+def test_triton_recomputed_states_match_reference(nan_poisoned):
+    """recompute_states=True: the backward recomputes the chunk states instead of keeping them."""
+    check_against_reference("triton", (2, 35, 1, 32, 16), "token", chunk_size=16, recompute_states=True)
+
+
+@needs_triton
+def test_triton_default_chunk_awkward_length(nan_poisoned):
     check_against_reference("triton", (1, 130, 1, 16, 16), "token")
 
 
 @needs_triton
-def test_triton_leaves_no_nan_and_needs_no_state():
+def test_triton_leaves_no_nan_and_needs_no_state(nan_poisoned):
     """Outputs and gradients start NaN-filled inside the kernel path; none may survive (tail length 23)."""
     q, k, v = (torch.randn(2, 23, 2, 16, requires_grad=True) for _ in range(3))
     output, final = linear_attention(q, k, v, output_final_state=False, backend="triton")
@@ -212,6 +237,9 @@ def test_constant_decay_gradient_reaches_head_tensor():
         (dict(v=torch.randn(1, 6, 2, 8)), "v must be"),
         (dict(q=torch.randn(5, 2, 8)), "q must be 4-D"),
         (dict(log_decay=torch.full((1, 4, 2), 0.5)), "log_decay must be <= 0"),
+        (dict(log_decay=torch.tensor([-0.1, float("nan")])), "log_decay must be <= 0 and not NaN"),
+        (dict(delay=-1), "delay must be"),
+        (dict(delay=2, initial_state=torch.zeros(1, 2, 8, 8)), "initial_state with delay"),
         (dict(log_decay=torch.zeros(3)), "log_decay must be"),
         (dict(initial_state=torch.zeros(1, 2, 8, 4)), "initial_state must be"),
         (dict(backend="cuda-magic"), "unknown backend"),
@@ -300,3 +328,192 @@ def test_triton_float16_on_interpreter(monkeypatch):
 
     expected = run_with_gradients(reference, inputs, grad_output, grad_final, torch.float64)
     assert_half_precision_quality(kernel, reference, inputs, grad_output, grad_final, torch.float16, expected)
+
+
+# ------------------------------------------------------------------------------ chunk-parallel launch grids
+
+
+@needs_triton
+def test_triton_launch_grids_grow_with_length(monkeypatch):
+    """At B = H = 1, T = 4096 some forward and some backward launch has >= T/64 programs (one per chunk).
+
+    Every kernel launch of the Triton backend is intercepted and its grid recorded (with the interpreter's
+    block sizes) instead of run: interpreting 4096 tokens would take a minute, and the kernels' results are
+    checked by the other tests."""
+    from spindle.kernels.linear_attn import triton_chunk
+
+    launches: list[tuple[str, int]] = []
+
+    class Recording:
+        def __init__(self, name):
+            self.name = name
+
+        def __getitem__(self, grid):
+            shape = grid({"BK": 64, "BV": 64}) if callable(grid) else grid
+            launches.append((self.name, math.prod(shape)))
+            return lambda *args, **kwargs: None
+
+    names = ["_chunk_states_kernel", "_chunk_output_kernel", "_chunk_state_grads_kernel", "_chunk_dqk_kernel",
+             "_chunk_dv_kernel"]
+    for name in names:
+        monkeypatch.setattr(triton_chunk, name, Recording(name))
+    length = 4096
+    q, k, v = (torch.randn(1, length, 1, 64, requires_grad=True) for _ in range(3))
+    log_decay = torch.full((1, length, 1), -0.01, requires_grad=True)
+    output, _ = linear_attention(q, k, v, log_decay=log_decay, backend="triton")
+    forward_launches = dict(launches)
+    launches.clear()
+    output.backward(torch.ones_like(output))
+    backward_launches = dict(launches)
+    assert set(forward_launches) == {"_chunk_states_kernel", "_chunk_output_kernel"}
+    assert set(backward_launches) == {"_chunk_state_grads_kernel", "_chunk_dqk_kernel", "_chunk_dv_kernel"}
+    assert max(forward_launches.values()) >= length // 64, forward_launches
+    assert max(backward_launches.values()) >= length // 64, backward_launches
+    # only the d_k x d_v state chains are serial: one program per (batch·head, state block) at this size
+    assert forward_launches["_chunk_states_kernel"] == backward_launches["_chunk_state_grads_kernel"] == 1
+
+
+# ------------------------------------------------------------------------------ split forward / backward
+
+
+SPLIT_CASES = [("naive", "token", True), ("torch", "constant", True), ("torch", "token", False)]
+if TRITON_ON_CPU:
+    SPLIT_CASES += [("triton", "token", True), ("triton", "token", False)]
+
+
+@pytest.mark.parametrize("backend, decay, with_final_gradient", SPLIT_CASES, ids=lambda value: str(value))
+def test_split_forward_backward_match_reference(backend, decay, with_final_gradient, nan_poisoned):
+    """linear_attention_fwd / linear_attention_bwd (what LASP calls) against the float64 dense reference."""
+    from spindle.kernels.linear_attn import linear_attention_bwd, linear_attention_fwd
+
+    shape = (2, 37, 1, 16, 24)
+    inputs, grad_output, grad_final = make_inputs(*shape, decay)
+    if not with_final_gradient:
+        grad_final = torch.zeros_like(grad_final)
+    scale = 0.3
+
+    def reference(**leaves):
+        return dense_reference(leaves["q"], leaves["k"], leaves["v"], leaves["log_decay"], scale, leaves["initial_state"])
+
+    expected = run_with_gradients(reference, inputs, grad_output, grad_final, torch.float64)
+    dtype = torch.float32 if backend == "triton" else torch.float64
+    cast = {name: value.to(dtype) for name, value in inputs.items()}
+    output, final, residuals = linear_attention_fwd(
+        cast["q"], cast["k"], cast["v"], log_decay=cast["log_decay"], scale=scale,
+        initial_state=cast["initial_state"], output_final_state=True, backend=backend, chunk_size=16,
+    )
+    grads = linear_attention_bwd(grad_output.to(dtype), grad_final.to(dtype) if with_final_gradient else None, residuals)
+    names = ["grad_q", "grad_k", "grad_v", "grad_log_decay", "grad_initial_state"]
+    actual = {"output": output, "final_state": final, **dict(zip(names, grads))}
+    tolerance = FP32_TOLERANCE if dtype == torch.float32 else 1e-12
+    for name, value in expected.items():
+        assert actual[name].shape == value.shape, name
+        assert relative_rmse(actual[name], value) <= tolerance, f"{backend} {name}: {relative_rmse(actual[name], value):.2e}"
+
+
+# ------------------------------------------------------------------------------ backend switch
+
+
+def test_force_backend_and_environment_variable(monkeypatch):
+    from spindle.kernels.linear_attn import BACKEND_ENVIRONMENT_VARIABLE, force_backend, resolve_backend
+
+    q = torch.randn(1, 4, 1, 16)
+    monkeypatch.delenv(BACKEND_ENVIRONMENT_VARIABLE, raising=False)
+    assert resolve_backend("auto", q, q) == "torch"
+    with force_backend("naive"):
+        assert resolve_backend("auto", q, q) == "naive"
+        assert resolve_backend("torch", q, q) == "torch"  # an explicit choice wins
+    assert resolve_backend("auto", q, q) == "torch"
+    monkeypatch.setenv(BACKEND_ENVIRONMENT_VARIABLE, "naive")
+    assert resolve_backend("auto", q, q) == "naive"
+    with force_backend("torch"):
+        assert resolve_backend("auto", q, q) == "torch"  # the context manager wins over the variable
+    monkeypatch.setenv(BACKEND_ENVIRONMENT_VARIABLE, "fastest")
+    with pytest.raises(ValueError, match=BACKEND_ENVIRONMENT_VARIABLE):
+        resolve_backend("auto", q, q)
+    with pytest.raises(ValueError, match="unknown linear-attention backend"):
+        with force_backend("fastest"):
+            pass
+
+
+@pytest.mark.parametrize("forced", ["torch"] + (["triton"] if TRITON_ON_CPU else []))
+def test_auto_backend_driven_both_ways(forced, monkeypatch):
+    """backend="auto" under force_backend runs the forced path (checked by its result and its launches)."""
+    from spindle.kernels.linear_attn import force_backend, triton_chunk
+
+    calls = []
+    original = triton_chunk.triton_forward
+    monkeypatch.setattr(triton_chunk, "triton_forward", lambda *a, **kw: calls.append(1) or original(*a, **kw))
+    with force_backend(forced):
+        check_against_reference("auto", (1, 70, 1, 16, 16), "token")
+    assert bool(calls) == (forced == "triton")
+
+
+# ------------------------------------------------------------------------------ decay values
+
+
+def _available_backends():
+    return ["naive", "torch"] + (["triton"] if TRITON_ON_CPU else [])
+
+
+@pytest.mark.parametrize("backend", _available_backends())
+@pytest.mark.parametrize("kind", ["token", "constant"])
+def test_minus_inf_log_decay_is_a_reset(backend, kind):
+    """g = -inf means a decay factor 0: the state restarts. Outputs after it equal a fresh run from there,
+    gradients are finite, and the -inf entries get a zero gradient."""
+    dtype = torch.float32 if backend == "triton" else torch.float64
+    tolerance = FP32_TOLERANCE if backend == "triton" else 1e-12
+    inputs, grad_output, _ = make_inputs(1, 40, 2, 16, 16, "token", seed=3)
+    if backend == "triton" and kind == "token":
+        inputs = {name: value[:, :, :1] if value is not None else None for name, value in inputs.items()}
+        grad_output = grad_output[:, :, :1]
+    q, k, v = (inputs[name].to(dtype) for name in ("q", "k", "v"))
+    if kind == "token":
+        log_decay = inputs["log_decay"].to(dtype).clone()
+        log_decay[:, 21] = float("-inf")
+    else:
+        log_decay = torch.tensor([-0.2, float("-inf")], dtype=dtype)
+    log_decay.requires_grad_()
+    output, final = linear_attention(q, k, v, log_decay=log_decay, output_final_state=True, backend=backend,
+                                     chunk_size=16)
+    (output.double() * grad_output).sum().backward()
+    assert torch.isfinite(output).all() and torch.isfinite(final).all() and torch.isfinite(log_decay.grad).all()
+    if kind == "token":
+        assert (log_decay.grad[:, 21] == 0).all()
+        fresh, fresh_final = linear_attention(q[:, 21:], k[:, 21:], v[:, 21:], log_decay=log_decay.detach()[:, 21:],
+                                              output_final_state=True, backend="naive")
+        assert relative_rmse(output[:, 21:].detach(), fresh) <= tolerance
+        assert relative_rmse(final, fresh_final) <= tolerance
+    else:
+        assert log_decay.grad[1] == 0
+        # head 1 forgets everything: each output sees only its own key
+        own = (q[:, :, 1] * k[:, :, 1]).sum(-1, keepdim=True) * v[:, :, 1] * 16**-0.5
+        assert relative_rmse(output[:, :, 1].detach(), own) <= tolerance
+
+
+@pytest.mark.parametrize("backend", _available_backends())
+@pytest.mark.parametrize("bad", [float("nan"), 0.25], ids=["nan", "positive"])
+def test_nan_and_positive_log_decay_are_refused_on_every_backend(backend, bad):
+    q = torch.randn(1, 8, 2, 16)
+    log_decay = torch.full((1, 8, 2), -0.1)
+    log_decay[0, 5, 1] = bad
+    with pytest.raises(ValueError, match="log_decay must be <= 0 and not NaN"):
+        linear_attention(q, q, q, log_decay=log_decay, backend=backend)
+    with pytest.raises(ValueError, match="log_decay must be <= 0 and not NaN"):
+        linear_attention(q, q, q, log_decay=torch.tensor([-0.1, bad]), backend=backend)
+
+
+@needs_cuda
+@pytest.mark.gpu
+def test_positive_log_decay_on_cuda_stops_on_the_device():
+    """CUDA tensors are checked on the device (no host sync per call): a positive value raises at the next
+    synchronization. Run in a subprocess, since a device-side assert ends the CUDA context."""
+    script = (
+        "import torch\n"
+        "from spindle.kernels import linear_attention\n"
+        "q = torch.randn(1, 64, 1, 64, device='cuda')\n"
+        "linear_attention(q, q, q, log_decay=torch.full((1,), 0.5, device='cuda'))\n"
+        "torch.cuda.synchronize()\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0 and "log_decay must be <= 0" in result.stderr, result.stderr[-2000:]

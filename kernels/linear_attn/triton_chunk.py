@@ -42,9 +42,23 @@ NO_DECAY, CONSTANT_DECAY, TOKEN_DECAY = 0, 1, 2
 _INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def _fit_configs(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+    """Block sizes clipped to the padded head dims (no 128-wide block for a 64-wide head), duplicates dropped;
+    under the interpreter only the first (no benchmarking on CPU)."""
+    padded = {"BK": max(16, triton.next_power_of_2(kwargs["DK"])), "BV": max(16, triton.next_power_of_2(kwargs["DV"]))}
+    fitted, seen = [], set()
+    for config in configs:
+        blocks = {name: min(size, padded[name]) for name, size in config.kwargs.items()}
+        signature = (tuple(sorted(blocks.items())), config.num_warps, config.num_stages)
+        if signature not in seen:
+            seen.add(signature)
+            fitted.append(triton.Config(blocks, num_warps=config.num_warps, num_stages=config.num_stages))
+    return fitted[:1] if _INTERPRETING else fitted
+
+
 def _autotune(configs: list[triton.Config], key: list[str]):
-    """triton.autotune, with only the first config under the interpreter (no benchmarking on CPU)."""
-    return triton.autotune(configs=configs[:1] if _INTERPRETING else configs, key=key)
+    """triton.autotune over `configs`, fitted to the head dims by _fit_configs."""
+    return triton.autotune(configs=configs, key=key, prune_configs_by={"early_config_prune": _fit_configs})
 
 
 def _configs(blocks: list[dict], warps=(4, 8), stages=(2, 3)) -> list[triton.Config]:
