@@ -200,11 +200,11 @@ class ParallelContext:
         if self.mesh is not None:
             dist.all_reduce(total)
         norm = total.sqrt().float()
-        if max_norm > 0 and math.isfinite(max_norm):
-            coefficient = min(1.0, max_norm / (float(norm) + 1e-6))  # one host sync per step
-            if coefficient < 1.0:
-                for grad in grads:
-                    grad.mul_(coefficient)
+        if max_norm > 0 and math.isfinite(max_norm) and grads:
+            # scale on the device (by 1 when below max_norm): reading the norm on the host would sync
+            coefficient = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+            for grad in grads:
+                grad.mul_(coefficient.to(grad.dtype))
         return norm
 
 

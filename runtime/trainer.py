@@ -152,9 +152,9 @@ def train_step(model: nn.Module, optimizer: "torch.optim.Optimizer | OptimizerEn
     # label tokens of the whole global batch first: each micro-batch's loss sum is divided by that
     # count, so accumulated gradients are those of the global-token mean.
     prepared = [context.prepare(*micro_batch) for micro_batch in micro_batches]
-    local_count = sum(int((labels != IGNORE_INDEX).sum()) for _, labels, _, _ in prepared)
-    global_count = context.sum_over_batch_ranks(torch.tensor(float(local_count), device=context.device))
-    global_count = global_count.clamp_min(1.0)
+    # counted on the device: no host sync (the all-reduce is queued like any other kernel)
+    local_count = torch.stack([(batch[1] != IGNORE_INDEX).sum() for batch in prepared]).sum().float()
+    global_count = context.sum_over_batch_ranks(local_count).clamp_min(1.0)
 
     engine.set_learning_rate(lr)
     engine.zero_grad()
@@ -221,7 +221,8 @@ class Trainer:
         return last_record
 
     def _record(self, step: int, result: StepResult, steps_per_s: float, elapsed_s: float) -> dict:
-        loss = float(result.loss)  # the only host sync of the step, on logging steps only
+        # the one host sync of a logged step (train_step itself makes none); other steps make none
+        loss, grad_norm = torch.stack([result.loss.float(), result.grad_norm.float()]).tolist()
         if not math.isfinite(loss):
             raise FloatingPointError(f"the loss is {loss} at step {step}: training diverged; lower train.lr "
                                      f"(now {self.config.train.lr}) or raise train.warmup_steps.")
@@ -230,7 +231,7 @@ class Trainer:
             "step": step,
             "loss": loss,
             "lr": result.lr,
-            "grad_norm": float(result.grad_norm),
+            "grad_norm": grad_norm,
             "tokens": step * self.tokens_per_step,
             "tokens_per_s": tokens_per_s,
             "elapsed_s": elapsed_s,

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
+import weakref
 from collections.abc import Iterator, Mapping
 
 import torch
@@ -60,6 +62,12 @@ def _signature(value: object) -> list[int]:
     return [sum(ord(c) * 31**i for i, c in enumerate(text)) % (2**31)]
 
 
+# (caller, signature) pairs whose agreement across a group was checked, per group: a step repeats the
+# same shapes, so the gather of signatures (and, on GPUs, its host sync) runs once per shape set.
+_agreed: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_AGREED_LIMIT = 4096
+DEBUG_CHECKS_VARIABLE = "SPINDLE_DEBUG_CHECKS"
+
 _DTYPE_CODES = (torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.int32, torch.int64)
 _SIGNATURE_LENGTH = 64
 
@@ -73,9 +81,10 @@ def check_ranks_agree(
     """Raise the same ValueError on every rank if the ranks disagree on argument shapes/dtypes/options.
 
     Collectives with mismatched sizes hang or fail deep inside the backend; this check costs one
-    all-gather of 64 int64 per call (recorded as kind "validate") and, on GPUs, one host sync. It runs
-    before any local validation, so that a bad shape on one rank cannot leave the others waiting in a
-    collective. `any_rank_flags` maps an error message to a local boolean; if it is true on any rank,
+    all-gather of 64 int64 (recorded as kind "validate") and, on GPUs, one host sync, so it runs once
+    per (caller, shapes, options, group): later calls with a signature that already agreed return at
+    once (set SPINDLE_DEBUG_CHECKS=1 to check every call). It runs before any local validation, so that a
+    bad shape on one rank cannot leave the others waiting in a collective. `any_rank_flags` maps an error message to a local boolean; if it is true on any rank,
     every rank raises that message (for value checks, such as a positive log-decay, that could
     otherwise fail on one rank only).
     """
@@ -88,6 +97,14 @@ def check_ranks_agree(
         values.extend(signature)
     if len(values) > _SIGNATURE_LENGTH:
         raise ValueError(f"{caller}: internal: argument signature too long ({len(values)})")
+    key = (caller, tuple(values[len(flags):]))
+    if not debug_checks() and key in _agreed.setdefault(group, set()):
+        # These shapes and options already agreed across this group: skip the gather (and its host
+        # sync). A flag raised here is this rank's alone; SPINDLE_DEBUG_CHECKS=1 reports it on every rank.
+        for message, flag in flags.items():
+            if flag:
+                raise ValueError(f"{caller}: {message} (on this rank, {dist.get_rank(group)})")
+        return
     if world_size == 1:
         gathered = torch.tensor(values, dtype=torch.int64)[None]
     else:
@@ -116,6 +133,15 @@ def check_ranks_agree(
         raising = [r for r in range(world_size) if int(gathered[r, index]) != 0]
         if raising:
             raise ValueError(f"{caller}: {message} (on rank(s) {raising})")
+    agreed = _agreed[group]
+    if len(agreed) >= _AGREED_LIMIT:  # shapes that change every call (e.g. packed lengths): stay bounded
+        agreed.clear()
+    agreed.add(key)
+
+
+def debug_checks() -> bool:
+    """SPINDLE_DEBUG_CHECKS=1: check rank agreement on every call instead of once per (shapes, group)."""
+    return os.environ.get(DEBUG_CHECKS_VARIABLE, "0") not in ("", "0", "false", "False")
 
 
 def _describe(arguments: Mapping[str, object], name: str, row: torch.Tensor, names) -> str:

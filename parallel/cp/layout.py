@@ -1,6 +1,6 @@
 """Sequence layouts for context parallelism: which global tokens each rank of a CP group owns.
 
-Two layouts (DESIGN.md):
+Two layouts (docs/design.md):
 
 - "contiguous": rank r owns tokens [r·n, (r+1)·n) with n = T / P.
 - "zigzag": the sequence is cut into 2P equal chunks; rank r owns chunk r followed by chunk 2P-1-r.
@@ -12,6 +12,8 @@ the same chunk bookkeeping, exposed here as `chunk_order`, `local_chunks` and `l
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.distributed as dist
@@ -74,10 +76,31 @@ def gathered_to_global_index(length: int, world_size: int, layout: str, device=N
 
     A concatenation of all ranks' local shards in rank order (what an all-gather or an all-to-all over
     the sequence produces) is a permutation of the sequence; indexing it with this tensor restores the
-    global order.
+    global order. Built once per (length, P, layout, device) and cached on the device: read-only.
     """
+    return _gathered_to_global_index(length, world_size, layout, torch.device(device or "cpu"))
+
+
+@functools.lru_cache(maxsize=256)
+def _gathered_to_global_index(length: int, world_size: int, layout: str, device: torch.device) -> torch.Tensor:
     positions = torch.cat([layout_positions(length, r, world_size, layout, device) for r in range(world_size)])
     return torch.argsort(positions)
+
+
+def chunk_index(world_size: int, layout: str, device: torch.device | str | None = None) -> torch.Tensor:
+    """int64 [slots·P]: flat index rank·slots + slot of every global chunk, in global order.
+
+    Reorders a gather of per-chunk tensors ([P, slots, ...] flattened) into sequence order. Built once
+    per (P, layout, device) and cached on the device (no host-to-device copy per call): read-only.
+    """
+    return _chunk_index(world_size, layout, torch.device(device or "cpu"))
+
+
+@functools.lru_cache(maxsize=256)
+def _chunk_index(world_size: int, layout: str, device: torch.device) -> torch.Tensor:
+    slots = chunks_per_rank(layout)
+    order = [rank * slots + slot for rank, slot in chunk_order(world_size, layout)]
+    return torch.tensor(order, dtype=torch.int64, device=device)
 
 
 def local_positions(
@@ -130,8 +153,7 @@ def unshard(x_local: torch.Tensor, group: dist.ProcessGroup, *, layout: str = "z
     chunk = x_local.shape[dim] // slots
     # [P, n, ...] -> [P·slots, chunk, ...]: flat index rank·slots + slot
     pieces = gathered.reshape(world_size * slots, chunk, *gathered.shape[2:])
-    order = [owner_rank * slots + slot for owner_rank, slot in chunk_order(world_size, layout)]
-    full = pieces[torch.tensor(order, device=pieces.device)].reshape(-1, *gathered.shape[2:])
+    full = pieces[chunk_index(world_size, layout, pieces.device)].reshape(-1, *gathered.shape[2:])
     return full.movedim(0, dim)
 
 
