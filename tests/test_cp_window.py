@@ -26,7 +26,7 @@ from spindle.parallel.cp import (
     shard,
     window_attention,
 )
-from spindle.parallel.cp.halo import make_halo_plan
+from spindle.parallel.cp.halo import halo_tokens_received, make_halo_plan
 
 pytestmark = pytest.mark.slow
 
@@ -226,6 +226,12 @@ def test_halo_plan_covers_every_window_token_once():
             halo = min(window, chunk_id * chunk)
             expected = [(t, chunk_id * chunk - halo + t) for t in range(halo)]
             assert sorted(owners.get(chunk_id, [])) == expected, (world_size, layout, chunk, window, chunk_id)
+        # the planner's count: the busiest rank's received tokens, bounded by one window per chunk it holds
+        forward, backward = halo_tokens_received(world_size, layout, chunk, window)
+        received = [sum(p.length for p in plan.pieces if p.target_rank == r and p.source_rank != r)
+                    for r in range(world_size)]
+        assert forward == max(received) <= slots * window
+        assert backward <= slots * window * world_size and (backward == 0) == (forward == 0)
 
 
 def _owners(world_size, layout):

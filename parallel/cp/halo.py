@@ -63,6 +63,19 @@ class HaloPlan:
         return sum(p.length for p in self.pieces if p.target_rank == rank and p.source_rank != rank)
 
 
+def halo_tokens_received(world_size: int, layout: str, chunk_length: int, window: int) -> tuple[int, int]:
+    """(forward, backward) halo tokens received by the busiest rank: the planner's byte count.
+
+    Multiply by batch · features · itemsize (features: what travels per token, e.g. 2·H_kv·D for k and v).
+    At most slots·window each, whatever the sequence length.
+    """
+    plan = make_halo_plan(world_size, layout, chunk_length, window)
+    forward = max(plan.received_tokens(rank) for rank in range(world_size))
+    backward = max(sum(p.length for p in plan.pieces if p.source_rank == rank and p.target_rank != rank)
+                   for rank in range(world_size))
+    return forward, backward
+
+
 def make_halo_plan(world_size: int, layout: str, chunk_length: int, window: int) -> HaloPlan:
     """The static plan; every rank builds the same one, so sends and receives pair up."""
     check_layout(layout, "make_halo_plan")
