@@ -6,7 +6,7 @@ PIP := $(PY) -m pip
 TORCH_VERSION ?= 2.13.0
 STAMP := $(VENV)/.setup-done
 
-.PHONY: setup run test clean
+.PHONY: setup run test clean gpu-check gpu-wheels
 
 setup: $(STAMP)
 
@@ -35,3 +35,19 @@ test: setup
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
+
+# The GPU check (benchmarks/gpu_check.py): installs spindle onto the machine's own torch (no dependencies,
+# no index) and runs every GPU test and benchmark in about 7 minutes, report in GPU_CHECK_OUT (default
+# docs/benchmarks/gpu/). DRY_RUN=1 runs the same parts on a CPU with tiny shapes, with this checkout's .venv.
+DRY := $(filter 1 yes true,$(DRY_RUN))
+GPU_PYTHON ?= $(if $(DRY),$(PY),python3)
+gpu-check:
+	$(GPU_PYTHON) benchmarks/gpu_check.py $(if $(DRY),--dry-run) $(if $(GPU_CHECK_OUT),--out $(GPU_CHECK_OUT)) $(GPU_CHECK_ARGS)
+
+# Pure-Python wheels the GPU machine lacks, pinned, into .whl/ (ignored; about 1.5 MB): fla's chunk kernels
+# (fla-core needs only einops; flash-linear-attention adds its layers and models, needs transformers >= 5.6)
+# and Lightning Attention. Carry .whl to the GPU machine; gpu-check installs them with --no-index.
+GPU_WHEELS := fla-core==0.6.0 flash-linear-attention==0.6.0 lightning-attn==0.0.5
+gpu-wheels:
+	mkdir -p .whl
+	$(PYTHON) -m pip download --no-deps --only-binary=:all: --dest .whl $(GPU_WHEELS)

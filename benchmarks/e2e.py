@@ -16,7 +16,11 @@ kernels (the chunked PyTorch linear attention, the math softmax path, which is O
 the GPU kernels the planner models, so CPU ratios are above 1 by construction.
 
 A variant stops growing its sequence length after an out-of-memory error or a step slower than
---time-limit. The torchtitan Llama-3 debug model runs as a reference when torchtitan is importable.
+--time-limit. With --budget-s the sweep runs shortest lengths first across all variants and skips a
+case whose predicted time (step time fitted as a·T + b·T² to the variant's last two lengths) exceeds
+what is left, so a time-boxed run (the GPU check, benchmarks/gpu_check.py) still covers every variant.
+The report and JSON are rewritten after every case, so a run stopped from outside keeps what it measured.
+The torchtitan Llama-3 debug model runs as a reference when torchtitan is importable.
 """
 
 from __future__ import annotations
@@ -58,6 +62,8 @@ class Measurement:
     mfu: float | None = None
     peak_gib: float | None = None
     planned_gib: float | None = None
+    wall_s: float | None = None
+    """Wall time of the whole case: model build, warm-up and timed steps."""
 
     @property
     def ratio(self) -> float | None:
@@ -207,38 +213,77 @@ def case_config(preset: str, overrides: list[str], pattern: str, seq_len: int):
 
 
 def _planned_gib(config, device_name: str) -> float:
+    """The planner's per-GPU peak for this config on this GPU (an H200 when unknown or on a CPU)."""
     from spindle.runtime import plan
+    from spindle.runtime.hardware import spec_for_device_name
 
-    gpu = "h200"
+    spec = None
     if device_name.startswith("cuda"):
         import torch
 
-        name = torch.cuda.get_device_name(0).lower()
-        gpu = next((key for key in plan.GPUS if key in name), "h200")
-    return plan.make_plan(config, gpu).memory.total / GIB
+        spec = spec_for_device_name(torch.cuda.get_device_name(0))
+    return plan.make_plan(config, spec or "h200").memory.total / GIB
 
 
-def sweep(args: argparse.Namespace, overrides: list[str]) -> list[Measurement]:
-    results = []
-    for name in args.models:
-        pattern = VARIANTS[name]
-        stopped = ""
-        for seq_len in args.seq_lens:
-            if stopped:
-                results.append(Measurement(name, pattern, seq_len, f"skipped: {stopped}"))
+def predicted_step_s(history: list[tuple[int, float]], seq_len: int) -> float:
+    """Step time at ``seq_len`` from the variant's measured (seq_len, step_s) so far: a·T + b·T² through
+    the last two points (both terms non-negative), or quadratic growth from a single point."""
+    if not history:
+        return 0.0
+    (t1, s1) = history[-1]
+    if len(history) == 1:
+        return s1 * (seq_len / t1) ** 2
+    (t0, s0) = history[-2]
+    # solve s = a·t + b·t² through both points; clamp to the pure-linear / pure-quadratic fit if negative
+    quadratic = (s1 / t1 - s0 / t0) / (t1 - t0)
+    linear = s1 / t1 - quadratic * t1
+    if quadratic < 0:
+        return s1 * seq_len / t1
+    if linear < 0:
+        return s1 * (seq_len / t1) ** 2
+    return linear * seq_len + quadratic * seq_len**2
+
+
+def sweep(args: argparse.Namespace, overrides: list[str], on_case=None) -> list[Measurement]:
+    """Every (length, variant) case, shortest lengths first; ``on_case(results)`` runs after each case."""
+    results: list[Measurement] = []
+    started = time.monotonic()
+    stopped: dict[str, str] = {}
+    history: dict[str, list[tuple[int, float]]] = {name: [] for name in args.models}
+    setup_s: dict[str, float] = {}
+    for seq_len in args.seq_lens:
+        for name in args.models:
+            pattern = VARIANTS[name]
+            if name in stopped:
+                results.append(Measurement(name, pattern, seq_len, f"skipped: {stopped[name]}"))
                 continue
             config = case_config(args.config, overrides, pattern, seq_len)
+            if args.budget_s is not None:
+                left = args.budget_s - (time.monotonic() - started)
+                predicted = (args.warmup + args.steps) * predicted_step_s(history[name], seq_len) + setup_s.get(name, 0.0)
+                if predicted > left:
+                    stopped[name] = f"over budget at {seq_len:,} (predicted {predicted:.0f} s, {max(left, 0):.0f} s left)"
+                    results.append(Measurement(name, pattern, seq_len, f"skipped: {stopped[name]}"))
+                    continue
+            case_started = time.monotonic()
             outcome = _run_case_guarded(config, args.device, args.warmup, args.steps)
+            wall_s = time.monotonic() - case_started
             status = outcome.pop("status")
             measurement = Measurement(name, pattern, seq_len, status, planned_gib=_planned_gib(config, args.device),
-                                      **outcome)
+                                      wall_s=wall_s, **outcome)
             results.append(measurement)
             print(_row(measurement), flush=True)
             if status != "ok":
-                stopped = f"{status} at {seq_len:,}"
-            elif measurement.step_s > args.time_limit:
-                stopped = f"step over {args.time_limit:.0f} s at {seq_len:,}"
-    return results
+                stopped[name] = f"{status} at {seq_len:,}"
+            else:
+                history[name].append((seq_len, measurement.step_s))
+                setup_s[name] = max(0.0, wall_s - (args.warmup + args.steps) * measurement.step_s)
+                if measurement.step_s > args.time_limit:
+                    stopped[name] = f"step over {args.time_limit:.0f} s at {seq_len:,}"
+            if on_case is not None:
+                on_case(results)
+    order = {name: index for index, name in enumerate(args.models)}
+    return sorted(results, key=lambda m: (order[m.model], m.seq_len))
 
 
 def torchtitan_reference(args: argparse.Namespace) -> list[Measurement]:
@@ -353,14 +398,16 @@ def _command_line(argv: Sequence[str]) -> str:
 
 
 def write_report(results: list[Measurement], args: argparse.Namespace, argv: Sequence[str], device: str,
-                 overrides: list[str]) -> None:
+                 overrides: list[str], *, with_plot: bool = True) -> None:
+    """Markdown report, JSON beside it, and (``with_plot``) the PNG; partial reports skip the plot."""
     import torch
 
     output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)
     image = output.with_suffix(".png")
     unit = _unit(results)
-    plot(results, image, unit)
+    if with_plot:
+        plot(results, image, unit)
     output.with_suffix(".json").write_text(json.dumps(
         [dataclasses.asdict(m) | {"ratio": m.ratio} for m in results], indent=1) + "\n")
     on_gpu = device.startswith("cuda")
@@ -392,8 +439,8 @@ def write_report(results: list[Measurement], args: argparse.Namespace, argv: Seq
         "|---|---|---|---|---|---|---|---|---|---|---|",
         *(_row(m, unit) for m in results),
         "",
-        f"![tokens/s and peak memory against sequence length]({image.name})",
-        "",
+        *([f"![tokens/s and peak memory against sequence length]({image.name})", ""] if with_plot else
+          ["(run in progress or stopped: plot not drawn yet)", ""]),
         "Method: one sequence per step on one device, real training steps (forward, backward, gradient clipping, "
         "AdamW) through `spindle.runtime.trainer.train_step`, activation checkpointing as in the preset. tokens/s = "
         "seq_len / mean step time; MFU = model.flops_per_token(seq_len) × tokens/s / the device's dense peak "
@@ -441,6 +488,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--steps", type=int, default=2, help="timed steps per case (default 2)")
     parser.add_argument("--time-limit", type=float, default=300.0,
                         help="a variant stops growing T after a step slower than this many seconds (default 300)")
+    parser.add_argument("--budget-s", type=float, default=None,
+                        help="total seconds for the sweep: shortest lengths first, a case predicted to overrun "
+                             "what is left is skipped (default: no budget)")
     parser.add_argument("--output", default="docs/benchmarks/e2e.md", help="markdown report (PNG and JSON beside it)")
     return parser
 
@@ -462,6 +512,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.warmup < 0 or args.steps < 1:
         print("spindle bench e2e: error: --warmup must be >= 0 and --steps >= 1.", file=sys.stderr)
         return 2
+    if args.budget_s is not None and args.budget_s <= 0:
+        print(f"spindle bench e2e: error: --budget-s must be positive, got {args.budget_s}.", file=sys.stderr)
+        return 2
     on_gpu = args.device.startswith("cuda")
     args.seq_lens = args.seq_lens or (GPU_SEQ_LENS if on_gpu else CPU_SEQ_LENS)
     # CPU: a tiny model in fp32 (what the trainer runs on a CPU); GPU: the preset's model in bf16
@@ -472,7 +525,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"spindle bench e2e: error: {error}", file=sys.stderr)
         return 2
     print(_header("GiB"), flush=True)
-    results = sweep(args, overrides) + torchtitan_reference(args)
+
+    def partial_report(done: list[Measurement]) -> None:
+        write_report(done, args, argv, args.device, overrides, with_plot=False)
+
+    results = sweep(args, overrides, on_case=partial_report) + torchtitan_reference(args)
     write_report(results, args, argv, args.device, overrides)
     print(f"wrote {args.output}")
     return 0
