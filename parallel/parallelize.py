@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import functools
 import logging
-from typing import Callable
-
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -27,7 +25,6 @@ from torch.distributed.tensor.parallel import (
     RowwiseParallel,
     parallelize_module,
 )
-from torch.utils.checkpoint import checkpoint
 
 from spindle.parallel import cp as context_parallel
 from spindle.parallel.layout import ParallelContext
@@ -121,23 +118,20 @@ def apply_cp(model: HybridModel, cp_group: dist.ProcessGroup, parallel: Parallel
 
 
 # --------------------------------------------------------------------------------------------- ac
-AC_POLICIES = {"full": "LARS", "linear": "L", "softmax": "AS"}
+# parallel.activation_checkpointing -> the layer kinds whose blocks recompute their activations
+AC_POLICIES = {"none": "", "full": "LARS", "linear": "L", "softmax": "AS"}
 
 
 def apply_ac(model: HybridModel, policy: str) -> None:
-    """Recompute the chosen blocks in backward (non-reentrant torch.utils.checkpoint). The block's
-    forward is wrapped in place so parameter names, and therefore checkpoints, do not change."""
+    """Recompute the chosen blocks in backward: each sets ``DecoderBlock.recompute``, which runs its
+    forward through torch.utils.checkpoint (non-reentrant). Modules and parameter names, and therefore
+    checkpoints, do not change."""
     kinds = AC_POLICIES[policy]
     wrapped = 0
     for block in model.layers:
-        if block.kind in kinds:
-            block.forward = functools.partial(_checkpointed_forward, block.forward)
-            wrapped += 1
+        block.recompute = block.kind in kinds
+        wrapped += block.recompute
     log.info("apply_ac: policy=%s, %d of %d blocks recompute activations", policy, wrapped, len(model.layers))
-
-
-def _checkpointed_forward(forward: Callable[..., torch.Tensor], *args: object) -> torch.Tensor:
-    return checkpoint(forward, *args, use_reentrant=False)
 
 
 # --------------------------------------------------------------------------------------------- fsdp

@@ -19,6 +19,7 @@ import math
 from typing import Callable
 
 import torch
+import torch.utils.checkpoint
 import torch.nn.functional as F
 from torch import nn
 
@@ -457,8 +458,17 @@ class DecoderBlock(nn.Module):
         self.mixer.reset_parameters(init_std, output_std)
         self.mlp.reset_parameters(init_std, output_std)
 
+    recompute: bool = False
+    """Activation checkpointing (set by parallel.parallelize.apply_ac): keep only the block's input and
+    recompute the rest in backward, through torch.utils.checkpoint (non-reentrant)."""
+
     def forward(self, x: torch.Tensor, rotary: Rotary | None,
                 cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+        if self.recompute and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(self._forward, x, rotary, cu_seqlens, use_reentrant=False)
+        return self._forward(x, rotary, cu_seqlens)
+
+    def _forward(self, x: torch.Tensor, rotary: Rotary | None, cu_seqlens: torch.Tensor | None) -> torch.Tensor:
         """``cu_seqlens`` (packed documents) goes to the mixer only when given, so mixers without
         document support still run unpacked batches."""
         if cu_seqlens is None:

@@ -163,7 +163,6 @@ class HybridModel(nn.Module):
         hidden = self.embedding(tokens)  # [B, T, dim]
         rotary = self.rotary(positions, hidden.dtype) if set(ROPE_KINDS) & set(self._layer_kinds) else None
         for block in self.layers:
-            # Positional: activation checkpointing wraps block.forward in a positional-only function.
             hidden = block(hidden, rotary) if cu_seqlens is None else block(hidden, rotary, cu_seqlens)
         return self.norm(hidden)
 
