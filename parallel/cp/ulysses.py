@@ -122,6 +122,7 @@ def ulysses_attention(
     scale: float | None = None,
     layout: str = "zigzag",
     all_to_all: str = "auto",
+    cu_seqlens: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Softmax attention over a CP group with Ulysses all-to-alls (sequence shards <-> head shards).
 
@@ -133,13 +134,17 @@ def ulysses_attention(
         layout: how the inputs are sharded, "zigzag" (default, like the other CP ops) or "contiguous".
         all_to_all: "auto" (DeepSpeed's sequence-parallel layer when installed, else "torch"),
             "deepspeed", or "torch" (our all_to_all_single exchange).
+        cu_seqlens: packed documents, int [N + 1] offsets into the B·T tokens of the GLOBAL (unsharded)
+            batch, identical on every rank: after the exchange each rank holds whole sequences in global
+            order, so the local kernel applies the document mask as on one device.
 
     Returns:
         o [B, n, H, D] in the dtype of q, equal to spindle.kernels.attention on the unsharded tensors,
         sharded the same way. Differentiable in q, k, v.
     """
     setup = validate_attention_inputs(
-        "ulysses_attention", q, k, v, group, layout, causal, scale, extra={"all_to_all": all_to_all}
+        "ulysses_attention", q, k, v, group, layout, causal, scale,
+        extra={"all_to_all": all_to_all, "documents": cu_seqlens is not None},
     )
     world_size = setup.world_size
     for name, heads in (("query heads", q.shape[2]), ("key/value heads", k.shape[2])):
@@ -162,7 +167,8 @@ def ulysses_attention(
         # rank order -> global order for the causal mask, and back
         if layout != "contiguous":
             query, key, value = (x.index_select(1, index) for x in (query, key, value))
-        output = attention(query, key, value, causal=setup.causal, scale=setup.scale)
+        documents = {} if cu_seqlens is None else {"cu_seqlens": cu_seqlens}
+        output = attention(query, key, value, causal=setup.causal, scale=setup.scale, **documents)
         return output if layout == "contiguous" else output.index_select(1, inverse)
 
     if not use_deepspeed:
