@@ -112,6 +112,7 @@ class Step:
     forward: Callable[[], object]
     backward: Callable[[], object]
     forward_backward: Callable[[], object]
+    note: str = ""  # shown on the provider's rows (e.g. the backend "auto" chose)
 
 
 def _autograd_step(run: Callable, inputs: list[torch.Tensor]) -> Step:
@@ -221,14 +222,16 @@ def _softmax_inputs(case: Case) -> list[torch.Tensor]:
 
 def spindle_softmax(backend: str) -> Callable[[Case], Step]:
     def make(case: Case) -> Step:
-        from spindle.kernels.attn import attention, unsupported_reason
+        from spindle.kernels.attn import attention, resolve_backend, unsupported_reason
 
         q, k, v = _softmax_inputs(case)
         if backend != "auto":
             reason = unsupported_reason(backend, q, case.window)
             if reason is not None:
                 raise Unsupported(f"{backend} {reason}")
-        return _autograd_step(lambda q, k, v: attention(q, k, v, window=case.window, backend=backend), [q, k, v])
+        step = _autograd_step(lambda q, k, v: attention(q, k, v, window=case.window, backend=backend), [q, k, v])
+        step.note = f"backend {resolve_backend(backend, q, case.window)}"
+        return step
 
     return make
 
@@ -341,6 +344,7 @@ def run_provider(family: str, name: str, make: Callable[[Case], Step], case: Cas
         for row in rows:
             function = {"fwd": step.forward, "bwd": step.backward, "fwd+bwd": step.forward_backward}[row.mode]
             row.timing = time_function(function, case.device, warmup=warmup, repeats=repeats)
+            row.note = step.note
     except Unsupported as reason:
         for row in rows:
             row.note = str(reason)
