@@ -23,8 +23,7 @@ from spindle.runtime.data import (
 
 
 def digest(dataset, indices) -> str:
-    tokens, labels = dataset.batch(indices)
-    return hashlib.sha256(tokens.numpy().tobytes() + labels.numpy().tobytes()).hexdigest()
+    return hashlib.sha256(b"".join(part.numpy().tobytes() for part in dataset.batch(indices))).hexdigest()
 
 
 @pytest.fixture
@@ -81,16 +80,22 @@ from spindle.runtime.data import build_dataset
 results = {}
 for name, source, dtype in json.loads(sys.argv[1]):
     dataset = build_dataset(DataConfig(source=source, seq_len=32, dtype=dtype), 80_000, seed=11)
-    tokens, labels = dataset.batch([0, 5, 123456])
-    results[name] = hashlib.sha256(tokens.numpy().tobytes() + labels.numpy().tobytes()).hexdigest()
+    batch = dataset.batch([0, 5, 123456])  # (tokens, labels), or tokens, labels, cu_seqlens when packed
+    results[name] = hashlib.sha256(b"".join(part.numpy().tobytes() for part in batch)).hexdigest()
 print(json.dumps(results))
 """
 
 
-def test_same_samples_in_another_process(token_files: dict[str, Path]) -> None:
+def test_same_samples_in_another_process(token_files: dict[str, Path], tmp_path: Path) -> None:
+    from spindle.runtime.prepare import PrepareOptions, prepare
+    from text_corpus import make_documents, train_tokenizer, write_jsonl
+
+    documents = make_documents(100, seed=1)
+    prepare(PrepareOptions(inputs=[str(write_jsonl(tmp_path / "text.jsonl", documents))], out=str(tmp_path / "prepared"),
+                           tokenizer=str(train_tokenizer(tmp_path / "tokenizer.json", documents)), progress=False))
     sources = [("recall", "synthetic:recall", "uint16"), ("copy", "synthetic:copy", "uint16"),
                ("bin16", str(token_files["uint16"]), "uint16"), ("bin32", str(token_files["uint32"]), "uint32"),
-               ("npy", str(token_files["npy"]), "uint16")]
+               ("npy", str(token_files["npy"]), "uint16"), ("prepared", str(tmp_path / "prepared"), "uint16")]
     child = subprocess.run([sys.executable, "-c", _CHILD, json.dumps(sources)], capture_output=True, text=True,
                            check=True, timeout=120)
     theirs = json.loads(child.stdout.strip().splitlines()[-1])
