@@ -164,32 +164,37 @@ def _kernel_forward(call: _Call, q, k, v):
     """(o, lse) from the chosen backend, with leading empty rows set to o = 0, lse = -inf."""
     if call.backend == "math":
         return attention_forward_math(q, k, v, call.causal, call.scale, call.spec)
+    forward = gpu.KERNELS[call.backend][0]
     skip = empty_query_rows(q.shape[1], k.shape[1], call.causal)
+    if skip == 0:  # the common case: no copies around the kernel
+        return forward(q.contiguous(), k.contiguous(), v.contiguous(), call.causal, call.scale, call.window,
+                       call.documents)
     output = torch.zeros(*q.shape[:3], v.shape[-1], dtype=q.dtype, device=q.device)
     lse = torch.full((q.shape[0], q.shape[2], q.shape[1]), float("-inf"), dtype=torch.float32, device=q.device)
     if skip < q.shape[1]:
-        forward = gpu.KERNELS[call.backend][0]
-        rows = q[:, skip:].contiguous()
-        output[:, skip:], lse[..., skip:] = forward(rows, k.contiguous(), v.contiguous(), call.causal, call.scale,
-                                                    call.window, call.documents)
+        output[:, skip:], lse[..., skip:] = forward(q[:, skip:].contiguous(), k.contiguous(), v.contiguous(),
+                                                    call.causal, call.scale, call.window, call.documents)
     return output, lse
 
 
-def _kernel_backward(call: _Call, q, k, v, o, lse, do, dlse=None):
-    """fp32 (dq, dk, dv) given the final o and lse; a gradient for lse goes through the math path."""
+def _kernel_backward(call: _Call, q, k, v, o, lse, do, dlse=None, accumulate_fp32=True):
+    """(dq, dk, dv) given the final o and lse: fp32 for attention_backward's callers (who sum blocks), else the
+    kernel's own dtype. A gradient for lse goes through the math path."""
     if call.backend == "math" or call.backend == "naive" or dlse is not None:
         return attention_backward_math(q, k, v, o, lse, do, call.causal, call.scale, dlse, call.spec)
     skip = empty_query_rows(q.shape[1], k.shape[1], call.causal)
-    dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
-    if skip == q.shape[1]:
-        return dq, torch.zeros_like(k, dtype=torch.float32), torch.zeros_like(v, dtype=torch.float32)
     backward = gpu.KERNELS[call.backend][1]
+    if skip == q.shape[1]:
+        return tuple(torch.zeros(t.shape, dtype=torch.float32, device=t.device) for t in (q, k, v))
     rows = slice(skip, None)
     dq_rows, dk, dv = backward(
         q[:, rows].contiguous(), k.contiguous(), v.contiguous(), o[:, rows].to(q.dtype).contiguous(),
         lse[..., rows].float().contiguous(), do[:, rows].to(q.dtype).contiguous(), call.causal, call.scale,
         call.window, call.documents,
     )
+    if skip == 0 and not accumulate_fp32:
+        return dq_rows, dk, dv
+    dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
     dq[:, rows] = dq_rows.float()
     return dq, dk.float(), dv.float()
 
@@ -208,7 +213,7 @@ class _AttentionFunction(torch.autograd.Function):
         q, k, v, output, lse = ctx.saved_tensors
         if d_output is None:
             d_output = torch.zeros_like(output)
-        dq, dk, dv = _kernel_backward(ctx.call, q, k, v, output, lse, d_output, d_lse)
+        dq, dk, dv = _kernel_backward(ctx.call, q, k, v, output, lse, d_output, d_lse, accumulate_fp32=False)
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None
 
 
