@@ -368,6 +368,8 @@ def check_shapes(path: Path, model_state: Mapping[str, Any], manifest: Mapping[s
              if key.startswith("model.") and isinstance(entry, TensorStorageMetadata)}
     problems = []
     for name, value in model_state.items():
+        if not isinstance(value, torch.Tensor):
+            continue  # non-tensor entries (a module's extra state, e.g. Megatron's linears) carry no shape
         if name not in saved:
             problems.append(f"parameter {name} is in this model but not in the checkpoint")
         elif tuple(saved[name]) != tuple(value.shape):
