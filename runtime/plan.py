@@ -48,7 +48,7 @@ import sys
 from dataclasses import dataclass
 from typing import Sequence
 
-from spindle.runtime.config import Config, ConfigError, layer_pattern, load_config, resolve
+from spindle.runtime.config import Config, ConfigError, ModelConfig, layer_pattern, load_config, resolve
 from spindle.runtime.hardware import GPUS, GpuSpec, gpu_spec, spec_for_device_name  # noqa: F401  (re-exported)
 
 GIB = 1024**3
@@ -106,6 +106,10 @@ class Shape:
     decay: str
     feature_map: str
     output_gate: str
+    window: int = 0
+    """model.window: keys per query of R and S layers (docs/rattention.md)."""
+    model: ModelConfig | None = dataclasses.field(default=None, repr=False, compare=False)
+    """The model section itself: parameter counts come from the model built from it on the meta device."""
 
     @property
     def linear_layers(self) -> int:
@@ -115,6 +119,15 @@ class Shape:
     def softmax_layers(self) -> int:
         return self.pattern.count("A")
 
+    @property
+    def window_layers(self) -> int:
+        """R and S layers: A's projections over a sliding window (R adds a linear branch)."""
+        return self.pattern.count("R") + self.pattern.count("S")
+
+    @property
+    def rattention_layers(self) -> int:
+        return self.pattern.count("R")
+
 
 def shape_of(config: Config) -> Shape:
     model = config.model
@@ -122,7 +135,8 @@ def shape_of(config: Config) -> Shape:
         pattern=layer_pattern(model), dim=model.dim, heads=model.heads, kv_heads=model.kv_heads,
         head_dim=model.dim // model.heads, ffn_dim=model.ffn_dim or default_ffn_dim(model.dim),
         vocab_size=model.vocab_size, tie_embeddings=model.tie_embeddings, decay=model.decay,
-        feature_map=model.feature_map, output_gate=getattr(model, "output_gate", "sigmoid"))
+        feature_map=model.feature_map, output_gate=getattr(model, "output_gate", "sigmoid"),
+        window=model.window, model=model)
 
 
 @dataclass(frozen=True)
@@ -141,26 +155,51 @@ class ParameterCounts:
     total: int
     matmul: int
     """Every parameter except the input embedding table: the FLOP convention of model.flops_per_token."""
+    per_kind: dict[str, int] = dataclasses.field(default_factory=dict)
+    """Parameters of one block of each layer kind ("L", "A", "R", "S")."""
+    replicated_per_kind: dict[str, int] = dataclasses.field(default_factory=dict)
+    """Of those, the norm gains (replicated under tensor parallelism)."""
 
 
 def parameter_counts(shape: Shape) -> ParameterCounts:
-    """Exact counts of runtime/model.py's HybridModel, derived from the shape alone."""
-    dim, hidden = shape.dim, shape.heads * shape.head_dim
-    kv = shape.kv_heads * shape.head_dim
-    mlp = 3 * dim * shape.ffn_dim
-    block_norms = 2 * dim
-    # q, k, v, gate, out projections; the data-dependent decay gate is Linear(dim, heads) + bias.
-    linear_mixer = 5 * dim * hidden + (dim * shape.heads + shape.heads if shape.decay == "data" else 0)
-    linear_replicated = block_norms + shape.head_dim
-    linear_layer = linear_mixer + mlp + linear_replicated
-    softmax_layer = 2 * dim * hidden + 2 * dim * kv + mlp + block_norms
-    embedding = shape.vocab_size * dim
-    output = 0 if shape.tie_embeddings else shape.vocab_size * dim
-    total = (embedding + output + dim + shape.linear_layers * linear_layer
-             + shape.softmax_layers * softmax_layer)
-    matmul = total - (0 if shape.tie_embeddings else embedding)
-    return ParameterCounts(embedding, output, linear_layer, softmax_layer, dim, linear_replicated,
-                           block_norms, total, matmul)
+    """Exact counts of HybridModel(shape.model), read off the model built on the meta device (no memory,
+    no initialization): one block of each kind, the embedding, the output layer and the final norm."""
+    if shape.model is None:
+        raise ValueError("parameter_counts: the Shape has no model config; build it with shape_of(config)")
+    key = repr(shape.model)
+    if key not in _COUNTS_CACHE:
+        _COUNTS_CACHE[key] = _meta_parameter_counts(shape.model)
+    return _COUNTS_CACHE[key]
+
+
+_COUNTS_CACHE: dict[str, ParameterCounts] = {}  # by repr(ModelConfig): recommend() plans many layouts
+
+
+def _meta_parameter_counts(model_config: ModelConfig) -> ParameterCounts:
+    import torch
+
+    from spindle.runtime.model import HybridModel
+
+    with torch.device("meta"):
+        model = HybridModel(model_config)
+    per_kind: dict[str, int] = {}
+    replicated: dict[str, int] = {}
+    for block in model.layers:
+        if block.kind not in per_kind:
+            per_kind[block.kind] = sum(p.numel() for p in block.parameters())
+            # norm gains stay whole under tensor parallelism; everything else in a block is split
+            replicated[block.kind] = sum(p.numel() for name, p in block.named_parameters() if "norm" in name)
+    embedding = model.embedding.weight.numel()
+    tied = model.output.weight is model.embedding.weight
+    output = 0 if tied else model.output.weight.numel()
+    total = sum(p.numel() for p in model.parameters())  # a tied table counts once
+    softmax_kind = next((kind for kind in "ASR" if kind in per_kind), None)
+    return ParameterCounts(
+        embedding=embedding, output=output, linear_layer=per_kind.get("L", 0),
+        softmax_layer=per_kind.get(softmax_kind, 0) if softmax_kind else 0,
+        final_norm=model.norm.weight.numel(), linear_layer_replicated=replicated.get("L", 0),
+        softmax_layer_replicated=replicated.get(softmax_kind, 0) if softmax_kind else 0, total=total,
+        matmul=total - (0 if tied else embedding), per_kind=per_kind, replicated_per_kind=replicated)
 
 
 def count_parameters(config: Config) -> int:
@@ -173,7 +212,16 @@ def model_flops_per_token(shape: Shape, seq_len: int) -> float:
     6·N_matmul + 12·head_dim·dim per linear layer + 6·seq_len·dim per softmax layer."""
     counts = parameter_counts(shape)
     return float(6 * counts.matmul + shape.linear_layers * 12 * shape.head_dim * shape.dim
-                 + shape.softmax_layers * 6 * seq_len * shape.dim)
+                 + shape.softmax_layers * 6 * seq_len * shape.dim
+                 + shape.window_layers * 12 * mean_window_keys(shape.window, seq_len) * shape.dim
+                 + shape.rattention_layers * 24 * shape.head_dim * shape.dim)
+
+
+def mean_window_keys(window: int, seq_len: int) -> float:
+    """Keys per query of a causal window, averaged over the sequence (runtime/model.py's count)."""
+    if window >= seq_len:
+        return seq_len / 2
+    return window - window * (window - 1) / (2 * seq_len)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -249,8 +297,8 @@ def layout_of(config: Config, world_size: int | None = None) -> Layout:
 
 
 def checkpointed(kind: str, policy: str) -> bool:
-    """Does ``policy`` recompute layers of kind "L" / "A"?"""
-    return policy == "full" or (policy == "linear" and kind == "L") or (policy == "softmax" and kind == "A")
+    """Does ``policy`` recompute layers of kind "L" / "A" / "R" / "S" (parallel/parallelize.py AC_POLICIES)?"""
+    return policy == "full" or (policy == "linear" and kind == "L") or (policy == "softmax" and kind in "AS")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -287,15 +335,13 @@ def local_parameters(shape: Shape, tp: int) -> float:
     """Parameters one tp rank holds before sharding: tensor parallelism splits the blocks' projection
     and MLP matrices; embedding, output layer and norm gains stay replicated (parallel/parallelize.py)."""
     counts = parameter_counts(shape)
-    block_matrices = (shape.linear_layers * (counts.linear_layer - counts.linear_layer_replicated)
-                      + shape.softmax_layers * (counts.softmax_layer - counts.softmax_layer_replicated))
+    block_matrices = sum(shape.pattern.count(kind) * (count - counts.replicated_per_kind[kind])
+                         for kind, count in counts.per_kind.items())
     return block_matrices / tp + (counts.total - block_matrices)
 
 
 def _largest_block(shape: Shape, tp: int) -> float:
-    counts = parameter_counts(shape)
-    return max(counts.linear_layer if shape.linear_layers else 0,
-               counts.softmax_layer if shape.softmax_layers else 0) / tp
+    return max(parameter_counts(shape).per_kind.values()) / tp
 
 
 def model_state_memory(shape: Shape, layout: Layout) -> ModelStateMemory:
@@ -360,10 +406,13 @@ def _mixer_saved_per_token(kind: str, shape: Shape, layout: Layout) -> float:
     """Per token, tensors the token mixer keeps for backward (q/k/v/o as the GPU kernels save them)."""
     e, tp = layout.compute_bytes, layout.tp
     hidden, heads = shape.heads * shape.head_dim / tp, shape.heads / tp
-    if kind == "A":
+    if kind in "ARS":
         kv = 2 * shape.kv_heads * shape.head_dim / tp
         # rotated q, k and v, the output o (also out_proj's input), fp32 log-sum-exp
-        return (hidden + kv) * e + hidden * e + 4 * heads
+        saved = (hidden + kv) * e + hidden * e + 4 * heads
+        if kind == "R":
+            saved += _rattention_residual_saved(hidden, kv / 2, heads, e)
+        return saved
     saved = 3 * hidden * e  # q, k, v as the kernel keeps them
     if shape.feature_map != "identity":
         saved += 2 * hidden * e  # q, k before the feature map
@@ -377,11 +426,20 @@ def _mixer_saved_per_token(kind: str, shape: Shape, layout: Layout) -> float:
     return saved
 
 
+def _rattention_residual_saved(hidden: float, kv_hidden: float, heads: float, e: int) -> float:
+    """Per token, what R's linear branch adds (docs/rattention.md): φ(q) and φ(k) (2·D features each),
+    k and v repeated over the query heads for the kernel, its output, the two branch norms (fp32
+    input, 1/rms, normalized) and their sum (out_proj's input)."""
+    features = 2 * hidden + 2 * kv_hidden + 2 * hidden + hidden
+    norms = 2 * (4 * hidden + 4 * heads + hidden * e)
+    return features * e + hidden * e + norms + hidden * e
+
+
 def _layer_saved_per_token(kind: str, shape: Shape, layout: Layout) -> float:
     """Per token, everything a non-checkpointed block keeps: the mixer half and the MLP half, each
     with its norm (which holds the block input and the mid-block residual, or fp32 copies of them)."""
     dim, ffn = shape.dim, shape.ffn_dim / layout.tp
-    readers = 3 if kind == "A" else 4  # q, k, v (and the output gate) read the mixer norm's output
+    readers = 3 if kind in "ARS" else 4  # q, k, v (and the output gate) read the mixer norm's output
     mixer = _norm_saved(dim, layout, readers) + _mixer_saved_per_token(kind, shape, layout)
     # MLP: norm (gate and up read it), gate output, silu(gate), up, their product (down's input)
     mlp = _norm_saved(dim, layout, 2) + 4 * ffn * layout.compute_bytes
@@ -393,7 +451,7 @@ def _workspace_per_token(kind: str, shape: Shape, layout: Layout) -> float:
     and going out, plus the widest intermediate gradients (MLP: d(h), d(gate), d(up); mixer: dq,
     dk, dv)."""
     e, tp = layout.compute_bytes, layout.tp
-    kv_heads = shape.kv_heads if kind == "A" else shape.heads
+    kv_heads = shape.kv_heads if kind in "ARS" else shape.heads
     mixer_width = (shape.heads + 2 * kv_heads) * shape.head_dim / tp
     return 2 * layout.residual_bytes * shape.dim + max(3 * shape.ffn_dim / tp, mixer_width) * e
 
@@ -409,6 +467,8 @@ def _context_parallel_memory(kind: str, shape: Shape, layout: Layout) -> tuple[f
     if P == 1:
         return 0.0, 0.0
     e, batch, n = layout.compute_bytes, layout.micro_batch, layout.local_tokens
+    if kind in "RS":
+        return _window_cp_memory(kind, shape, layout)
     if kind == "L":
         states = layout.states_per_rank * _linear_state_bytes(shape, layout)
         if layout.cp_linear == "lasp2":
@@ -425,6 +485,24 @@ def _context_parallel_memory(kind: str, shape: Shape, layout: Layout) -> tuple[f
     # Ulysses: all-to-all send and receive buffers of q, k, v
     qkv = batch * n * (shape.heads + 2 * shape.kv_heads) / layout.tp * shape.head_dim
     return 0.0, 2 * qkv * e
+
+
+def halo_features(kind: str, shape: Shape, tp: int) -> float:
+    """Elements per token of an R/S layer's halo exchange: k and v (S); rotated k, φ(k) and v (R)."""
+    return (4 if kind == "R" else 2) * shape.kv_heads / tp * shape.head_dim
+
+
+def _window_cp_memory(kind: str, shape: Shape, layout: Layout) -> tuple[float, float]:
+    """R/S under cp: each chunk keeps its received halo (≤ window tokens) for backward; R also keeps
+    its linear branch's incoming 2·D × D states and gathers every rank's during LASP-2."""
+    halo = layout.states_per_rank * min(shape.window, layout.seq_len) * layout.micro_batch
+    saved = halo * halo_features(kind, shape, layout.tp) * layout.compute_bytes
+    transient = saved  # the halo gradients on their way back
+    if kind == "R":
+        states = 2 * layout.states_per_rank * _linear_state_bytes(shape, layout)
+        saved += states
+        transient += (layout.cp if layout.cp_linear == "lasp2" else 2) * states
+    return saved, transient
 
 
 def allgather_kv_bytes(shape: Shape, layout: Layout) -> float:
@@ -468,7 +546,7 @@ def activation_memory(shape: Shape, layout: Layout) -> ActivationMemory:
         saved += shape.pattern.count(kind) * kept
         extra = (layer.saved - layer.checkpoint if recomputed else 0.0) + layer.workspace + layer.comm_transient
         transient = max(transient, extra)
-    if shape.softmax_layers:
+    if shape.softmax_layers + shape.window_layers:
         saved += tokens * shape.head_dim * 4  # RoPE cos and sin tables, fp32, shared by all layers
     # final norm (its input, internals; its output is not saved) and the loss's fp32 d(hidden), d(weight)
     final_norm = tokens * _norm_saved(shape.dim, layout, 0)
@@ -524,6 +602,26 @@ def _softmax_cp_volumes(shape: Shape, layout: Layout, forwards: float) -> list[C
     return [CommVolume(name, "cp", forwards * forward + backward, messages, overlapped=ring)]
 
 
+def halo_bytes(kind: str, shape: Shape, layout: Layout) -> float:
+    """Bytes the busiest rank receives in one halo exchange of an R/S layer (either direction): at most
+    one window per chunk it holds, independent of seq_len (parallel/cp/halo.py)."""
+    halo = layout.states_per_rank * min(shape.window, layout.seq_len)
+    return halo * layout.micro_batch * halo_features(kind, shape, layout.tp) * layout.compute_bytes
+
+
+def _window_cp_volumes(kind: str, shape: Shape, layout: Layout, forwards: float) -> list[CommVolume]:
+    """Per R/S layer: the halo forward (again when recomputed) and its gradient backward, one batch of
+    point-to-point messages each; R adds LASP's gather of 2·D × D states (twice a linear layer's)."""
+    P = layout.cp
+    peers = min(P - 1, -(-shape.window // max(1, layout.local_tokens // layout.states_per_rank)))
+    volumes = [CommVolume("window halo (R/S)", "cp", (forwards + 1) * halo_bytes(kind, shape, layout),
+                          int((forwards + 1) * peers), overlapped=False)]
+    if kind == "R":
+        volumes += [dataclasses.replace(v, name=v.name + " (R)", bytes=2 * v.bytes)
+                    for v in _linear_cp_volumes(shape, layout, forwards + 1)]
+    return volumes
+
+
 def _tensor_parallel_volumes(shape: Shape, layout: Layout) -> list[CommVolume]:
     """Megatron-style, without sequence parallelism: per block, forward all-reduces after out_proj and
     down_proj, backward one all-reduce of the input gradient per column-parallel projection (q, k, v,
@@ -536,7 +634,7 @@ def _tensor_parallel_volumes(shape: Shape, layout: Layout) -> list[CommVolume]:
     count = 0
     for kind in shape.pattern:
         forwards = 2 if checkpointed(kind, layout.checkpointing) else 1
-        count += 2 * forwards + (3 if kind == "A" else 4) + 2
+        count += 2 * forwards + (3 if kind in "ARS" else 4) + 2
     return [CommVolume("TP all-reduce", "tp", count * all_reduce, count, overlapped=False)]
 
 
@@ -571,8 +669,11 @@ def communication(shape: Shape, layout: Layout) -> list[CommVolume]:
         for kind in sorted(set(shape.pattern)):
             layers = shape.pattern.count(kind)
             forwards = 2 if checkpointed(kind, layout.checkpointing) else 1
-            per_layer = (_linear_cp_volumes(shape, layout, forwards + 1) if kind == "L"
-                         else _softmax_cp_volumes(shape, layout, forwards))
+            if kind in "RS":
+                per_layer = _window_cp_volumes(kind, shape, layout, forwards)
+            else:
+                per_layer = (_linear_cp_volumes(shape, layout, forwards + 1) if kind == "L"
+                             else _softmax_cp_volumes(shape, layout, forwards))
             volumes += [dataclasses.replace(v, bytes=v.bytes * layers * micro, messages=v.messages * layers * micro)
                         for v in per_layer]
     volumes += [dataclasses.replace(v, bytes=v.bytes * micro, messages=v.messages * micro)
@@ -609,17 +710,108 @@ def _forward_flops_per_token(kind: str, shape: Shape, seq_len: int) -> float:
     counts = parameter_counts(shape)
     if kind == "L":
         return 2 * counts.linear_layer + 4 * shape.head_dim * shape.dim
+    if kind in "RS":
+        window = 4 * mean_window_keys(shape.window, seq_len) * shape.dim
+        return 2 * counts.softmax_layer + window + (8 * shape.head_dim * shape.dim if kind == "R" else 0)
     return 2 * counts.softmax_layer + 2 * seq_len * shape.dim
 
 
+# FLOPs per token as the code runs them: PyTorch's FlopCounterMode over one forward+backward of the model
+# built on the meta device (nothing is computed), at two short lengths; per token they are a + b·T.
+COUNTED_LENGTHS = (2 * LINEAR_CHUNK, 4 * LINEAR_CHUNK)
+# The meta run's attention computes every query-key pair; causal GPU kernels skip the masked half.
+CAUSAL_SHARE = 0.5
+
+
+@dataclass(frozen=True)
+class CountedFlops:
+    """Per-token FLOPs fitted as constant + per_key · T from FlopCounterMode runs on the meta device."""
+
+    step_constant: float
+    """Forward + backward of the whole model (loss included), per token, T-independent part."""
+    step_per_key: float
+    """Forward + backward per token per key (softmax attention), before CAUSAL_SHARE."""
+    forward_constant: dict[str, float]
+    """Forward of one block of each layer kind, per token (what a checkpointed block recomputes)."""
+    forward_per_key: dict[str, float]
+
+    def step(self, seq_len: int) -> float:
+        return self.step_constant + CAUSAL_SHARE * self.step_per_key * seq_len
+
+    def forward(self, kind: str, seq_len: int) -> float:
+        return self.forward_constant[kind] + CAUSAL_SHARE * self.forward_per_key[kind] * seq_len
+
+
+_FLOPS_CACHE: dict[str, CountedFlops] = {}
+
+
+def counted_flops(shape: Shape) -> CountedFlops:
+    """FlopCounterMode on the meta-device model at COUNTED_LENGTHS, fitted per token to a + b·T."""
+    if shape.model is None:
+        raise ValueError("counted_flops: the Shape has no model config; build it with shape_of(config)")
+    key = repr(shape.model)
+    if key not in _FLOPS_CACHE:
+        _FLOPS_CACHE[key] = _count_flops(shape.model)
+    return _FLOPS_CACHE[key]
+
+
+def _count_flops(model_config: ModelConfig) -> CountedFlops:
+    """Counts a model with one block of each kind (same widths), then adds the other blocks by kind."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from spindle.runtime.model import HybridModel
+
+    pattern = layer_pattern(model_config)
+    kinds = "".join(dict.fromkeys(pattern))
+    with torch.device("meta"):
+        model = HybridModel(dataclasses.replace(model_config, layers=kinds, n_layers=len(kinds)))
+    samples = []
+    for length in COUNTED_LENGTHS:
+        tokens = torch.zeros(1, length, dtype=torch.long, device="meta")
+        with FlopCounterMode(display=False) as step_counter:  # backward inside: counted per module too
+            loss, _ = model.loss(tokens, tokens)
+            loss.backward()
+        with FlopCounterMode(display=False) as forward_counter:
+            model.loss(tokens, tokens)
+        step_blocks = {kind: _block_flops(step_counter, index) / length for index, kind in enumerate(kinds)}
+        forward = {kind: _block_flops(forward_counter, index) / length for index, kind in enumerate(kinds)}
+        total = step_counter.get_total_flops() / length + sum(
+            (pattern.count(kind) - 1) * step_blocks[kind] for kind in kinds)
+        samples.append((length, total, forward))
+    (t1, total1, forward1), (t2, total2, forward2) = samples
+    slope = (total2 - total1) / (t2 - t1)
+    slopes = {kind: (forward2[kind] - forward1[kind]) / (t2 - t1) for kind in kinds}
+    return CountedFlops(total1 - slope * t1, slope, {kind: forward1[kind] - slopes[kind] * t1 for kind in kinds},
+                        slopes)
+
+
+def _block_flops(counter, index: int) -> float:
+    """FLOPs FlopCounterMode attributes to block ``index`` (forward, and backward if it ran inside)."""
+    suffix = f"layers.{index}"
+    return float(next((sum(counts.values()) for name, counts in counter.get_flop_counts().items()
+                       if name.endswith(suffix)), 0))
+
+
 def flops(shape: Shape, layout: Layout) -> Flops:
+    """Model FLOPs (model.flops_per_token's convention, for MFU) and hardware FLOPs as the code runs them.
+
+    Hardware FLOPs come from counted_flops (the meta run) for models of L and A layers; window layers
+    (R, S), whose cost stops growing with T at the window, use the analytic count."""
     per_token = model_flops_per_token(shape, layout.seq_len)
     tokens_per_step = layout.dp * layout.micro_batch * layout.accumulation * layout.seq_len
-    recompute = sum(_forward_flops_per_token(kind, shape, layout.seq_len)
-                    for kind in shape.pattern if checkpointed(kind, layout.checkpointing))
-    # intra-chunk products of the linear kernels (not in the model count): 2 matmuls over C/2 keys, ×3
-    linear_intra = shape.linear_layers * 3 * 2 * LINEAR_CHUNK * shape.dim
-    hardware_per_token = per_token + recompute + linear_intra
+    if shape.window_layers:
+        recompute = sum(_forward_flops_per_token(kind, shape, layout.seq_len)
+                        for kind in shape.pattern if checkpointed(kind, layout.checkpointing))
+        # intra-chunk products of the linear kernels (not in the model count): 2 matmuls over C/2 keys, ×3
+        # (R's linear branch: keys of 2·D features, values of D: 1.5 times a linear layer's)
+        linear_intra = (shape.linear_layers + 1.5 * shape.rattention_layers) * 3 * 2 * LINEAR_CHUNK * shape.dim
+        hardware_per_token = per_token + recompute + linear_intra
+    else:
+        counted = counted_flops(shape)
+        recompute = sum(counted.forward(kind, layout.seq_len)
+                        for kind in shape.pattern if checkpointed(kind, layout.checkpointing))
+        hardware_per_token = counted.step(layout.seq_len) + recompute
     if layout.cp > 1 and LINEAR_BACKWARD_RECOMPUTES_FORWARD:
         # the LASP backward reruns each linear layer's local forward kernel (cp_layer_cost)
         hardware_per_token += shape.linear_layers * linear_kernel_flops(1, shape.heads, 1, shape.head_dim)
@@ -759,9 +951,18 @@ def _cp_exposed_seconds(shape: Shape, layout: Layout, network: Network, flop_rat
     bandwidth, latency = group_bandwidth("cp", layout, network)
     total = 0.0
     for kind in sorted(set(shape.pattern)):
+        forwards = 2 if checkpointed(kind, layout.checkpointing) else 1
+        if kind in "RS":
+            # the halo is not overlapped; R's states go through cp_linear like an L layer with 2·D keys
+            per_layer = (forwards + 1) * _hop(halo_bytes(kind, shape, layout), bandwidth, latency)
+            if kind == "R":
+                linear = dataclasses.replace(cp_shape("L", shape, layout), states_per_rank=2 * layout.states_per_rank)
+                cost = cp_layer_cost(layout.cp_linear, linear, bandwidth, latency, flop_rate)
+                per_layer += forwards * cost.forward_exposed_s + cost.backward_exposed_s
+            total += shape.pattern.count(kind) * layout.accumulation * per_layer
+            continue
         scheme = layout.cp_linear if kind == "L" else layout.cp_softmax
         cost = cp_layer_cost(scheme, cp_shape(kind, shape, layout), bandwidth, latency, flop_rate)
-        forwards = 2 if checkpointed(kind, layout.checkpointing) else 1
         per_layer = forwards * cost.forward_exposed_s + cost.backward_exposed_s
         total += shape.pattern.count(kind) * layout.accumulation * per_layer
     return total
@@ -1062,7 +1263,9 @@ def format_plan(plan: Plan) -> str:
         f"GPU      {gpu.name}: {gpu.peak_flops / 1e12:.0f} TFLOP/s bf16, {gpu.hbm_bytes_per_s / 1e12:.1f} TB/s HBM, "
         f"{gpu.memory_bytes / 1e9:.0f} GB; links {plan.network.intra_node_bytes_per_s / 1e9:.0f} GB/s in a node, "
         f"{plan.network.inter_node_bytes_per_s / 1e9:.0f} GB/s between nodes",
-        f"model    {len(shape.pattern)} layers ({shape.linear_layers} linear, {shape.softmax_layers} softmax; "
+        f"model    {len(shape.pattern)} layers ({shape.linear_layers} linear, {shape.softmax_layers} softmax"
+        + (f", {shape.rattention_layers} RAttention, {shape.window_layers - shape.rattention_layers} window; "
+           f"window {shape.window}" if shape.window_layers else "") + "; "
         f"{_abbreviated(shape.pattern)}), dim {shape.dim}, heads {shape.heads}/{shape.kv_heads} kv, "
         f"ffn {shape.ffn_dim}, vocab {shape.vocab_size}: {plan.parameters:,} parameters",
         f"layout   dp {layout.dp} × cp {layout.cp} × tp {layout.tp} = {layout.world_size} GPU(s); seq_len "

@@ -224,3 +224,29 @@ def test_rlra_model_same_losses_on_every_layout() -> None:
             assert abs(value - expected) <= TOLERANCE * abs(expected), (name, result["losses"], reference["losses"])
         for value, expected in zip(result["grad_norms"], reference["grad_norms"], strict=True):
             assert abs(value - expected) <= 1e-4 * abs(expected), (name, result["grad_norms"], reference["grad_norms"])
+
+
+# --------------------------------------------------------------------------- the planner's rows
+
+
+@pytest.mark.parametrize("pattern", ["RLRA", "SSSA", "RS", "LRSA"])
+def test_planner_counts_window_layers_like_the_model(pattern: str) -> None:
+    """spindle plan's parameters and model FLOPs equal the built model's; halo bytes bound the exchange."""
+    from spindle.parallel.cp.halo import halo_tokens_received
+    from spindle.runtime import plan
+
+    config = _tiny(f"model.layers={pattern}", "model.n_layers=8", "model.window=12")
+    model = HybridModel(config.model)
+    shape = plan.shape_of(config)
+    assert plan.count_parameters(config) == model.num_parameters()
+    for seq_len in (64, 4096):
+        assert plan.model_flops_per_token(shape, seq_len) == pytest.approx(model.flops_per_token(seq_len))
+    cp_config = _tiny(f"model.layers={pattern}", "model.window=12", "parallel.cp=4", world_size=4)
+    layout = plan.layout_of(cp_config)
+    chunk = cp_config.data.seq_len // 8  # zigzag: 2 chunks per rank
+    exact, _ = halo_tokens_received(4, "zigzag", chunk, 12)
+    per_token = (2 * cp_config.model.kv_heads * (cp_config.model.dim // cp_config.model.heads) * layout.compute_bytes
+                 * layout.micro_batch)
+    assert exact * per_token <= plan.halo_bytes("S", shape, layout) <= 2 * 12 * per_token
+    names = [volume.name for volume in plan.communication(plan.shape_of(cp_config), layout)]
+    assert "window halo (R/S)" in names and ("LASP-2 state all-gather (R)" in names) == ("R" in pattern)
