@@ -31,6 +31,7 @@ import dataclasses
 import importlib
 import inspect
 import json
+import os
 import shlex
 import sys
 from collections.abc import Callable
@@ -392,8 +393,9 @@ def markdown(rows: list[Row], args: argparse.Namespace, device: torch.device, pe
                   "documented in benchmarks/kernels.py. `x fla` = fla's median / this row's median (>1: faster).")
     lines += [floor_text, ""]
     if not peak.measured_here:
-        lines += [f"**CPU run at tiny shapes ({_device_name(device)}, a 2-core machine shared with other jobs: "
-                  f"noisy). It shows the harness works; the times say nothing about GPUs. The floor column is "
+        load = ", ".join(f"{x:.1f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "unknown"
+        lines += [f"**CPU run at tiny shapes ({_device_name(device)}, {os.cpu_count()} cores, load average {load} "
+                  f"when the report was written: noisy). It shows the harness works; the times say nothing about GPUs. The floor column is "
                   f"the {peak.name}'s for the same work, so the floor fraction is not meaningful here. GPU numbers: "
                   "`spindle bench kernels --preset 32k` and `--preset 1m` on an H200.**", ""]
     header = ["op", "provider", "T", "mode", "median ms", "min ms", "max ms", "IQR ms", "TFLOP/s", "floor ms",
