@@ -1035,6 +1035,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def preflight(python: str) -> str | None:
+    """Why the real (not dry) check cannot run with ``python``: no torch to install onto, or no CUDA GPU."""
+    probe = "import torch; print('CUDA', torch.cuda.is_available())"
+    try:
+        result = subprocess.run([python, "-c", probe], capture_output=True, text=True, timeout=300)
+    except (OSError, subprocess.TimeoutExpired) as error:
+        return f"{python} did not run ({error})"
+    if "CUDA" not in result.stdout:
+        return (f"{python} cannot import torch: the GPU check installs spindle onto an existing PyTorch; name the "
+                f"Python that has it with --python (make gpu-check GPU_PYTHON=...)")
+    if "CUDA True" not in result.stdout:
+        return (f"{python} sees no CUDA GPU; on a machine without one run the rehearsal instead: "
+                f"make gpu-check DRY_RUN=1 (python3 benchmarks/gpu_check.py --dry-run)")
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["cp-worker"]:
@@ -1050,6 +1066,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if only is not None and (unknown := only - {spec.name for spec in PARTS}):
         print(f"gpu_check.py: error: unknown part(s) {', '.join(sorted(unknown))}: choose from "
               f"{', '.join(spec.name for spec in PARTS)}", file=sys.stderr)
+        return 2
+    if not args.dry_run and (problem := preflight(args.python or sys.executable)):
+        print(f"gpu_check.py: error: {problem}. Nothing was installed.", file=sys.stderr)
         return 2
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

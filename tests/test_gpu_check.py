@@ -132,3 +132,21 @@ def test_e2e_step_time_prediction():
     assert predicted_step_s(mixed, 9000) == pytest.approx(1e-3 * 9000 + 1e-6 * 9000**2)
     assert predicted_step_s([(1000, 2.0)], 2000) == pytest.approx(8.0)
     assert predicted_step_s([], 2000) == 0.0
+
+
+def test_real_check_refuses_without_torch_or_gpu(tmp_path: Path):
+    """Without --dry-run the check needs a Python with torch and a CUDA GPU; otherwise it says which, exits 2
+    and installs nothing."""
+    script = str(REPO / "benchmarks" / "gpu_check.py")
+    missing = subprocess.run([sys.executable, script, "--python", str(tmp_path / "no-python"), "--out",
+                              str(tmp_path / "out")], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert missing.returncode == 2 and "did not run" in missing.stderr and "Nothing was installed" in missing.stderr
+    assert not (tmp_path / "out").exists()
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    cpu_only = subprocess.run([sys.executable, script, "--out", str(tmp_path / "out")], cwd=REPO,
+                              capture_output=True, text=True, timeout=300)
+    assert cpu_only.returncode == 2 and "DRY_RUN=1" in cpu_only.stderr, cpu_only.stderr
+    assert not (tmp_path / "out").exists()
