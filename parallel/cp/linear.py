@@ -1,9 +1,10 @@
 """The loop LASP-2 and LASP-1 share: local states, the exchange of chunk states, local outputs and gradients.
 
-Per chunk c of the global sequence (ALGORITHMS.md §2; a rank holds 1 chunk on "contiguous", 2 on
+Per chunk c of the global sequence (docs/algorithms.md, LASP; a rank holds 1 chunk on "contiguous", 2 on
 "zigzag"), with G_i the inclusive cumulative log-decay inside the chunk and m its length:
 
-    M_c    = Σ_i exp(G_m − G_i) k_iᵀ v_i          local final state from a zero initial state
+    M_c    = Σ_i exp(G_m − G_i) k_iᵀ v_i          local final state from a zero initial state, with
+                                                  G_m − G_i taken as the suffix sum Σ_{u>i} g_u
     Γ_c    = exp(G_m)                             how much the chunk decays an incoming state
     S_in   = chain over earlier chunks            (the scheme: one all-gather, or a P2P ring)
     o      = kernel(q, k, v; zero state) + scale · (q ⊙ exp(G_i)) S_in
@@ -12,7 +13,8 @@ Backward: dM_c = scale · Σ_i exp(G_i) q_iᵀ do_i (the gradient of S_in throug
 outputs) is exchanged, the scheme returns T_c = ∂L/∂(final state of chunk c), and the local gradients
 are those of <o, do> + <Γ_c·S_in + M_c, T_c> with S_in held fixed. That sum covers every path by
 which q, k, v and the decay reach the loss, including the decay's effect on later ranks (through
-Γ_c and M_c). A scheme is an object with start_forward / finish_forward / start_backward /
+Γ_c and M_c). The local kernel runs through linear_attention_fwd / linear_attention_bwd; the
+other terms have closed-form gradients (chain_gradients). A scheme is an object with start_forward / finish_forward / start_backward /
 finish_backward, so the communication of LASP-2 overlaps the local kernel work in both directions.
 
 The chunks of one rank are stacked along the batch ("slots", see layout.to_slots), so one kernel
