@@ -1,0 +1,217 @@
+"""A Megatron-core self-attention replacement: spindle's linear attention with decay, LASP-2 over CP.
+
+The same mixer as spindle's native ``LinearAttention`` layer (TransNormerLLM / Lightning Attention
+style), written against Megatron's conventions:
+
+    x [s, b, h] -> linear_qkvg (column-parallel) -> per head q, k, v, gate
+      -> feature map on q, k -> causal linear attention with decay (LASP-2 / LASP-1 across CP ranks)
+      -> RMSNorm per head -> * sigmoid|silu(gate) -> linear_proj (row-parallel) -> ([s, b, h], bias)
+
+The fused projection stores its output features head-major, ``[heads, (q, k, v, gate), head_dim]``,
+so a column split over tensor-parallel ranks hands each rank whole heads (like Megatron's grouped
+``linear_qkv``). RoPE is not used by linear layers; Megatron's rotary tables are accepted and ignored.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from megatron.core.process_groups_config import ProcessGroupCollection
+from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+from megatron.core.tensor_parallel.mappings import copy_to_tensor_model_parallel_region
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.spec_utils import ModuleSpec, build_module
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from spindle import kernels
+from spindle.parallel.cp import lasp1, lasp2
+from spindle.runtime.layers import (
+    DECAY_KINDS,
+    FEATURE_MAPS,
+    OUTPUT_GATES,
+    RMSNorm,
+    constant_log_decay,
+    data_decay_bias,
+)
+
+from .core_attention import MEGATRON_LAYOUT, check_scheme, context_parallel_group
+
+LINEAR_SCHEMES = ("lasp2", "lasp1")
+"""Context-parallel schemes of linear-attention layers (``cp_linear``)."""
+
+_SCHEME_OPS: dict[str, Callable[..., torch.Tensor]] = {"lasp2": lasp2, "lasp1": lasp1}
+
+_FEATURE_MAPS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "identity": lambda x: x,
+    "silu": F.silu,
+    "relu": F.relu,
+    "elu1": lambda x: F.elu(x) + 1.0,
+}
+
+
+@dataclass
+class LinearAttentionSubmodules:
+    """Projections of LinearSelfAttention (Megatron's local tensor-parallel linears by default)."""
+
+    linear_qkvg: ModuleSpec | type = field(default=ColumnParallelLinear)
+    linear_decay: ModuleSpec | type = field(default=ColumnParallelLinear)
+    linear_proj: ModuleSpec | type = field(default=RowParallelLinear)
+
+
+class LinearSelfAttention(MegatronModule):
+    """Linear attention with decay as a Megatron ``self_attention`` submodule.
+
+    Args (besides Megatron's config / submodules / layer_number / pg_collection):
+        scheme: "lasp2" (default) or "lasp1": the CP op across ``pg_collection.cp``.
+        decay: "none", "constant" (per-head slopes fading with depth, from ``layer_number`` and
+            ``config.num_layers``) or "data" (a per-token gate ``linear_decay`` -> logsigmoid).
+        feature_map: on q and k: "identity", "silu", "relu" or "elu1".
+        output_gate: "sigmoid" or "silu".
+    Heads: ``config.num_attention_heads`` of width ``config.kv_channels`` (``num_query_groups`` is a
+    softmax-attention setting and is not used).
+    """
+
+    def __init__(
+        self,
+        config: TransformerConfig,
+        submodules: LinearAttentionSubmodules | None = None,
+        layer_number: int = 1,
+        cp_comm_type: str | None = None,
+        pg_collection: ProcessGroupCollection | None = None,
+        *,
+        scheme: str = "lasp2",
+        decay: str = "constant",
+        feature_map: str = "identity",
+        output_gate: str = "sigmoid",
+        **unused: Any,
+    ) -> None:
+        super().__init__(config=config)
+        check_scheme("cp_linear", scheme, LINEAR_SCHEMES)
+        check_scheme("linear_decay", decay, DECAY_KINDS)
+        check_scheme("feature_map", feature_map, FEATURE_MAPS)
+        check_scheme("output_gate", output_gate, OUTPUT_GATES)
+        submodules = submodules or LinearAttentionSubmodules()
+        if pg_collection is None:
+            pg_collection = ProcessGroupCollection.use_mpu_process_groups(required_pgs=["tp", "cp"])
+        self.cp_group = context_parallel_group(pg_collection)
+        self.tp_group = pg_collection.tp
+        self.layer_number = layer_number
+        self.scheme, self.decay, self.output_gate = scheme, decay, output_gate
+        self.feature_map = _FEATURE_MAPS[feature_map]
+        heads, self.head_dim = config.num_attention_heads, config.kv_channels
+        self.local_heads, head_offset = _local_heads(heads, self.tp_group)
+        projection = heads * self.head_dim
+        self.linear_qkvg = build_module(
+            submodules.linear_qkvg, config.hidden_size, 4 * projection, config=config,
+            init_method=config.init_method, gather_output=False,
+            bias=config.add_bias_linear or config.add_qkv_bias, skip_bias_add=False, is_expert=False,
+            tp_comm_buffer_name="qkv", tp_group=self.tp_group)
+        self.linear_decay = None
+        if decay == "data":
+            self.linear_decay = build_module(
+                submodules.linear_decay, config.hidden_size, heads, config=config,
+                init_method=config.init_method, gather_output=False, bias=True, skip_bias_add=False,
+                is_expert=False, tp_comm_buffer_name="decay", tp_group=self.tp_group)
+            if config.perform_initialization:
+                with torch.no_grad():  # start at slow decay, as the native layer does
+                    bias = data_decay_bias(heads)[head_offset:head_offset + self.local_heads]
+                    self.linear_decay.bias.copy_(bias)
+        if decay == "constant":
+            slopes = constant_log_decay(heads, layer_number - 1, config.num_layers)
+            # derived from the layer's position: kept out of checkpoints, like the native layer
+            self.register_buffer("log_decay_slopes", slopes[head_offset:head_offset + self.local_heads],
+                                 persistent=False)
+        else:
+            self.log_decay_slopes = None
+        self.output_norm = RMSNorm(self.head_dim, config.layernorm_epsilon)
+        self.linear_proj = build_module(
+            submodules.linear_proj, projection, config.hidden_size, config=config,
+            init_method=config.output_layer_init_method, bias=config.add_bias_linear,
+            input_is_parallel=True, skip_bias_add=True, is_expert=False, tp_comm_buffer_name="proj",
+            tp_group=self.tp_group)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        key_value_states: torch.Tensor | None = None,
+        inference_context: Any = None,
+        rotary_pos_emb: Any = None,
+        rotary_pos_cos: Any = None,
+        rotary_pos_sin: Any = None,
+        rotary_pos_cos_sin: Any = None,
+        attention_bias: Any = None,
+        packed_seq_params: Any = None,
+        sequence_len_offset: Any = None,
+        **unused: Any,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """hidden_states [s, b, h] (this rank's tokens in Megatron's CP order) -> (output [s, b, h], bias)."""
+        _check_forward_arguments(key_value_states, inference_context, packed_seq_params)
+        mixed, _ = self.linear_qkvg(hidden_states)  # [s, b, H_local·4·D]
+        length, batch = mixed.shape[:2]
+        # [s, b, H, 4, D] -> [b, s, H, 4, D]: spindle's ops take batch-first shards
+        mixed = mixed.view(length, batch, -1, 4, self.head_dim).transpose(0, 1)
+        q, k, v, gate = (part.contiguous() for part in mixed.unbind(dim=3))  # each [b, s, H, D]
+        q, k = self.feature_map(q), self.feature_map(k)
+        output = self._sequence_op(q, k, v, self._log_decay(hidden_states))  # [b, s, H, D]
+        output = self._output_norm(output) * (torch.sigmoid(gate) if self.output_gate == "sigmoid" else F.silu(gate))
+        output = output.transpose(0, 1).reshape(length, batch, -1)  # [s, b, H·D]
+        return self.linear_proj(output)
+
+    def _sequence_op(self, q, k, v, log_decay: torch.Tensor | None) -> torch.Tensor:
+        scale = self.head_dim ** -0.5
+        if self.cp_group.size() == 1:
+            return kernels.linear_attention(q, k, v, log_decay=log_decay, scale=scale)[0]
+        return _SCHEME_OPS[self.scheme](q, k, v, self.cp_group, layout=MEGATRON_LAYOUT, log_decay=log_decay,
+                                        scale=scale)
+
+    def _log_decay(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
+        """None, the constant [H_local] slopes, or the per-token gate [b, s, H_local], all <= 0."""
+        if self.decay == "constant":
+            return self.log_decay_slopes
+        if self.decay != "data":
+            return None
+        # The gate is summed over the whole sequence by the kernel: keep it in at least fp32.
+        logits, _ = self.linear_decay(hidden_states)  # [s, b, H_local]
+        compute_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+        return F.logsigmoid(logits.to(compute_dtype)).transpose(0, 1).contiguous()
+
+    def _output_norm(self, output: torch.Tensor) -> torch.Tensor:
+        """RMSNorm over head_dim with one weight shared by all heads (as the native layer)."""
+        weight = self.output_norm.weight
+        if self.tp_group.size() > 1:
+            # Each tensor-parallel rank normalizes different heads with the shared weight: its
+            # gradient is the sum over ranks (identity forward, all-reduce backward).
+            weight = copy_to_tensor_model_parallel_region(weight, group=self.tp_group)
+        compute = output.float() if output.dtype in (torch.float16, torch.bfloat16) else output
+        normed = compute * torch.rsqrt(compute.pow(2).mean(dim=-1, keepdim=True) + self.output_norm.eps)
+        return normed.to(output.dtype) * weight.to(output.dtype)
+
+
+def _local_heads(heads: int, tp_group: torch.distributed.ProcessGroup) -> tuple[int, int]:
+    """(heads on this tensor-parallel rank, index of its first head)."""
+    tp_size = tp_group.size()
+    if heads % tp_size:
+        raise ValueError(
+            f"LinearSelfAttention: num_attention_heads={heads} is not divisible by the tensor-parallel "
+            f"size {tp_size}; pick a head count that is a multiple of tensor_model_parallel_size"
+        )
+    local = heads // tp_size
+    return local, tp_group.rank() * local
+
+
+def _check_forward_arguments(key_value_states: Any, inference_context: Any, packed_seq_params: Any) -> None:
+    if key_value_states is not None:
+        raise NotImplementedError("LinearSelfAttention is a self-attention: key_value_states must be None")
+    if inference_context is not None:
+        raise NotImplementedError(
+            "LinearSelfAttention has no inference (KV-cache / recurrent-state) path yet; run it without "
+            "inference_context"
+        )
+    if packed_seq_params is not None:
+        raise NotImplementedError(
+            "LinearSelfAttention does not support packed (THD) sequences; pass unpacked [s, b] batches"
+        )

@@ -1,0 +1,284 @@
+"""spindle's layers inside Megatron-core models (spindle.integrations.megatron), on CPU over gloo.
+
+One spawn of 2 ranks runs every distributed case and returns measurements; the tests below check them:
+
+- layout: Megatron's get_batch_on_this_cp_rank equals spindle's zigzag shard;
+- layers (float64): a Megatron TransformerLayer from hybrid_block_spec equals spindle's native
+  DecoderBlock on the same weights (converted by native_block_state_dict), with cp=1 and cp=2 —
+  output, input gradient and every parameter gradient;
+- whole model: a GPTModel with the spindle spec trained for a few steps gives the same per-step losses
+  with cp=2 (dp=1) as with cp=1 (dp=2) (fp32, 1e-5), for a softmax-only and hybrid patterns;
+- checkpoint: a cp=2 run saved by spindle's Checkpointer resumes at cp=1 and continues exactly as the
+  uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+
+import pytest
+import torch
+
+pytest.importorskip("megatron.core", reason="megatron-core is not installed (pip install 'spindle[megatron]')")
+
+from cp_reference import relative_rmse  # noqa: E402
+from distributed_utils import run_distributed  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+LAYER_TOLERANCE = 1e-10  # float64, relative RMSE
+LOSS_TOLERANCE = 1e-5  # fp32, absolute per-step loss
+WHOLE_MODEL_CASES = {  # id: (pattern, cp_linear, cp_softmax, linear_decay)
+    "softmax-allgather": ("A", "lasp2", "allgather", "constant"),
+    "hybrid-lasp2-allgather": ("LLLA", "lasp2", "allgather", "constant"),
+    "hybrid-lasp1-ring-datadecay": ("LA", "lasp1", "ring", "data"),
+}
+LAYER_CASES = {  # id: (letter, options of hybrid_block_spec)
+    "L-constant": ("L", {"linear_decay": "constant"}),
+    "L-data-silu": ("L", {"linear_decay": "data", "feature_map": "silu", "output_gate": "silu"}),
+    "L-none-lasp1": ("L", {"linear_decay": "none", "cp_linear": "lasp1", "feature_map": "elu1"}),
+    "A-allgather": ("A", {"cp_softmax": "allgather"}),
+    "A-ring": ("A", {"cp_softmax": "ring"}),
+    "A-ulysses": ("A", {"cp_softmax": "ulysses"}),
+}
+CHECKPOINT_STEPS = (3, 2)  # steps before the save (cp=2), steps after the resume (cp=1)
+
+
+# ----------------------------------------------------------------------------------------------
+# The distributed worker (module level: spawned processes import it)
+# ----------------------------------------------------------------------------------------------
+
+
+def _layer_config(context_parallel_size: int):
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    return TransformerConfig(
+        num_layers=3, hidden_size=16, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=24,
+        context_parallel_size=context_parallel_size, normalization="RMSNorm", layernorm_epsilon=1e-6,
+        gated_linear_unit=True, activation_func=torch.nn.functional.silu, add_bias_linear=False,
+        hidden_dropout=0.0, attention_dropout=0.0, use_cpu_initialization=True)
+
+
+def _native_block(letter: str, options: dict, config) -> torch.nn.Module:
+    """spindle's native DecoderBlock for the layer of number 2 of 3, random (non-unit) weights, float64."""
+    from spindle.runtime.layers import DecoderBlock, LinearAttention, SoftmaxAttention
+
+    dim, heads = config.hidden_size, config.num_attention_heads
+    if letter == "L":
+        mixer = LinearAttention(dim, heads, decay=options.get("linear_decay", "constant"),
+                                feature_map=options.get("feature_map", "identity"),
+                                output_gate=options.get("output_gate", "sigmoid"), layer_index=1,
+                                n_layers=config.num_layers, norm_eps=config.layernorm_epsilon)
+    else:
+        mixer = SoftmaxAttention(dim, heads, config.num_query_groups)
+    block = DecoderBlock(letter, mixer, dim, config.ffn_hidden_size, config.layernorm_epsilon)
+    block.reset_parameters(init_std=0.3, output_std=0.2)
+    with torch.no_grad():
+        for name, parameter in block.named_parameters():
+            if name.endswith("norm.weight"):
+                parameter.uniform_(0.5, 1.5)  # so a wrongly mapped norm weight shows
+    return block.double()
+
+
+def _rotary_table(length: int, head_dim: int, theta: float = 10000.0) -> torch.Tensor:
+    """Megatron's RoPE angle table [T, 1, 1, head_dim] (non-interleaved), in float64."""
+    inverse = theta ** -(torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    angles = torch.outer(torch.arange(length, dtype=torch.float64), inverse)
+    return torch.cat((angles, angles), dim=-1)[:, None, None, :]
+
+
+def _layer_errors(letter: str, options: dict, cp_size: int) -> dict[str, float]:
+    """Relative RMSE of output, input gradient and each parameter gradient: Megatron layer vs native."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+    from megatron.core.process_groups_config import ProcessGroupCollection
+    from megatron.core.transformer.spec_utils import build_module
+
+    from spindle.integrations.megatron import hybrid_block_spec, native_block_state_dict
+    from spindle.parallel.cp import shard, unshard
+    from spindle.runtime.layers import RotaryEmbedding
+
+    config = _layer_config(cp_size)
+    groups = ProcessGroupCollection.use_mpu_process_groups()
+    cp_group = groups.cp
+    torch.manual_seed(11)
+    native = _native_block(letter, options, config)
+    spec = hybrid_block_spec(letter, num_layers=1, **options).layer_specs[0]
+    layer = build_module(spec, config=config, layer_number=2, pg_collection=groups).double()
+    layer.load_state_dict(native_block_state_dict(native), strict=False)
+    missing = set(name for name, _ in layer.named_parameters()) - set(native_block_state_dict(native))
+    assert not missing, f"parameters the conversion does not cover: {sorted(missing)}"
+
+    batch, length, head_dim = 2, 16, config.kv_channels
+    x = torch.randn(batch, length, config.hidden_size, dtype=torch.float64, requires_grad=True)
+    grad_output = torch.randn(batch, length, config.hidden_size, dtype=torch.float64)
+    rotary = RotaryEmbedding(head_dim, 10000.0)(torch.arange(length), torch.float64)
+    reference = native(x, rotary)
+    reference.backward(grad_output)
+
+    # Megatron: [s, b, h] activations, this rank's tokens in Megatron's CP order
+    local_x = shard(x.detach().transpose(0, 1), cp_group, dim=0).requires_grad_()
+    table = shard(_rotary_table(length, head_dim), cp_group, dim=0)
+    output, _ = layer(local_x, attention_mask=None, rotary_pos_emb=table)
+    output.backward(shard(grad_output.transpose(0, 1), cp_group, dim=0))
+
+    errors = {
+        "output": relative_rmse(unshard(output.detach(), cp_group, dim=0).transpose(0, 1), reference),
+        "grad input": relative_rmse(unshard(local_x.grad, cp_group, dim=0).transpose(0, 1), x.grad),
+    }
+    gradients = copy.deepcopy(native)
+    with torch.no_grad():
+        for (name, parameter), (_, source) in zip(gradients.named_parameters(), native.named_parameters()):
+            parameter.copy_(source.grad)
+    expected = native_block_state_dict(gradients)
+    for name, parameter in layer.named_parameters():
+        gradient = parameter.grad.clone()
+        dist.all_reduce(gradient, group=cp_group)  # each CP rank holds its tokens' share
+        errors[f"grad {name}"] = relative_rmse(gradient, expected[name])
+    assert parallel_state.get_context_parallel_world_size() == cp_size
+    return errors
+
+
+def _whole_model_losses(pattern, cp_linear, cp_softmax, linear_decay, steps, run_dir=None, resume="never"):
+    from spindle.integrations.megatron import example
+
+    settings = example.Settings(pattern=pattern, layers=len(pattern) if len(pattern) > 1 else 2,
+                                cp_linear=cp_linear, cp_softmax=cp_softmax, linear_decay=linear_decay,
+                                steps=steps, seq_len=16)
+    return example.train(settings, run_dir=run_dir, resume=resume)
+
+
+def _layout_matches(cp_group) -> bool:
+    from megatron.core.utils import get_batch_on_this_cp_rank
+
+    from spindle.parallel.cp import shard
+
+    tokens = torch.arange(2 * 24).view(2, 24)
+    megatron = get_batch_on_this_cp_rank({"tokens": tokens.clone()}, cp_group)["tokens"]
+    return torch.equal(megatron, shard(tokens, cp_group, layout="zigzag", dim=1))
+
+
+def _worker(rank: int, world_size: int, group, run_dir: str) -> dict:
+    from megatron.core import parallel_state
+
+    results: dict = {"layers": {}, "losses": {}}
+    for cp_size in (1, 2):
+        parallel_state.initialize_model_parallel(context_parallel_size=cp_size)
+        try:
+            if cp_size == 2:
+                results["layout"] = _layout_matches(parallel_state.get_context_parallel_group())
+            for case, (letter, options) in LAYER_CASES.items():
+                results["layers"][(case, cp_size)] = _layer_errors(letter, options, cp_size)
+            for case, arguments in WHOLE_MODEL_CASES.items():
+                results["losses"][(case, cp_size)] = _whole_model_losses(*arguments, steps=sum(CHECKPOINT_STEPS))
+        finally:
+            parallel_state.destroy_model_parallel()
+    before, after = CHECKPOINT_STEPS
+    arguments = WHOLE_MODEL_CASES["hybrid-lasp2-allgather"]
+    parallel_state.initialize_model_parallel(context_parallel_size=2)
+    results["saved"] = _whole_model_losses(*arguments, steps=before, run_dir=run_dir)
+    parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(context_parallel_size=1)
+    results["resumed"] = _whole_model_losses(*arguments, steps=after, run_dir=run_dir, resume="auto")
+    parallel_state.destroy_model_parallel()
+    return results
+
+
+@pytest.fixture(scope="module")
+def distributed_results(tmp_path_factory) -> dict:
+    """Rank 0's measurements from one 2-rank spawn (both ranks check the same things)."""
+    config_dir = tmp_path_factory.mktemp("spindle_config")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("SPINDLE_CONFIG_DIR", str(config_dir))  # the checkpoint signing key stays in tmp
+        results = run_distributed(_worker, 2, str(tmp_path_factory.mktemp("megatron_run")), timeout=600)
+    return results[0]
+
+
+# ----------------------------------------------------------------------------------------------
+# Tests
+# ----------------------------------------------------------------------------------------------
+
+
+def test_megatron_cp_layout_is_spindle_zigzag(distributed_results):
+    assert distributed_results["layout"], "get_batch_on_this_cp_rank differs from shard(..., layout='zigzag')"
+
+
+@pytest.mark.parametrize("cp_size", [1, 2], ids=["cp1", "cp2"])
+@pytest.mark.parametrize("case", list(LAYER_CASES))
+def test_layer_equals_native_block_float64(distributed_results, case, cp_size):
+    errors = distributed_results["layers"][(case, cp_size)]
+    assert len(errors) > 6, "too few quantities compared"
+    bad = {name: error for name, error in errors.items() if not error <= LAYER_TOLERANCE}
+    assert not bad, f"{case} cp={cp_size}: relative RMSE above {LAYER_TOLERANCE:.0e}: {bad}"
+
+
+@pytest.mark.parametrize("case", list(WHOLE_MODEL_CASES))
+def test_gpt_model_losses_cp2_equal_cp1(distributed_results, case):
+    reference = distributed_results["losses"][(case, 1)]
+    sharded = distributed_results["losses"][(case, 2)]
+    assert len(reference) == len(sharded) == sum(CHECKPOINT_STEPS)
+    assert len(set(reference)) == len(reference), f"losses do not change between steps: {reference}"
+    differences = [abs(a - b) for a, b in zip(reference, sharded)]
+    assert max(differences) <= LOSS_TOLERANCE, f"{case}: cp=1 {reference} vs cp=2 {sharded}"
+
+
+def test_checkpoint_saved_at_cp2_resumes_at_cp1(distributed_results):
+    before, _ = CHECKPOINT_STEPS
+    uninterrupted = distributed_results["losses"][("hybrid-lasp2-allgather", 2)]
+    assert distributed_results["saved"] == pytest.approx(uninterrupted[:before], abs=LOSS_TOLERANCE)
+    assert distributed_results["resumed"] == pytest.approx(uninterrupted[before:], abs=LOSS_TOLERANCE)
+
+
+# ----------------------------------------------------------------------------------------------
+# In-process checks (no processes spawned)
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("version", ["0.15.3", "0.17.0", "1.0.0", "0.9"])
+def test_version_check_refuses_unsupported_releases(version):
+    from spindle.integrations.megatron.version import SUPPORTED_RANGE, MegatronVersionError, check_version
+
+    with pytest.raises(MegatronVersionError, match=f"found {version}.*pip install 'megatron-core{SUPPORTED_RANGE}'"):
+        check_version(version)
+
+
+def test_version_check_accepts_installed_and_rejects_at_import(monkeypatch):
+    import importlib.metadata as metadata
+
+    import spindle.integrations.megatron as integration
+    from spindle.integrations.megatron.version import MegatronVersionError, check_version
+
+    assert check_version("0.16.1") == "0.16.1"
+    assert check_version() == metadata.version("megatron-core")
+    with pytest.raises(MegatronVersionError, match="cannot read the megatron-core version"):
+        check_version("nightly")
+    real_version = metadata.version
+    monkeypatch.setattr(metadata, "version",
+                        lambda name: "0.12.0" if name == "megatron-core" else real_version(name))
+    with pytest.raises(MegatronVersionError, match="supports megatron-core >=0.16,<0.17, found 0.12.0"):
+        importlib.reload(integration)
+    monkeypatch.setattr(metadata, "version", real_version)
+    importlib.reload(integration)  # leave the package importable for later tests
+
+
+def test_hybrid_block_spec_layers_and_errors():
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    from spindle.integrations.megatron import LinearSelfAttention, SpindleCoreAttention, hybrid_block_spec
+
+    spec = hybrid_block_spec("LLLA", num_layers=6, cp_softmax="ring")
+    attention = [layer.submodules.self_attention for layer in spec.layer_specs]
+    assert [a.module is LinearSelfAttention for a in attention] == [True, True, True, False, True, True]
+    assert attention[3].submodules.core_attention.module is SpindleCoreAttention
+    assert attention[3].submodules.core_attention.params == {"scheme": "ring"}
+    with pytest.raises(ValueError, match="has 'X' at position 2; allowed letters"):
+        hybrid_block_spec("LLX")
+    with pytest.raises(ValueError, match="cp_linear='ring' is not supported; choose one of 'lasp2', 'lasp1'"):
+        hybrid_block_spec("LA", cp_linear="ring")
+    config = TransformerConfig(num_layers=2, hidden_size=16, num_attention_heads=4, attention_dropout=0.1,
+                               normalization="RMSNorm", use_cpu_initialization=True)
+    with pytest.raises(ValueError, match="attention_dropout=0.1"):
+        hybrid_block_spec("LA", config=config)
+    with pytest.raises(ValueError, match="num_layers=3 differs from config.num_layers=2"):
+        hybrid_block_spec("LA", config=config, num_layers=3)
