@@ -103,6 +103,14 @@ class OverBudget(Exception):
     """A part's command ran out of the part's time."""
 
 
+class Stopped(BaseException):
+    """The check itself got SIGTERM (an outer time limit): stop the running command, write the report."""
+
+
+def _raise_stopped(signum: int, frame: object) -> None:
+    raise Stopped(f"signal {signum}")
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Running commands with a time box
 # ---------------------------------------------------------------------------------------------------------
@@ -160,6 +168,9 @@ class Check:
         except subprocess.TimeoutExpired:
             timed_out = True
             output = _stop_process_group(process)
+        except BaseException:  # stopped from outside: its own session would outlive us
+            _stop_process_group(process)
+            raise
         seconds = time.monotonic() - started
         self.log(output)
         self.log(f"===== [{part.name}] exit {process.returncode}{' (killed: time box)' if timed_out else ''} "
@@ -186,15 +197,11 @@ def _stop_process_group(process: subprocess.Popen) -> str:
     return ""
 
 
-def _tail(text: str, lines: int = 12) -> str:
-    return "\n".join(text.strip().splitlines()[-lines:])
-
-
 def _last_error_line(text: str) -> str:
     """The most telling line of a failed command's output (the exception or error message)."""
     candidates = [line.strip() for line in text.strip().splitlines() if line.strip()]
     for line in reversed(candidates):
-        if re.search(r"(Error|error:|Exception|FAILED|refused|not supported|Killed)", line):
+        if re.search(r"(error|exception|failed|refused|not supported|killed)", line, re.I):
             return line[:300]
     return candidates[-1][:300] if candidates else "no output"
 
@@ -1009,6 +1016,14 @@ def run_parts(check: Check, only: set[str] | None) -> list[PartResult]:
         except OverBudget as stop:
             part.status, part.reason = "over budget", str(stop)
             part.summary = part.summary or f"stopped at its {granted:.0f} s time box"
+        except Stopped:
+            part.status, part.reason = "over budget", "the whole check was stopped from outside (SIGTERM)"
+            part.seconds = time.monotonic() - started
+            for later in parts:
+                if later.status == "pending":
+                    later.status, later.reason = "skipped", "the whole check was stopped from outside"
+            write_report(check, parts, finished=False)
+            raise
         except Exception as error:  # a broken part is recorded, the next one still runs
             part.status, part.outcome = "ran", "failed"
             part.summary = f"the check itself failed: {type(error).__name__}: {error}"
@@ -1076,10 +1091,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         stale.unlink(missing_ok=True)  # only files this check writes
     check = Check(args)
     check.log(f"gpu-check started {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M:%S} UTC in {REPO}")
+    signal.signal(signal.SIGTERM, _raise_stopped)
+    parts: list[PartResult] = []
     try:
         parts = run_parts(check, only)
         plot_parts(check, parts)
         write_report(check, parts, finished=True)
+    except (Stopped, KeyboardInterrupt):
+        print("gpu-check: stopped from outside; the report so far is in place", file=sys.stderr, flush=True)
+        return 1
     finally:
         if not check.keep_scratch:
             shutil.rmtree(check.scratch, ignore_errors=True)
