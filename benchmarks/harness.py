@@ -170,3 +170,51 @@ def markdown_table(header: list[str], rows: list[list[Any]], align: str | None =
     return ["| " + " | ".join(header) + " |", "|" + "|".join(rule) + "|"] + [
         "| " + " | ".join(str(cell) for cell in row) + " |" for row in rows
     ]
+
+
+class PeakLiveBytes:
+    """Peak bytes of CPU tensor storages alive at once inside the block (an allocator view for CPU runs).
+
+    A dispatch mode sees every op's outputs; each new storage is counted until its last reference goes
+    away (a weak reference per storage). Storages made before the block are not counted, so build the
+    model inside it to count parameters, gradients and optimizer states too.
+    """
+
+    def __init__(self) -> None:
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        tracker = self
+
+        class _Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                output = func(*args, **(kwargs or {}))
+                tracker._record(output)
+                return output
+
+        self._mode = _Mode()
+        self._live: dict[int, tuple[Any, int]] = {}
+        self.current = 0
+        self.peak = 0
+
+    def _record(self, output: object) -> None:
+        from torch.multiprocessing.reductions import StorageWeakRef
+        from torch.utils._pytree import tree_flatten
+
+        for key, (reference, size) in list(self._live.items()):
+            if reference.expired():
+                del self._live[key]
+                self.current -= size
+        for tensor in tree_flatten(output)[0]:
+            if isinstance(tensor, torch.Tensor) and tensor.device.type == "cpu":
+                storage = tensor.untyped_storage()
+                if storage._cdata not in self._live:
+                    self._live[storage._cdata] = (StorageWeakRef(storage), storage.nbytes())
+                    self.current += storage.nbytes()
+        self.peak = max(self.peak, self.current)
+
+    def __enter__(self) -> PeakLiveBytes:
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._mode.__exit__(*exc)

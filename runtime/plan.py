@@ -1,9 +1,12 @@
 """The planner behind `spindle plan`: memory, communication, FLOPs and step time of a config.
 
-Pure arithmetic on a ``Config``: no torch, no torch.distributed, no Ray, so it answers in
-milliseconds on a laptop for a 64-GPU job. Everything is per GPU (per rank) unless a name says
-otherwise. The numbers follow the code as written (runtime/model.py, runtime/layers.py, the chunked
-cross-entropy) running on a GPU; the assumptions that are not visible in those files are:
+Everything is per GPU (per rank) unless a name says otherwise. What can be read off the code is read off
+it: parameter counts come from HybridModel built on the meta device (no memory, no initialization) and
+hardware FLOPs from PyTorch's FlopCounterMode over one forward+backward of that meta model at two short
+lengths, fitted per token as a + b·T (`counted_flops`). Peak FLOP/s and bandwidths come from
+runtime/hardware.py; the time estimate divides work by peak × a stated achievable fraction. The
+context-parallel communication is priced by one cost model (`cp_layer_cost`, also behind `spindle bench
+cp`; assumptions in docs/algorithms.md). The remaining assumptions are about the GPU run:
 
 - parameters, gradients and AdamW's two moments are fp32 (4 + 4 + 8 bytes per parameter); "bf16"
   (and "auto", since the plan is for a GPU) runs the forward under bf16 autocast (runtime/trainer.py).
@@ -12,7 +15,7 @@ cross-entropy) running on a GPU; the assumptions that are not visible in those f
   (one replica, or DeepSpeed) the weights stay fp32, the residual stream is fp32 and autocast keeps a
   bf16 copy of every matmul weight and a bf16 cast of every matmul input;
 - both data-parallel engines shard over the dp × cp replicas (weights are replicated over cp,
-  ALGORITHMS.md §4; parallel/parallelize.py's FSDP2 mesh);
+  docs/design.md; parallel/parallelize.py's FSDP2 mesh);
 - tensor parallelism shards the blocks' heads and MLP width; embedding, output layer and norms stay
   replicated, and activations on the residual stream are not split (no sequence parallelism);
 - GPU kernels save only their inputs, output and log-sum-exp (flash-attn with native GQA for softmax
@@ -28,9 +31,10 @@ cross-entropy) running on a GPU; the assumptions that are not visible in those f
   move the same bytes. FLOPs and time are those of full causal sequences, an upper bound: softmax
   attention inside short documents does less work.
 
-The per-token byte counts of each block were checked against the tensors autograd actually saves
-(saved-tensor hooks on CPU, with stand-ins that save what the GPU kernels save): equal for both
-layer kinds in bf16 autocast and fp32.
+The per-token byte counts of each block are checked against the tensors autograd saves (saved-tensor
+hooks on CPU, with stand-ins that save what the GPU kernels save: the Triton linear-attention Function
+keeps its residuals on ctx, out of the hooks' sight), and the whole peak against the live CPU tensors of
+two real training steps (tests/test_plan.py, within 15% for two configs).
 
 Memory is the peak over a step: model state + weight copies + every layer's saved activations
 + the loss buffers + the largest one-layer transient (a checkpointed layer's recomputed activations,

@@ -495,3 +495,72 @@ def test_step_time_prices_cp_with_the_layer_model() -> None:
     lasp2 = plan.make_plan(make_config(layers="L", n_layers=2, cp=4, seq_len=8192))
     lasp1 = plan.make_plan(make_config(layers="L", n_layers=2, cp=4, seq_len=8192, cp_linear="lasp1"))
     assert lasp1.time.communication_s > lasp2.time.communication_s
+
+
+# ---------------------------------------------------------------------------------------------
+# Counts read off the model itself
+# ---------------------------------------------------------------------------------------------
+def test_counted_flops_fit_a_real_cpu_step_at_another_length() -> None:
+    """The meta-device count, fitted as a + b·T at two lengths, predicts a real CPU step at a third."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    config = make_config(layers="LLA", n_layers=3, dim=64, heads=4, kv_heads=2, ffn_dim=96, vocab_size=50)
+    counted = plan.counted_flops(plan.shape_of(config))
+    torch.manual_seed(0)
+    model = HybridModel(config.model)
+    length = 192
+    tokens = torch.randint(0, 50, (1, length))
+    with FlopCounterMode(display=False) as counter:
+        loss, _ = model.loss(tokens, tokens)
+        loss.backward()
+    measured = counter.get_total_flops() / length
+    assert measured == pytest.approx(counted.step_constant + counted.step_per_key * length, rel=1e-6)
+    assert counted.forward_per_key["L"] == 0 and counted.forward_per_key["A"] > 0  # only attention grows with T
+
+
+def test_parameter_counts_cover_every_layer_kind() -> None:
+    config = make_config(layers="LASR", n_layers=4)
+    config = dataclasses.replace(config, model=dataclasses.replace(config.model, window=16))
+    model = HybridModel(config.model)
+    counts = plan.parameter_counts(plan.shape_of(config))
+    assert counts.total == sum(p.numel() for p in model.parameters())
+    assert set(counts.per_kind) == {"L", "A", "S", "R"}
+
+
+# the planner's peak for two small configs against the peak of live CPU tensors in two real steps
+MEMORY_CASES = {
+    "LA-d128-T512": ["model.layers=LA", "model.n_layers=2", "model.dim=128", "model.heads=4", "model.kv_heads=2",
+                     "model.vocab_size=512", "data.seq_len=512"],
+    "LLLA-d256-T1024": ["model.layers=LLLA", "model.n_layers=4", "model.dim=256", "model.heads=4",
+                        "model.kv_heads=2", "model.vocab_size=1024", "data.seq_len=1024"],
+}
+
+
+def measured_and_planned_peak(overrides: list[str]) -> tuple[int, float]:
+    from spindle.benchmarks.harness import PeakLiveBytes
+    from spindle.parallel.layout import ParallelContext
+    from spindle.runtime.config import resolve
+    from spindle.runtime.data import build_dataset
+    from spindle.runtime.main import build_model
+    from spindle.runtime.optim import build_optimizer
+    from spindle.runtime.trainer import BatchProvider, train_step
+
+    settings = ["train.precision=fp32", "train.global_batch=1", "train.micro_batch=1", *overrides]
+    config = resolve(load_config(Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml", settings), 1)
+    context = ParallelContext.single_process()
+    with PeakLiveBytes() as probe:  # from before the model exists: weights, gradients, AdamW states included
+        model = build_model(config, context)
+        optimizer = build_optimizer(model, config.train)
+        batches = BatchProvider(build_dataset(config.data, config.model.vocab_size, config.train.seed),
+                                config.train.global_batch, config.train.micro_batch, 0, 1)
+        for step in range(2):  # the second step has AdamW's states from the first
+            train_step(model, optimizer, batches.micro_batches(step), context, lr=1e-3, grad_clip=1.0, precision=None)
+    return probe.peak, plan.make_plan(config).memory.total
+
+
+@pytest.mark.parametrize("case", list(MEMORY_CASES))
+def test_planned_peak_within_15_percent_of_measured_cpu_peak(case: str) -> None:
+    measured, planned = measured_and_planned_peak(MEMORY_CASES[case])
+    print(f"{case}: planned {planned / 2**20:.2f} MiB, measured {measured / 2**20:.2f} MiB, "
+          f"measured/planned {measured / planned:.3f}")
+    assert abs(measured / planned - 1) <= 0.15
