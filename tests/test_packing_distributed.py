@@ -1,13 +1,14 @@
 """Packed documents on several gloo ranks, in one 4-rank spawn:
 
-- Ulysses attention with cu_seqlens at P = 2, 3, 4, both layouts, B = 2, documents that cross rank
-  seams, end exactly on a rank or chunk seam, or are shorter than a chunk: outputs and every input
-  gradient against each document run alone through the single-device kernel (float64);
-- the whole trainer on packed batches of a prepared folder (dp2 x cp2, Ulysses, zigzag) against one
-  process: the same per-step losses and gradient norms.
+- Ulysses, all-gather and ring attention with cu_seqlens at P = 2, 3, 4, both layouts, B = 2, documents
+  that cross rank seams, end exactly on a rank or chunk seam, or are shorter than a chunk: outputs and
+  every input gradient against each document run alone through the single-device kernel (float64);
+- the whole trainer on packed batches of a prepared folder (dp2 x cp2, all-gather attention, zigzag)
+  against one process: the same per-step losses and gradient norms.
 """
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import pytest
@@ -38,7 +39,7 @@ ROW_STARTS = [[0, 3, 4, 6, 11, 12, 20], [0, 8, 9, 17]]
 def packed_config(folder: str, world_size: int, dp: int = 1, cp: int = 1) -> Config:
     overrides = {"data.source": folder, "data.seq_len": LENGTH, "data.packing": "documents",
                  "model.vocab_size": 128, "model.layers": "A", "model.n_layers": 2, "parallel.dp": dp,
-                 "parallel.cp": cp, "parallel.cp_softmax": "ulysses", "parallel.cp_layout": "zigzag",
+                 "parallel.cp": cp, "parallel.cp_softmax": "allgather", "parallel.cp_layout": "zigzag",
                  "train.steps": STEPS, "train.global_batch": 4, "train.micro_batch": 1, "train.precision": "fp32"}
     return resolve(load_config(TINY, [f"{key}={value}" for key, value in overrides.items()],
                                world_size=world_size), world_size)
@@ -70,7 +71,15 @@ def documents_alone(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.
     return torch.cat(rows)
 
 
-def _check_ulysses(group: torch.distributed.ProcessGroup, layout: str) -> float:
+SCHEMES = {
+    "ulysses": functools.partial(context_parallel.ulysses_attention, all_to_all="torch"),
+    "allgather": context_parallel.allgather_attention,
+    "allgather-head-groups": functools.partial(context_parallel.allgather_attention, head_groups=2),
+    "ring": context_parallel.ring_attention,
+}
+
+
+def _check_scheme(scheme: str, group: torch.distributed.ProcessGroup, layout: str) -> float:
     generator = torch.Generator().manual_seed(5)
     q, k, v = (torch.randn(2, LENGTH, 12, 4, generator=generator, dtype=torch.float64) for _ in range(3))
     upstream = torch.randn(2, LENGTH, 12, 4, generator=generator, dtype=torch.float64)
@@ -80,8 +89,7 @@ def _check_ulysses(group: torch.distributed.ProcessGroup, layout: str) -> float:
     expected = documents_alone(*full)
     expected_grads = torch.autograd.grad(expected, full, upstream)
     local = [context_parallel.shard(x, group, layout=layout).requires_grad_() for x in (q, k, v)]
-    output = context_parallel.ulysses_attention(*local, group, layout=layout, all_to_all="torch",
-                                                cu_seqlens=cu_seqlens)
+    output = SCHEMES[scheme](*local, group, layout=layout, cu_seqlens=cu_seqlens)
     grads = torch.autograd.grad(output, local, context_parallel.shard(upstream, group, layout=layout))
     error = (context_parallel.unshard(output.detach(), group, layout=layout) - expected).abs().max()
     for grad, reference in zip(grads, expected_grads):
@@ -94,8 +102,9 @@ def _worker(rank: int, world_size: int, group: object, folder: str) -> dict:
     for size in (2, 3, 4):
         members = subgroup(size)
         for layout in ("zigzag", "contiguous"):
-            if members is not None:
-                errors[f"P{size}-{layout}"] = _check_ulysses(members, layout)
+            for scheme in SCHEMES:
+                if members is not None:
+                    errors[f"{scheme}-P{size}-{layout}"] = _check_scheme(scheme, members, layout)
     config = packed_config(folder, world_size, dp=2, cp=2)
     context = ParallelContext.build(ParallelDegrees(2, 2, 1), torch.device("cpu"), cp_layout="zigzag")
     return {"errors": errors, "training": train_losses(config, context)}
@@ -114,7 +123,7 @@ def prepared(tmp_path_factory: pytest.TempPathFactory) -> str:
 def test_packed_documents_on_four_ranks(prepared: str) -> None:
     results = run_distributed(_worker, 4, prepared, timeout=300)
     errors = {case: error for result in results for case, error in result["errors"].items()}
-    assert len(errors) == 6, errors  # every (P, layout) ran on some rank
+    assert len(errors) == 6 * len(SCHEMES), errors  # every (scheme, P, layout) ran on some rank
     assert max(errors.values()) < 1e-10, errors
     reference = train_losses(packed_config(prepared, 1), ParallelContext.single_process())
     for result in results:

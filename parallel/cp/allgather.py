@@ -5,6 +5,11 @@ and run ONE kernel call per local query chunk against the keys it may see: with 
 prefix up to the chunk's end, bottom-right aligned, so no merge is needed. Backward: gather K/V again,
 compute dK/dV for the gathered keys in fp32 and reduce-scatter them back to their owners.
 
+Packed documents (cu_seqlens over the global batch): each local chunk is cut at document starts, and
+each piece's queries run against the keys of their own document only (from the document's start to
+the piece's end, bottom-right aligned), so no mask is built and no merge is needed either; the
+offsets are read on the host once per call (a host sync on GPUs) and reused by the backward.
+
 `head_groups` > 1 gathers the K/V heads in that many sequential groups, bounding the transient
 memory at 2·B·T·(H_kv / head_groups)·D elements; the gather of the next group overlaps the kernels
 of the current one. The bytes moved are the same for any number of groups.
@@ -20,7 +25,7 @@ from spindle.kernels import attention, attention_backward
 from .comm import AllGatherComm, reduce_scatter
 from .layout import gathered_to_global_index
 from .merge import accumulation_dtype
-from .softmax import AttentionSetup, validate_attention_inputs
+from .softmax import AttentionSetup, document_offsets, row_documents, validate_attention_inputs
 
 
 class _HeadGroups:
@@ -40,13 +45,28 @@ def _global_kv(gathered: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return stacked.index_select(2, index)
 
 
-def _chunk_plan(setup: AttentionSetup, length: int, total: int) -> list[tuple[slice, int]]:
-    """(local query rows, number of visible keys) per local chunk."""
+def _chunk_plan(setup: AttentionSetup, length: int, total: int, batch: int,
+                offsets: list[int] | None) -> list[tuple[slice, slice, slice]]:
+    """(batch rows, local query rows, visible keys in global order) per kernel call.
+
+    Without documents: one call per local chunk over all rows. With documents (``offsets``, the
+    global cu_seqlens): one call per (row, document piece of a local chunk), whose queries see keys
+    from the document's start to the piece's end (causal) or to the document's end.
+    """
     chunk = length // setup.slots
     plan = []
     for slot, chunk_id in enumerate(setup.local_chunk_ids()):
-        visible = (chunk_id + 1) * chunk if setup.causal else total
-        plan.append((slice(slot * chunk, (slot + 1) * chunk), visible))
+        first, last = chunk_id * chunk, (chunk_id + 1) * chunk  # the chunk's global positions
+        if offsets is None:
+            keys = slice(0, last if setup.causal else total)
+            plan.append((slice(None), slice(slot * chunk, (slot + 1) * chunk), keys))
+            continue
+        for row in range(batch):
+            for start, end in row_documents(offsets, row, total):
+                piece_start, piece_end = max(start, first), min(end, last)
+                if piece_start < piece_end:
+                    rows = slice(slot * chunk + piece_start - first, slot * chunk + piece_end - first)
+                    plan.append((slice(row, row + 1), rows, slice(start, piece_end if setup.causal else end)))
     return plan
 
 
@@ -70,7 +90,8 @@ class _KVGatherer:
 
 class AllGatherAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, setup: AttentionSetup, group: dist.ProcessGroup, head_groups: int):
+    def forward(ctx, q, k, v, setup: AttentionSetup, group: dist.ProcessGroup, head_groups: int,
+                offsets: list[int] | None):
         total = q.shape[1] * setup.world_size
         index = gathered_to_global_index(total, setup.world_size, setup.layout, q.device)
         groups = _HeadGroups(q.shape[2], k.shape[2], head_groups)
@@ -79,15 +100,15 @@ class AllGatherAttention(torch.autograd.Function):
         lse = lse.to(accumulation_dtype(q.dtype))
         for number, keys, values in _KVGatherer(k, v, groups, group, index):
             heads = groups.query[number]
-            for rows, visible in _chunk_plan(setup, q.shape[1], total):
+            for batch_rows, rows, visible in _chunk_plan(setup, q.shape[1], total, q.shape[0], offsets):
                 block_output, block_lse = attention(
-                    q[:, rows, heads], keys[:, :visible], values[:, :visible],
+                    q[batch_rows, rows, heads], keys[batch_rows, visible], values[batch_rows, visible],
                     causal=setup.causal, scale=setup.scale, return_lse=True,
                 )  # fmt: skip
-                output[:, rows, heads] = block_output
-                lse[:, heads, rows] = block_lse.to(lse.dtype)
+                output[batch_rows, rows, heads] = block_output
+                lse[batch_rows, heads, rows] = block_lse.to(lse.dtype)
         ctx.save_for_backward(q, k, v, output, lse, index)
-        ctx.setup, ctx.group, ctx.head_groups = setup, group, head_groups
+        ctx.setup, ctx.group, ctx.head_groups, ctx.offsets = setup, group, head_groups, offsets
         return output
 
     @staticmethod
@@ -103,21 +124,22 @@ class AllGatherAttention(torch.autograd.Function):
         for number, keys, values in _KVGatherer(k, v, groups, ctx.group, index):
             heads = groups.query[number]
             d_keys = torch.zeros(2, *keys.shape, dtype=dtype, device=q.device)  # fp32 [2, B, T, h, D]
-            for rows, visible in _chunk_plan(setup, q.shape[1], total):
+            for batch_rows, rows, visible in _chunk_plan(setup, q.shape[1], total, q.shape[0], ctx.offsets):
                 block_dq, block_dk, block_dv = attention_backward(
-                    q[:, rows, heads], keys[:, :visible], values[:, :visible], output[:, rows, heads],
-                    lse[:, heads, rows], d_output[:, rows, heads], causal=setup.causal, scale=setup.scale,
+                    q[batch_rows, rows, heads], keys[batch_rows, visible], values[batch_rows, visible],
+                    output[batch_rows, rows, heads], lse[batch_rows, heads, rows], d_output[batch_rows, rows, heads],
+                    causal=setup.causal, scale=setup.scale,
                 )  # fmt: skip
-                dq[:, rows, heads] += block_dq
-                d_keys[0, :, :visible] += block_dk
-                d_keys[1, :, :visible] += block_dv
+                dq[batch_rows, rows, heads] += block_dq
+                d_keys[0, batch_rows, visible] += block_dk
+                d_keys[1, batch_rows, visible] += block_dv
             # global order -> rank order [P, 2, B, n, h, D], then each owner receives the sum of its rows
             rank_order = torch.empty_like(d_keys).index_copy_(2, index, d_keys)
             rank_order = rank_order.reshape(2, k.shape[0], setup.world_size, k.shape[1], *keys.shape[2:])
             mine = reduce_scatter(rank_order.permute(2, 0, 1, 3, 4, 5), ctx.group)  # [2, B, n, h, D]
             dk[:, :, groups.kv[number]] = mine[0]
             dv[:, :, groups.kv[number]] = mine[1]
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None
 
 
 def allgather_attention(
@@ -130,6 +152,7 @@ def allgather_attention(
     causal: bool = True,
     scale: float | None = None,
     head_groups: int = 1,
+    cu_seqlens: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Softmax attention over a CP group by all-gathering K/V (LASP-2H's softmax layers).
 
@@ -141,17 +164,21 @@ def allgather_attention(
         scale: softmax scale, default D ** -0.5.
         head_groups: gather the K/V heads in this many sequential groups (H_kv % head_groups == 0)
             to bound the gathered memory to 2·B·T·(H_kv / head_groups)·D elements.
+        cu_seqlens: packed documents, int [N + 1] offsets into the B·T tokens of the GLOBAL (unsharded)
+            batch, identical on every rank; queries see keys of their own document only.
 
     Returns:
         o [B, n, H, D] in the dtype of q, equal to spindle.kernels.attention on the unsharded tensors,
         sharded the same way. Differentiable in q, k, v.
     """
     setup = validate_attention_inputs(
-        "allgather_attention", q, k, v, group, layout, causal, scale, extra={"head_groups": head_groups}
+        "allgather_attention", q, k, v, group, layout, causal, scale,
+        extra={"head_groups": head_groups, "documents": cu_seqlens is not None},
     )
     if not isinstance(head_groups, int) or head_groups < 1 or k.shape[2] % head_groups != 0:
         raise ValueError(
             f"allgather_attention: head_groups must be a positive divisor of the kv heads ({k.shape[2]}), "
             f"got {head_groups!r}"
         )
-    return AllGatherAttention.apply(q, k, v, setup, group, head_groups)
+    offsets = document_offsets("allgather_attention", cu_seqlens, q.shape[0], q.shape[1] * setup.world_size)
+    return AllGatherAttention.apply(q, k, v, setup, group, head_groups, offsets)

@@ -10,6 +10,11 @@ Which blocks a step computes (`ring_blocks`):
 - causal, contiguous: t = 0 local causal; j < r everything (no mask); j > r nothing.
 - non-causal: everything, every step.
 
+Packed documents (cu_seqlens over the global batch, read on the host once per call): a block is cut
+into (row, document) pieces whose queries and keys share a document; a piece on the diagonal chunk is
+causal, one against an earlier chunk unmasked, and K/V blocks with no key of a query's document are
+skipped, so no mask is built. The running (O, L) start empty (O = 0, L = −inf) and every piece merges.
+
 Backward is exact blockwise: every block's gradients use the FINAL merged O and L. K/V travel the ring
 again (P-1 hops) and an fp32 dK/dV accumulator for each source rides behind them (P-1 hops: it
 starts at rank j+1 and arrives home at rank j, which adds its own local part); dQ accumulates locally
@@ -25,7 +30,8 @@ from spindle.kernels import attention, attention_backward
 
 from .comm import RingComm
 from .merge import accumulation_dtype, merge_attention_block
-from .softmax import AttentionSetup, pack, unpack, validate_attention_inputs
+from .layout import local_chunks
+from .softmax import AttentionSetup, document_offsets, pack, row_documents, unpack, validate_attention_inputs
 
 _ALL = slice(None)
 
@@ -46,34 +52,70 @@ def ring_blocks(setup: AttentionSetup, source: int, length: int) -> list[tuple[s
     return [(slice(half, None), _ALL, False)]  # only c_{2P-1-r} follows c_j and c_{2P-1-j}
 
 
+def document_blocks(setup: AttentionSetup, source: int, length: int, batch: int,
+                    offsets: list[int]) -> list[tuple[slice, slice, slice, bool]]:
+    """(batch rows, query rows, key rows, causal) of the pieces rank `setup.rank` computes against
+    `source`'s K/V when documents are packed: every (row, document) that has queries here and keys there."""
+    chunk, total = length // setup.slots, length * setup.world_size
+    pieces = []
+    for query_slot, query_chunk in enumerate(local_chunks(setup.rank, setup.world_size, setup.layout)):
+        for key_slot, key_chunk in enumerate(local_chunks(source, setup.world_size, setup.layout)):
+            if setup.causal and key_chunk > query_chunk:
+                continue  # every key of that chunk follows every query of this one
+            diagonal = setup.causal and key_chunk == query_chunk
+            query_first, key_first = query_chunk * chunk, key_chunk * chunk
+            for row in range(batch):
+                for start, end in row_documents(offsets, row, total):
+                    query_start, query_end = max(start, query_first), min(end, query_first + chunk)
+                    key_start, key_end = max(start, key_first), min(end, key_first + chunk)
+                    if query_start < query_end and key_start < key_end:
+                        pieces.append((slice(row, row + 1),
+                                       slice(query_slot * chunk + query_start - query_first,
+                                             query_slot * chunk + query_end - query_first),
+                                       slice(key_slot * chunk + key_start - key_first,
+                                             key_slot * chunk + key_end - key_first), diagonal))
+    return pieces
+
+
+def _blocks(setup: AttentionSetup, source: int, length: int, batch: int,
+            offsets: list[int] | None) -> list[tuple[slice, slice, slice, bool]]:
+    if offsets is None:
+        return [(_ALL, rows, columns, causal) for rows, columns, causal in ring_blocks(setup, source, length)]
+    return document_blocks(setup, source, length, batch, offsets)
+
+
 class RingAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, setup: AttentionSetup, group: dist.ProcessGroup):
+    def forward(ctx, q, k, v, setup: AttentionSetup, group: dist.ProcessGroup, offsets: list[int] | None):
         comm = RingComm(group) if setup.world_size > 1 else None
         current = pack(k, v)
         output = lse = None
+        if offsets is not None:  # pieces cover the rows unevenly: start every row empty
+            output = torch.zeros(*q.shape[:3], v.shape[-1], dtype=accumulation_dtype(q.dtype), device=q.device)
+            lse = torch.full((q.shape[0], q.shape[2], q.shape[1]), float("-inf"), dtype=output.dtype, device=q.device)
         for step in range(setup.world_size):
             if step < setup.world_size - 1:
                 incoming = comm.send_recv(current)
                 comm.commit()
             source = (setup.rank - step) % setup.world_size
             keys, values = unpack(current, k.shape, v.shape)
-            for rows, columns, causal in ring_blocks(setup, source, q.shape[1]):
+            for batch_rows, rows, columns, causal in _blocks(setup, source, q.shape[1], q.shape[0], offsets):
                 block_output, block_lse = attention(
-                    q[:, rows], keys[:, columns], values[:, columns], causal=causal, scale=setup.scale, return_lse=True
+                    q[batch_rows, rows], keys[batch_rows, columns], values[batch_rows, columns], causal=causal,
+                    scale=setup.scale, return_lse=True,
                 )
                 if output is None:  # step 0 covers every query row
                     output, lse = merge_attention_block(None, None, block_output, block_lse)
                 else:
-                    output[:, rows], lse[..., rows] = merge_attention_block(
-                        output[:, rows], lse[..., rows], block_output, block_lse
+                    output[batch_rows, rows], lse[batch_rows, :, rows] = merge_attention_block(
+                        output[batch_rows, rows], lse[batch_rows, :, rows], block_output, block_lse
                     )
             if step < setup.world_size - 1:
                 comm.wait()
                 current = incoming
         output = output.to(q.dtype)
         ctx.save_for_backward(q, k, v, output, lse)
-        ctx.setup, ctx.group = setup, group
+        ctx.setup, ctx.group, ctx.offsets = setup, group, offsets
         return output
 
     @staticmethod
@@ -94,14 +136,15 @@ class RingAttention(torch.autograd.Function):
             keys, values = unpack(current, k.shape, v.shape)
             partial = torch.zeros(2 * k.numel(), dtype=dtype, device=q.device)  # fp32 [dk | dv] for `source`
             dk, dv = unpack(partial, k.shape, v.shape)
-            for rows, columns, causal in ring_blocks(setup, source, q.shape[1]):
+            for batch_rows, rows, columns, causal in _blocks(setup, source, q.shape[1], q.shape[0], ctx.offsets):
                 block_dq, block_dk, block_dv = attention_backward(
-                    q[:, rows], keys[:, columns], values[:, columns], output[:, rows], lse[..., rows],
-                    d_output[:, rows], causal=causal, scale=setup.scale,
+                    q[batch_rows, rows], keys[batch_rows, columns], values[batch_rows, columns],
+                    output[batch_rows, rows], lse[batch_rows, :, rows], d_output[batch_rows, rows],
+                    causal=causal, scale=setup.scale,
                 )  # fmt: skip
-                dq[:, rows] += block_dq
-                dk[:, columns] += block_dk
-                dv[:, columns] += block_dv
+                dq[batch_rows, rows] += block_dq
+                dk[batch_rows, columns] += block_dk
+                dv[batch_rows, columns] += block_dv
             if step == 0:
                 home = partial
             else:
@@ -117,7 +160,7 @@ class RingAttention(torch.autograd.Function):
             dkv_comm.wait()  # our own accumulator, back home with everyone else's contributions
             home += incoming_dkv
         dk, dv = unpack(home, k.shape, v.shape)
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None
 
 
 def ring_attention(
@@ -129,6 +172,7 @@ def ring_attention(
     layout: str = "zigzag",
     causal: bool = True,
     scale: float | None = None,
+    cu_seqlens: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Softmax attention over a CP group with K/V passed around a ring (zigzag-balanced when causal).
 
@@ -138,10 +182,14 @@ def ring_attention(
         layout: "zigzag" (default, balanced causal work) or "contiguous".
         causal: causal masking in global token order; False attends to the whole sequence.
         scale: softmax scale, default D ** -0.5.
+        cu_seqlens: packed documents, int [N + 1] offsets into the B·T tokens of the GLOBAL (unsharded)
+            batch, identical on every rank; queries see keys of their own document only.
 
     Returns:
         o [B, n, H, D] in the dtype of q, equal to spindle.kernels.attention on the unsharded tensors,
         sharded the same way. Differentiable in q, k, v.
     """
-    setup = validate_attention_inputs("ring_attention", q, k, v, group, layout, causal, scale)
-    return RingAttention.apply(q, k, v, setup, group)
+    setup = validate_attention_inputs("ring_attention", q, k, v, group, layout, causal, scale,
+                                      extra={"documents": cu_seqlens is not None})
+    offsets = document_offsets("ring_attention", cu_seqlens, q.shape[0], q.shape[1] * setup.world_size)
+    return RingAttention.apply(q, k, v, setup, group, offsets)

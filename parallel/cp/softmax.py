@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import weakref
 
 import torch
 import torch.distributed as dist
@@ -67,6 +68,38 @@ def validate_attention_inputs(
         )
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     return AttentionSetup(rank, world_size, layout, bool(causal), scale)
+
+
+# cu_seqlens tensor -> its values: every softmax layer of a micro-batch receives the same tensor, so
+# only the first one reads it back from the device (a host sync on GPUs); entries die with the tensor.
+_host_offsets: dict[int, list[int]] = {}  # by id(tensor); a finalizer drops the entry with the tensor
+
+
+def document_offsets(caller: str, cu_seqlens: torch.Tensor | None, batch: int, total: int) -> list[int] | None:
+    """Packed documents: the GLOBAL cu_seqlens on the host, checked (0, B·T, every row start,
+    non-decreasing). Read once per cu_seqlens tensor (see _host_offsets); the backward reuses the list."""
+    if cu_seqlens is None:
+        return None
+    if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.dtype not in (
+            torch.int32, torch.int64):
+        raise ValueError(f"{caller}: cu_seqlens must be a 1-D int32/int64 tensor of document offsets [N + 1]")
+    offsets = _host_offsets.get(id(cu_seqlens))
+    if offsets is None:
+        offsets = _host_offsets[id(cu_seqlens)] = cu_seqlens.tolist()
+        weakref.finalize(cu_seqlens, _host_offsets.pop, id(cu_seqlens), None)
+    missing_rows = set(range(0, batch * total, total)) - set(offsets)
+    if (len(offsets) < 2 or offsets[0] != 0 or offsets[-1] != batch * total or missing_rows
+            or any(later < earlier for earlier, later in zip(offsets, offsets[1:]))):
+        raise ValueError(f"{caller}: cu_seqlens {offsets[:8]}{'...' if len(offsets) > 8 else ''} must be "
+                         f"non-decreasing offsets into the B·T = {batch * total} tokens of the GLOBAL batch, "
+                         f"holding 0, B·T and every row start (multiples of T = {total})")
+    return offsets
+
+
+def row_documents(offsets: list[int], row: int, total: int) -> list[tuple[int, int]]:
+    """(start, end) of the non-empty documents of batch row ``row``, in global token positions."""
+    bounds = sorted({offset - row * total for offset in offsets if row * total <= offset <= (row + 1) * total})
+    return [(start, end) for start, end in zip(bounds[:-1], bounds[1:])]
 
 
 def pack(*tensors: torch.Tensor) -> torch.Tensor:
