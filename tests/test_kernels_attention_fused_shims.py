@@ -300,7 +300,7 @@ def install(monkeypatch, kernel: str) -> str:
     monkeypatch.setitem(_aten_lse_packed, "value", layout_packed)
     monkeypatch.setattr(gpu, "aten_op", lambda name: getattr(torch.ops.spindle_fake_aten, name))
     monkeypatch.setattr(gpu, "sdpa_supports", lambda q: True)
-    monkeypatch.setattr(gpu, "_sdpa_varlen_lse_is_packed", lambda: layout_packed)
+    monkeypatch.setattr(gpu, "_sdpa_varlen_lse_is_packed", lambda device=None: layout_packed)
     return "sdpa"
 
 
@@ -393,3 +393,9 @@ def test_backward_helper_through_shims_is_fp32(monkeypatch, kernel):
     for computed, leaf in zip(grads, leaves):
         assert computed.dtype == torch.float32
         torch.testing.assert_close(computed, leaf.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_varlen_lse_layout_probe_runs_without_a_gpu():
+    """The installed torch's aten flash varlen LSE layout is read from its meta kernel (torch >= 2.6: [H, total])."""
+    gpu._sdpa_varlen_lse_is_packed.cache_clear()
+    assert gpu._sdpa_varlen_lse_is_packed() is True

@@ -215,14 +215,23 @@ def sdpa_supports_window() -> bool:
     )
 
 
-@functools.lru_cache(maxsize=1)
-def _sdpa_varlen_lse_is_packed() -> bool:
-    """Whether aten's varlen forward returns the LSE as [H, total] (else [N, H, max_seqlen]); read from
-    the op's meta kernel, so no GPU work."""
-    tokens = torch.empty(8, 1, 8, device="meta", dtype=torch.float16)
-    offsets = torch.tensor([0, 8], dtype=torch.int32).to("meta")
-    lse = torch.ops.aten._flash_attention_forward(tokens, tokens, tokens, offsets, offsets, 8, 8, 0.0, True, False)[1]
-    return lse.dim() == 2
+@functools.lru_cache(maxsize=None)
+def _sdpa_varlen_lse_is_packed(device: torch.device | None = None) -> bool:
+    """Whether aten's varlen forward returns the LSE as [H, total] (else [N, H, max_seqlen]): read from the
+    op's meta kernel (no GPU work); if this torch has none, from one tiny forward on `device`."""
+    for where in ("meta", device):
+        if where is None:
+            continue
+        try:
+            tokens = torch.zeros(8, 1, 8, device=where, dtype=torch.float16)
+            offsets = torch.tensor([0, 8], dtype=torch.int32, device=where)
+            lse = torch.ops.aten._flash_attention_forward(tokens, tokens, tokens, offsets, offsets, 8, 8, 0.0, True,
+                                                          False)[1]
+            return lse.dim() == 2
+        except (NotImplementedError, RuntimeError):
+            continue
+    raise RuntimeError("attention: cannot tell the LSE layout of aten::_flash_attention_forward's varlen path on "
+                       f"torch {torch.__version__}; use backend='math' (or SPINDLE_ATTN_BACKEND=math) for cu_seqlens")
 
 
 def _padded_positions(documents: Documents, total: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -242,7 +251,7 @@ def _sdpa_lse_from_kernel(lse, documents: Documents, batch: int, length: int) ->
 
 def _sdpa_lse_to_kernel(lse, documents: Documents) -> torch.Tensor:
     packed = _lse_to_packed(lse)  # [H, total]
-    if _sdpa_varlen_lse_is_packed():
+    if _sdpa_varlen_lse_is_packed(lse.device):
         return packed
     count = documents.cu_seqlens.numel() - 1
     document, position = _padded_positions(documents, packed.shape[1])
