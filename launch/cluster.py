@@ -117,6 +117,8 @@ def _ray_environment(embedded: bool) -> Iterator[Path | None]:
         if token_dir is not None:
             shutil.rmtree(token_dir, ignore_errors=True)
         _set_cluster_mode(enabled=None)
+        if embedded:
+            _refresh_ray_config()
 
 
 def _set_cluster_mode(enabled: bool | None) -> None:
@@ -133,6 +135,14 @@ def _set_cluster_mode(enabled: bool | None) -> None:
         return
     os.environ[variable] = "1" if enabled else "0"
     ray_constants.ENABLE_RAY_CLUSTER = enabled
+
+
+def _refresh_ray_config() -> None:
+    """Ray caches RAY_AUTH_MODE when it is imported; re-read it (as Ray does when it turns token
+    authentication on itself), so this process speaks to the cluster it starts with the token."""
+    from ray._raylet import Config
+
+    Config.initialize("")
 
 
 def free_loopback_port() -> int:
@@ -162,6 +172,7 @@ def _start_embedded(num_cpus: int, workers: int | None, token_dir: Path) -> None
                       # this cluster's dashboard: without this it scans the host for GCS processes and
                       # fails when another Ray instance runs on it.
                       RAY_API_SERVER_ADDRESS=f"http://{LOOPBACK}:{dashboard_port}")
+    _refresh_ray_config()
     what = f"{workers} worker(s)" if workers else f"{num_cpus} CPU(s)"
     print(f"spindle: starting a local Ray cluster with {what} ...", file=sys.stderr, flush=True)
     started = time.perf_counter()

@@ -47,13 +47,15 @@ def dashboard_address(address: str) -> str:
     return f"{parsed.scheme}://{parsed.hostname}:{port}"
 
 
-def entrypoint(run_dir: str | None, resume: str | None) -> str:
+def entrypoint(run_dir: str | None, resume: str | None, *, overwrite: bool = False,
+               trust_checkpoint: bool = False) -> str:
     """The shell command the job runs on the head node, in the uploaded working directory."""
     words = ["spindle", "train", CONFIG_NAME]
     if run_dir:
         words += ["--run-dir", run_dir]
     if resume:
         words += ["--resume", resume]
+    words += ["--overwrite"] * overwrite + ["--trust-checkpoint"] * trust_checkpoint
     return shlex.join(words)
 
 
@@ -64,7 +66,8 @@ def submission_id(config_name: str) -> str:
 
 
 def submit_job(config: Config, config_name: str, address: str, *, run_dir: str | None = None,
-               resume: str | None = None, wait: bool = True, output: TextIO | None = None) -> int:
+               resume: str | None = None, wait: bool = True, output: TextIO | None = None,
+               overwrite: bool = False, trust_checkpoint: bool = False) -> int:
     """Submit a validated config as a Ray job; return 0 when it succeeded (or was submitted, with
     ``wait=False``) and 1 when it failed or was stopped. Raises LaunchError for a bad or dead address.
 
@@ -76,7 +79,8 @@ def submit_job(config: Config, config_name: str, address: str, *, run_dir: str |
     client = _connect(address)
     with tempfile.TemporaryDirectory(prefix="spindle-submit-") as working_dir:
         save_config(config, Path(working_dir) / CONFIG_NAME)
-        job_id = client.submit_job(entrypoint=entrypoint(run_dir, resume), submission_id=submission_id(config_name),
+        command = entrypoint(run_dir, resume, overwrite=overwrite, trust_checkpoint=trust_checkpoint)
+        job_id = client.submit_job(entrypoint=command, submission_id=submission_id(config_name),
                                    runtime_env={"working_dir": working_dir},
                                    metadata={"spindle_config": Path(config_name).name})
     print(f"spindle: submitted job {job_id} to {address}", file=output, flush=True)
@@ -154,6 +158,10 @@ def build_parser() -> argparse.ArgumentParser:
                              "(default: runs/<config name> in the job's working directory on the head)")
     parser.add_argument("--resume", metavar="auto|never|PATH", default=None,
                         help="passed to `spindle train` on the cluster (default: auto)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="passed to `spindle train`: with --resume never, move an existing run aside")
+    parser.add_argument("--trust-checkpoint", action="store_true",
+                        help="passed to `spindle train`: load a checkpoint this user's key did not sign")
     parser.add_argument("--no-wait", action="store_true",
                         help="print the job id and return at once instead of streaming the logs")
     return parser
@@ -167,7 +175,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = load_config(arguments.config, arguments.overrides)
         return submit_job(config, arguments.config, arguments.address, run_dir=arguments.run_dir,
-                          resume=arguments.resume, wait=not arguments.no_wait)
+                          resume=arguments.resume, wait=not arguments.no_wait, overwrite=arguments.overwrite,
+                          trust_checkpoint=arguments.trust_checkpoint)
     except ConfigError as error:
         print(f"spindle: error: {error}", file=sys.stderr)
         return 2

@@ -86,3 +86,40 @@ def test_plan_is_dispatched(capsys: pytest.CaptureFixture) -> None:
         assert "spindle.runtime.plan" in capsys.readouterr().err
     else:
         assert main(["plan", "--help"]) == 0
+
+
+def test_bench_help_exits_zero(capsys: pytest.CaptureFixture) -> None:
+    assert main(["bench", "--help"]) == 0 and main(["bench", "-h"]) == 0
+    assert "kernels, cp, e2e" in capsys.readouterr().out
+
+
+def test_plan_exit_code_says_whether_the_config_fits(capsys: pytest.CaptureFixture) -> None:
+    if importlib.util.find_spec("spindle.runtime.plan") is None:
+        pytest.skip("spindle plan is not part of this installation")
+    preset = REPO / "configs" / "hybrid-1m-1gpu.yaml"  # fits as shipped (tests/test_plan.py); 4M tokens do not
+    assert main(["plan", str(preset), "--set", "data.seq_len=4194304"]) == 1
+    captured = capsys.readouterr()
+    assert "DOES NOT FIT" in captured.out and "does not fit" in captured.err
+
+
+def test_submit_to_an_unreachable_address_gives_submit_advice() -> None:
+    import socket
+
+    from spindle.launch.errors import LaunchError
+    from spindle.launch.submit import dashboard_address
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        closed = probe.getsockname()[1]
+    with pytest.raises(LaunchError, match="cannot reach a Ray cluster") as error:
+        dashboard_address(f"http://127.0.0.1:{closed}")
+    assert "leave out --address" not in str(error.value)  # submit has no embedded cluster to fall back on
+
+
+def test_quick_start_shows_progress_and_the_demo_checkpoints() -> None:
+    from spindle.runtime.config import load_config
+
+    tiny = load_config(TINY)
+    assert tiny.logging.progress is True
+    demo = load_config(REPO / "configs" / "demo.yaml")
+    assert demo.checkpoint.every > 0 and demo.train.steps % demo.checkpoint.every == 0  # the last step commits
