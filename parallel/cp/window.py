@@ -6,9 +6,9 @@ Both need, for each local chunk, only the `window` tokens before it (docs/ratten
   the w keys before it, so after one halo exchange (parallel/cp/halo.py) each chunk runs ONE local
   windowed attention of its queries over [halo ; chunk] keys, bottom-right aligned. No merge, no ring.
 - delayed linear attention: o_i = scale · q_i S_{i−w}. That is the undelayed op on k, v (and a
-  per-token log-decay, padded with 0) shifted right by w along the global sequence; the shifted chunk
-  is the last m positions of [halo ; chunk] minus its last w, i.e. the same halo. Then LASP-2 / LASP-1
-  runs unchanged on the shifted tensors.
+  per-token log-decay, padded with 0) shifted right by w along the global sequence; a shifted chunk of
+  m tokens is the first m positions of [zeros(w − h) ; halo (h tokens) ; chunk], i.e. it needs the same
+  halo. Then LASP-2 / LASP-1 runs unchanged on the shifted tensors.
 - `rattention_branches` does both with ONE exchange of the packed keys/values (the RAttention mixer).
 
 Gradients flow back through the halo exchange to the ranks owning those tokens. Bytes per rank and
@@ -33,6 +33,7 @@ from .softmax import validate_attention_inputs
 
 
 def check_window(window: object, caller: str, name: str = "window", minimum: int = 1) -> int:
+    """A window (or delay) in tokens: an int >= minimum, not a bool."""
     if isinstance(window, bool) or not isinstance(window, int) or window < minimum:
         raise ValueError(f"{caller}: {name} must be an integer >= {minimum} (tokens), got {window!r}")
     return window
