@@ -28,7 +28,7 @@ from torch.distributed.tensor.parallel import (
 
 from spindle.parallel import cp as context_parallel
 from spindle.parallel.layout import ParallelContext
-from spindle.runtime.config import Config, ParallelConfig
+from spindle.runtime.config import ACTIVATION_CHECKPOINTING, Config, ParallelConfig
 from spindle.runtime.layers import LinearAttention, RAttention, SlidingWindowAttention, SoftmaxAttention
 from spindle.runtime.model import HybridModel
 
@@ -118,8 +118,7 @@ def apply_cp(model: HybridModel, cp_group: dist.ProcessGroup, parallel: Parallel
 
 
 # --------------------------------------------------------------------------------------------- ac
-# parallel.activation_checkpointing -> the layer kinds whose blocks recompute their activations
-AC_POLICIES = {"none": "", "full": "LARS", "linear": "L", "softmax": "AS"}
+AC_POLICIES = ACTIVATION_CHECKPOINTING  # policy -> recomputed layer kinds (runtime/config.py)
 
 
 def apply_ac(model: HybridModel, policy: str) -> None:

@@ -197,17 +197,25 @@ SECTIONS: dict[str, type] = {
     "launch": LaunchConfig,
 }
 
+# Allowed values, each defined once here and imported by the code that acts on them
+# (runtime/layers.py, runtime/model.py, parallel/parallelize.py, runtime/plan.py).
+DECAY_KINDS = ("none", "constant", "data")
+FEATURE_MAPS = ("identity", "silu", "relu", "elu1")
+OUTPUT_GATES = ("sigmoid", "silu")
+# parallel.activation_checkpointing -> the layer kinds whose blocks recompute their activations
+ACTIVATION_CHECKPOINTING = {"none": "", "full": "LARS", "linear": "L", "softmax": "AS"}
+
 CHOICES: dict[str, tuple[str, ...]] = {
-    "model.decay": ("none", "constant", "data"),
-    "model.feature_map": ("identity", "silu", "relu", "elu1"),
-    "model.output_gate": ("sigmoid", "silu"),
+    "model.decay": DECAY_KINDS,
+    "model.feature_map": FEATURE_MAPS,
+    "model.output_gate": OUTPUT_GATES,
     "data.dtype": ("uint16", "uint32"),
     "data.packing": ("documents", "concat"),
     "parallel.cp_layout": ("zigzag", "contiguous"),
     "parallel.cp_linear": ("lasp2", "lasp1"),
     "parallel.cp_softmax": ("allgather", "ring", "ulysses"),
     "parallel.dp_engine": ("fsdp", "deepspeed"),
-    "parallel.activation_checkpointing": ("none", "full", "linear", "softmax"),
+    "parallel.activation_checkpointing": tuple(ACTIVATION_CHECKPOINTING),
     "train.precision": ("auto", "bf16", "fp32"),
     "logging.wandb": ("offline", "online", "disabled"),
     "launch.use_gpu": ("auto", "true", "false"),

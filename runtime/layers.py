@@ -24,10 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from spindle import kernels
-
-DECAY_KINDS = ("none", "constant", "data")
-FEATURE_MAPS = ("identity", "silu", "relu", "elu1")
-OUTPUT_GATES = ("sigmoid", "silu")
+from spindle.runtime.config import DECAY_KINDS, FEATURE_MAPS, OUTPUT_GATES  # noqa: F401  (re-exported)
 
 # Per-token (cos, sin) tables of RoPE, each [B or 1, T, 1, head_dim // 2].
 Rotary = tuple[torch.Tensor, torch.Tensor]

@@ -18,8 +18,8 @@ import torch
 from torch import nn
 
 from spindle import kernels
-from spindle.runtime.config import ModelConfig
-from spindle.runtime.data import document_positions
+from spindle.runtime.config import LAYER_LETTERS, ModelConfig
+from spindle.runtime.data import IGNORE_INDEX, document_positions  # noqa: F401  (IGNORE_INDEX re-exported)
 from spindle.runtime.layers import (
     DECAY_KINDS,
     FEATURE_MAPS,
@@ -34,10 +34,8 @@ from spindle.runtime.layers import (
     default_ffn_dim,
 )
 
-LAYER_KINDS = {"L": "linear attention", "A": "softmax attention", "R": "RAttention (window + residual linear)",
-               "S": "sliding-window softmax attention"}
+LAYER_KINDS = LAYER_LETTERS
 ROPE_KINDS = "ARS"  # layers that rotate q and k
-IGNORE_INDEX = -100
 
 
 def resolve_pattern(pattern: str, n_layers: int) -> str:

@@ -52,11 +52,20 @@ import sys
 from dataclasses import dataclass
 from typing import Sequence
 
-from spindle.runtime.config import Config, ConfigError, ModelConfig, layer_pattern, load_config, resolve
+from spindle.runtime.config import (
+    ACTIVATION_CHECKPOINTING,
+    Config,
+    ConfigError,
+    ModelConfig,
+    layer_pattern,
+    load_config,
+    resolve,
+)
 from spindle.runtime.hardware import GPUS, GpuSpec, gpu_spec, spec_for_device_name  # noqa: F401  (re-exported)
 
 GIB = 1024**3
-CHECKPOINTING_POLICIES = ("none", "softmax", "linear", "full")
+# the policies of runtime/config.py, least recomputation first
+CHECKPOINTING_POLICIES = tuple(sorted(ACTIVATION_CHECKPOINTING, key=lambda policy: len(ACTIVATION_CHECKPOINTING[policy])))
 # Tokens per chunk of the chunked cross-entropy (kernels/cross_entropy/chunked.py's default).
 LOSS_CHUNK_TOKENS = 4096
 # Tokens per chunk of the linear-attention kernels (intra-chunk FLOPs in the hardware count).
@@ -91,8 +100,10 @@ def network_for(gpu: GpuSpec, inter_node_gbps: float = DEFAULT_INTER_NODE_GBPS) 
 # Model shape and parameter counts
 # ---------------------------------------------------------------------------------------------
 def default_ffn_dim(dim: int) -> int:
-    """8/3 · dim rounded up to a multiple of 64 (the model's rule for ffn_dim = 0)."""
-    return int(math.ceil(8 * dim / 3 / 64) * 64)
+    """The model's width for ffn_dim = 0 (runtime/layers.py)."""
+    from spindle.runtime.layers import default_ffn_dim as model_default
+
+    return model_default(dim)
 
 
 @dataclass(frozen=True)
@@ -301,8 +312,8 @@ def layout_of(config: Config, world_size: int | None = None) -> Layout:
 
 
 def checkpointed(kind: str, policy: str) -> bool:
-    """Does ``policy`` recompute layers of kind "L" / "A" / "R" / "S" (parallel/parallelize.py AC_POLICIES)?"""
-    return policy == "full" or (policy == "linear" and kind == "L") or (policy == "softmax" and kind in "AS")
+    """Does ``policy`` recompute layers of kind "L" / "A" / "R" / "S" (runtime/config.py ACTIVATION_CHECKPOINTING)?"""
+    return kind in ACTIVATION_CHECKPOINTING[policy]
 
 
 # ---------------------------------------------------------------------------------------------
