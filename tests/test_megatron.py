@@ -7,7 +7,8 @@ One spawn of 2 ranks runs every distributed case and returns measurements; the t
   DecoderBlock on the same weights (converted by native_block_state_dict), with cp=1 and cp=2 —
   output, input gradient and every parameter gradient;
 - whole model: a GPTModel with the spindle spec trained for a few steps gives the same per-step losses
-  with cp=2 (dp=1) as with cp=1 (dp=2) (fp32, 1e-5), for a softmax-only and hybrid patterns;
+  with cp=2 (dp=1) as with cp=1 (dp=2) (fp32, 1e-5), for a softmax-only and hybrid patterns (L, A,
+  R = RAttention, S = sliding window);
 - checkpoint: a cp=2 run saved by spindle's Checkpointer resumes at cp=1 and continues exactly as the
   uninterrupted run.
 """
@@ -33,7 +34,9 @@ WHOLE_MODEL_CASES = {  # id: (pattern, cp_linear, cp_softmax, linear_decay)
     "softmax-allgather": ("A", "lasp2", "allgather", "constant"),
     "hybrid-lasp2-allgather": ("LLLA", "lasp2", "allgather", "constant"),
     "hybrid-lasp1-ring-datadecay": ("LA", "lasp1", "ring", "data"),
+    "hybrid-rattention-window": ("LRSA", "lasp2", "allgather", "constant"),
 }
+WINDOW = 5  # tokens; longer than a CP chunk (16 tokens / 4 chunks) so the halo spans two chunks
 LAYER_CASES = {  # id: (letter, options of hybrid_block_spec)
     "L-constant": ("L", {"linear_decay": "constant"}),
     "L-data-silu": ("L", {"linear_decay": "data", "feature_map": "silu", "output_gate": "silu"}),
@@ -41,6 +44,9 @@ LAYER_CASES = {  # id: (letter, options of hybrid_block_spec)
     "A-allgather": ("A", {"cp_softmax": "allgather"}),
     "A-ring": ("A", {"cp_softmax": "ring"}),
     "A-ulysses": ("A", {"cp_softmax": "ulysses"}),
+    "R-lasp2": ("R", {"window": WINDOW}),
+    "R-lasp1": ("R", {"window": WINDOW, "cp_linear": "lasp1"}),
+    "S": ("S", {"window": WINDOW}),
 }
 CHECKPOINT_STEPS = (3, 2)  # steps before the save (cp=2), steps after the resume (cp=1)
 
@@ -62,7 +68,13 @@ def _layer_config(context_parallel_size: int):
 
 def _native_block(letter: str, options: dict, config) -> torch.nn.Module:
     """spindle's native DecoderBlock for the layer of number 2 of 3, random (non-unit) weights, float64."""
-    from spindle.runtime.layers import DecoderBlock, LinearAttention, SoftmaxAttention
+    from spindle.runtime.layers import (
+        DecoderBlock,
+        LinearAttention,
+        RAttention,
+        SlidingWindowAttention,
+        SoftmaxAttention,
+    )
 
     dim, heads = config.hidden_size, config.num_attention_heads
     if letter == "L":
@@ -70,6 +82,11 @@ def _native_block(letter: str, options: dict, config) -> torch.nn.Module:
                                 feature_map=options.get("feature_map", "identity"),
                                 output_gate=options.get("output_gate", "sigmoid"), layer_index=1,
                                 n_layers=config.num_layers, norm_eps=config.layernorm_epsilon)
+    elif letter == "R":
+        mixer = RAttention(dim, heads, config.num_query_groups, window=options["window"],
+                           norm_eps=config.layernorm_epsilon)
+    elif letter == "S":
+        mixer = SlidingWindowAttention(dim, heads, config.num_query_groups, window=options["window"])
     else:
         mixer = SoftmaxAttention(dim, heads, config.num_query_groups)
     block = DecoderBlock(letter, mixer, dim, config.ffn_hidden_size, config.layernorm_epsilon)
@@ -145,7 +162,7 @@ def _whole_model_losses(pattern, cp_linear, cp_softmax, linear_decay, steps, run
 
     settings = example.Settings(pattern=pattern, layers=len(pattern) if len(pattern) > 1 else 2,
                                 cp_linear=cp_linear, cp_softmax=cp_softmax, linear_decay=linear_decay,
-                                steps=steps, seq_len=16)
+                                steps=steps, seq_len=16, window=WINDOW)
     return example.train(settings, run_dir=run_dir, resume=resume)
 
 
@@ -282,3 +299,5 @@ def test_hybrid_block_spec_layers_and_errors():
         hybrid_block_spec("LA", config=config)
     with pytest.raises(ValueError, match="num_layers=3 differs from config.num_layers=2"):
         hybrid_block_spec("LA", config=config, num_layers=3)
+    with pytest.raises(ValueError, match="has R/S layers, which need window="):
+        hybrid_block_spec("LRS")

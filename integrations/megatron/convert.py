@@ -17,11 +17,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from spindle.runtime.layers import DecoderBlock, LinearAttention, SoftmaxAttention
+from spindle.runtime.layers import DecoderBlock, LinearAttention, RAttention, SlidingWindowAttention, SoftmaxAttention
 
 
 def native_block_state_dict(block: DecoderBlock) -> dict[str, torch.Tensor]:
-    """State dict of the Megatron TransformerLayer equivalent to a native DecoderBlock ("L" or "A")."""
+    """State dict of the Megatron TransformerLayer equivalent to a native DecoderBlock (L, A, R or S)."""
     state = {
         "input_layernorm.weight": block.mixer_norm.weight,
         "pre_mlp_layernorm.weight": block.mlp_norm.weight,
@@ -31,8 +31,12 @@ def native_block_state_dict(block: DecoderBlock) -> dict[str, torch.Tensor]:
     }
     if isinstance(block.mixer, LinearAttention):
         state.update(_linear_mixer_state(block.mixer))
-    elif isinstance(block.mixer, SoftmaxAttention):
+    elif isinstance(block.mixer, (SoftmaxAttention, SlidingWindowAttention)):
         state.update(_softmax_mixer_state(block.mixer))
+    elif isinstance(block.mixer, RAttention):
+        state.update(_softmax_mixer_state(block.mixer))  # the same grouped q/k/v and output projections
+        state["self_attention.local_norm.weight"] = block.mixer.local_norm.weight
+        state["self_attention.residual_norm.weight"] = block.mixer.residual_norm.weight
     else:
         raise TypeError(f"native_block_state_dict: unknown mixer {type(block.mixer).__name__}")
     return {key: value.detach().clone() for key, value in state.items()}
@@ -67,7 +71,7 @@ def _linear_mixer_state(mixer: LinearAttention) -> dict[str, torch.Tensor]:
     return state
 
 
-def _softmax_mixer_state(mixer: SoftmaxAttention) -> dict[str, torch.Tensor]:
+def _softmax_mixer_state(mixer: nn.Module) -> dict[str, torch.Tensor]:
     head_dim = mixer.head_dim
     hidden = mixer.q_proj.weight.shape[1]
     query = mixer.q_proj.weight.view(-1, head_dim, hidden)  # [H, D, h]

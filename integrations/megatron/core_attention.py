@@ -18,7 +18,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from spindle import kernels
-from spindle.parallel.cp import allgather_attention, ring_attention, ulysses_attention
+from spindle.parallel.cp import allgather_attention, ring_attention, ulysses_attention, window_attention
 
 SOFTMAX_SCHEMES = ("allgather", "ring", "ulysses")
 """Context-parallel schemes of softmax layers (``cp_softmax``)."""
@@ -56,9 +56,11 @@ class SpindleCoreAttention(MegatronModule):
     """Causal softmax attention (GQA) over the CP group with spindle's all-gather, ring or Ulysses op.
 
     A drop-in ``core_attention`` for Megatron's SelfAttention: same constructor arguments as
-    Megatron's DotProductAttention, plus ``scheme``. Megatron's ``cp_comm_type`` is accepted and
-    ignored: the scheme is chosen by ``scheme`` (``cp_softmax`` of ``hybrid_block_spec``). With one
-    CP rank it calls spindle.kernels.attention (flash-attn / SDPA / math, whichever applies).
+    Megatron's DotProductAttention, plus ``scheme`` and ``window``. Megatron's ``cp_comm_type`` is
+    accepted and ignored: the scheme is chosen by ``scheme`` (``cp_softmax`` of ``hybrid_block_spec``).
+    With ``window`` = w (sliding-window attention, "S" layers) query i sees keys i − w < j <= i and the
+    CP op is spindle's window_attention (one halo exchange), whatever ``scheme`` says. With one CP
+    rank it calls spindle.kernels.attention (flash-attn / SDPA / math, whichever applies).
     """
 
     def __init__(
@@ -73,9 +75,13 @@ class SpindleCoreAttention(MegatronModule):
         pg_collection: ProcessGroupCollection | None = None,
         *,
         scheme: str = "allgather",
+        window: int | None = None,
     ) -> None:
         super().__init__(config=config)
         check_scheme("cp_softmax", scheme, SOFTMAX_SCHEMES)
+        if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
+            raise ValueError(f"SpindleCoreAttention: window must be a positive number of tokens or None, got {window!r}")
+        self.window = window
         _check_supported_config(config, attn_mask_type, attention_dropout)
         self.layer_number = layer_number
         self.scheme = scheme
@@ -108,7 +114,14 @@ class SpindleCoreAttention(MegatronModule):
             raise ValueError(f"SpindleCoreAttention is causal only, got attn_mask_type={attn_mask_type}")
         # [s, b, h, d] -> [b, s, h, d]: spindle's ops take batch-first shards
         q, k, v = (tensor.transpose(0, 1).contiguous() for tensor in (query, key, value))
-        if self.cp_group.size() == 1:
+        if self.window is not None:
+            window = {"window": self.window}
+            if self.cp_group.size() == 1:
+                output = kernels.attention(q, k, v, causal=True, scale=self.softmax_scale, **window)
+            else:
+                output = window_attention(q, k, v, self.cp_group, layout=MEGATRON_LAYOUT, scale=self.softmax_scale,
+                                          **window)
+        elif self.cp_group.size() == 1:
             output = kernels.attention(q, k, v, causal=True, scale=self.softmax_scale)
         else:
             output = _SCHEME_OPS[self.scheme](
@@ -133,6 +146,7 @@ def _check_supported_config(
     if getattr(config, "softmax_type", "vanilla") != "vanilla":
         problems.append(f"softmax_type={config.softmax_type!r} (only 'vanilla')")
     if getattr(config, "window_size", None) is not None:
-        problems.append(f"window_size={config.window_size} (sliding windows are not supported here)")
+        problems.append(f"window_size={config.window_size} (use 'S' layers with hybrid_block_spec(window=...) "
+                        "for sliding-window attention; leave config.window_size unset)")
     if problems:
         raise ValueError("SpindleCoreAttention cannot run with " + "; ".join(problems))

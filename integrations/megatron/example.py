@@ -52,6 +52,8 @@ class Settings:
     cp_linear: str = "lasp2"
     cp_softmax: str = "allgather"
     linear_decay: str = "constant"
+    window: int = 8
+    """Sliding window of R (RAttention) and S (sliding-window attention) layers, in tokens."""
     seed: int = 0
     device: str = "cpu"
 
@@ -65,7 +67,8 @@ def build_model(settings: Settings) -> GPTModel:
         normalization="RMSNorm", gated_linear_unit=True, activation_func=F.silu, add_bias_linear=False,
         hidden_dropout=0.0, attention_dropout=0.0, use_cpu_initialization=True)
     spec = hybrid_block_spec(settings.pattern, config=config, cp_linear=settings.cp_linear,
-                             cp_softmax=settings.cp_softmax, linear_decay=settings.linear_decay)
+                             cp_softmax=settings.cp_softmax, linear_decay=settings.linear_decay,
+                             window=settings.window)
     torch.manual_seed(settings.seed)
     model = GPTModel(config, spec, vocab_size=settings.vocab, max_sequence_length=settings.seq_len,
                      position_embedding_type="rope", pg_collection=ProcessGroupCollection.use_mpu_process_groups())
@@ -153,7 +156,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cp", type=int, default=2, help="context-parallel size (must divide the world size)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--pattern", default=Settings.pattern, help="layer pattern, e.g. LLLA")
+    parser.add_argument("--pattern", default=Settings.pattern, help="layer pattern, e.g. LLLA or LRLA")
+    parser.add_argument("--layers", type=int, default=Settings.layers, help="number of layers (pattern repeats)")
+    parser.add_argument("--window", type=int, default=64, help="sliding window of R and S layers (tokens)")
     parser.add_argument("--cp-linear", default=Settings.cp_linear, choices=("lasp2", "lasp1"))
     parser.add_argument("--cp-softmax", default=Settings.cp_softmax, choices=("allgather", "ring", "ulysses"))
     parser.add_argument("--steps", type=int, default=20)
@@ -161,8 +166,8 @@ def main() -> None:
     parser.add_argument("--run-dir", default=None, help="checkpoint directory: resumed from (--resume) and saved to")
     parser.add_argument("--resume", default="auto", help="'auto' (latest checkpoint of --run-dir), 'never' or a path")
     args = parser.parse_args()
-    settings = Settings(pattern=args.pattern, cp_linear=args.cp_linear, cp_softmax=args.cp_softmax,
-                        steps=args.steps, seq_len=args.seq_len, device=args.device)
+    settings = Settings(pattern=args.pattern, layers=args.layers, window=args.window, cp_linear=args.cp_linear,
+                        cp_softmax=args.cp_softmax, steps=args.steps, seq_len=args.seq_len, device=args.device)
     if args.device == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group("nccl" if args.device == "cuda" else "gloo", timeout=datetime.timedelta(minutes=10))

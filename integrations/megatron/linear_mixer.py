@@ -157,7 +157,8 @@ class LinearSelfAttention(MegatronModule):
         q, k, v, gate = (part.contiguous() for part in mixed.unbind(dim=3))  # each [b, s, H, D]
         q, k = self.feature_map(q), self.feature_map(k)
         output = self._sequence_op(q, k, v, self._log_decay(hidden_states))  # [b, s, H, D]
-        output = self._output_norm(output) * (torch.sigmoid(gate) if self.output_gate == "sigmoid" else F.silu(gate))
+        gate = torch.sigmoid(gate) if self.output_gate == "sigmoid" else F.silu(gate)
+        output = head_rms_norm(output, self.output_norm, self.tp_group) * gate
         output = output.transpose(0, 1).reshape(length, batch, -1)  # [s, b, H·D]
         return self.linear_proj(output)
 
@@ -179,25 +180,26 @@ class LinearSelfAttention(MegatronModule):
         compute_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
         return F.logsigmoid(logits.to(compute_dtype)).transpose(0, 1).contiguous()
 
-    def _output_norm(self, output: torch.Tensor) -> torch.Tensor:
-        """RMSNorm over head_dim with one weight shared by all heads (as the native layer)."""
-        weight = self.output_norm.weight
-        if self.tp_group.size() > 1:
-            # Each tensor-parallel rank normalizes different heads with the shared weight: its
-            # gradient is the sum over ranks (identity forward, all-reduce backward).
-            weight = copy_to_tensor_model_parallel_region(weight, group=self.tp_group)
-        compute = output.float() if output.dtype in (torch.float16, torch.bfloat16) else output
-        normed = compute * torch.rsqrt(compute.pow(2).mean(dim=-1, keepdim=True) + self.output_norm.eps)
-        return normed.to(output.dtype) * weight.to(output.dtype)
+def head_rms_norm(output: torch.Tensor, norm: RMSNorm, tp_group: torch.distributed.ProcessGroup) -> torch.Tensor:
+    """RMSNorm over head_dim of [..., H, D] with one weight shared by all heads (as the native layers)."""
+    weight = norm.weight
+    if tp_group.size() > 1:
+        # Each tensor-parallel rank normalizes different heads with the shared weight: its gradient
+        # is the sum over ranks (identity forward, all-reduce backward).
+        weight = copy_to_tensor_model_parallel_region(weight, group=tp_group)
+    compute = output.float() if output.dtype in (torch.float16, torch.bfloat16) else output
+    normed = compute * torch.rsqrt(compute.pow(2).mean(dim=-1, keepdim=True) + norm.eps)
+    return normed.to(output.dtype) * weight.to(output.dtype)
 
 
-def _local_heads(heads: int, tp_group: torch.distributed.ProcessGroup) -> tuple[int, int]:
+def _local_heads(heads: int, tp_group: torch.distributed.ProcessGroup,
+                 what: str = "num_attention_heads") -> tuple[int, int]:
     """(heads on this tensor-parallel rank, index of its first head)."""
     tp_size = tp_group.size()
     if heads % tp_size:
         raise ValueError(
-            f"LinearSelfAttention: num_attention_heads={heads} is not divisible by the tensor-parallel "
-            f"size {tp_size}; pick a head count that is a multiple of tensor_model_parallel_size"
+            f"spindle's Megatron layers: {what}={heads} is not divisible by the tensor-parallel size {tp_size}; "
+            f"pick a multiple of tensor_model_parallel_size"
         )
     local = heads // tp_size
     return local, tp_group.rank() * local
