@@ -162,9 +162,9 @@ def _check_scale(scale: float | None, q: torch.Tensor) -> float:
     return float(scale)
 
 
-def resolve_backend(backend: str, q: torch.Tensor, v: torch.Tensor, documents: bool = False) -> str:
+def resolve_backend(backend: str, q: torch.Tensor, v: torch.Tensor) -> str:
     """"auto": a forced backend (force_backend, then SPINDLE_LINEAR_ATTN_BACKEND) if any, else triton for
-    CUDA tensors it supports (not with cu_seqlens), else torch. An explicit choice is checked and kept."""
+    CUDA tensors it supports, else torch. An explicit choice is checked and kept."""
     if backend not in BACKENDS:
         raise ValueError(f"linear_attention: unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     if backend == "auto":
@@ -172,17 +172,17 @@ def resolve_backend(backend: str, q: torch.Tensor, v: torch.Tensor, documents: b
         if forced is None:
             low, high = TRITON_HEAD_DIMS
             usable = (
-                q.device.type == "cuda" and q.dtype in _TRITON_DTYPES and not documents
+                q.device.type == "cuda" and q.dtype in _TRITON_DTYPES
                 and low <= q.shape[-1] <= high and low <= v.shape[-1] <= high and triton_available(q.device)
             )
             return "triton" if usable else "torch"
         backend = forced
     if backend == "triton":
-        _check_triton(q, v, documents)
+        _check_triton(q, v)
     return backend
 
 
-def _check_triton(q: torch.Tensor, v: torch.Tensor, documents: bool) -> None:
+def _check_triton(q: torch.Tensor, v: torch.Tensor) -> None:
     if not triton_available(q.device):
         raise ValueError(
             f"linear_attention: backend='triton' needs CUDA tensors or TRITON_INTERPRET=1 for CPU tensors "
@@ -194,11 +194,6 @@ def _check_triton(q: torch.Tensor, v: torch.Tensor, documents: bool) -> None:
     for name, dim in (("q/k head_dim", q.shape[-1]), ("v head_dim", v.shape[-1])):
         if not low <= dim <= high:
             raise ValueError(f"linear_attention: backend='triton' supports {name} in [{low}, {high}], got {dim}")
-    if documents:
-        raise ValueError(
-            "linear_attention: backend='triton' does not take cu_seqlens yet; use backend='torch' "
-            "(or 'auto', which routes packed documents to it)"
-        )
 
 
 # --------------------------------------------------------------------------------------------- split fwd/bwd
@@ -220,7 +215,8 @@ class LinearAttentionResiduals:
     v: torch.Tensor
     log_decay: torch.Tensor | None  # as given ([H] or [B, T, H]), before the floor
     initial_state: torch.Tensor | None
-    states: torch.Tensor | None = None  # Triton chunk states, [B·H, N, Dk, Dv] fp32
+    states: torch.Tensor | None = None  # Triton chunk states, [chunks, H, Dk, Dv] fp32
+    cu_seqlens: torch.Tensor | None = None  # Triton with packed documents (flattened [1, B·T] inputs)
     graph: tuple | None = None  # torch / naive: (leaves, output, final_state)
 
 
@@ -253,7 +249,9 @@ def linear_attention_fwd(
     return _forward(q, k, v, log_decay, scale, initial_state, output_final_state, chosen, chunk_size, recompute_states)
 
 
-def _forward(q, k, v, log_decay, scale, initial_state, output_final_state, chosen, chunk_size, recompute_states):
+def _forward(q, k, v, log_decay, scale, initial_state, output_final_state, chosen, chunk_size, recompute_states,
+             cu_seqlens=None):
+    """cu_seqlens: triton only, with q, k, v (and a per-token decay) flattened to one row."""
     state_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     residuals = LinearAttentionResiduals(chosen, scale, chunk_size, q, k, v, log_decay, initial_state)
     floored = floor_log_decay(log_decay)
@@ -265,11 +263,12 @@ def _forward(q, k, v, log_decay, scale, initial_state, output_final_state, chose
         residuals.q, residuals.k, residuals.v = q.contiguous(), k.contiguous(), v.contiguous()
         residuals.log_decay = None if log_decay is None else log_decay.contiguous()
         residuals.initial_state = None if initial_state is None else initial_state.float().contiguous()
+        residuals.cu_seqlens = cu_seqlens
         if q.shape[1] == 0:
             return _empty_forward(q, v, residuals.initial_state, output_final_state, state_dtype, residuals)
         output, final_state, residuals.states = triton_chunk.triton_forward(
             residuals.q, residuals.k, residuals.v, None if floored is None else floored.contiguous(), scale,
-            residuals.initial_state, chunk, keep_states=not recompute_states,
+            residuals.initial_state, chunk, keep_states=not recompute_states, cu_seqlens=cu_seqlens,
         )
         return output, (final_state if output_final_state else None), residuals
     if q.shape[1] == 0:
@@ -347,7 +346,7 @@ def _triton_backward(grad_output, grad_final_state, r: LinearAttentionResiduals)
     grad_q, grad_k, grad_v, grad_decay, grad_initial = triton_chunk.triton_backward(
         r.q, r.k, r.v, None if floored is None else floored.contiguous(), r.scale, r.initial_state, r.states,
         grad_output, grad_final_state, r.chunk_size, decay_grad=r.log_decay is not None,
-        initial_grad=r.initial_state is not None,
+        initial_grad=r.initial_state is not None, cu_seqlens=r.cu_seqlens,
     )
     if grad_decay is not None:  # the floor passes no gradient below it (as clamp's autograd does)
         grad_decay = torch.where(r.log_decay >= LOG_DECAY_FLOOR, grad_decay, 0.0).to(r.log_decay.dtype)
@@ -358,9 +357,9 @@ class LinearAttentionFunction(torch.autograd.Function):
     """Autograd wrapper of linear_attention_fwd / linear_attention_bwd (the triton backend)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, log_decay, initial_state, scale, chunk_size, recompute_states):
+    def forward(ctx, q, k, v, log_decay, initial_state, scale, chunk_size, recompute_states, cu_seqlens=None):
         output, final_state, residuals = _forward(
-            q, k, v, log_decay, scale, initial_state, True, "triton", chunk_size, recompute_states
+            q, k, v, log_decay, scale, initial_state, True, "triton", chunk_size, recompute_states, cu_seqlens
         )
         ctx.residuals = residuals
         ctx.initial_dtype = None if initial_state is None else initial_state.dtype
@@ -375,7 +374,7 @@ class LinearAttentionFunction(torch.autograd.Function):
         if grad_initial is not None:
             grad_initial = grad_initial.to(ctx.initial_dtype)
         ctx.residuals = None
-        return grad_q, grad_k, grad_v, grad_decay, grad_initial, None, None, None
+        return grad_q, grad_k, grad_v, grad_decay, grad_initial, None, None, None, None
 
 
 # --------------------------------------------------------------------------------------------- public op
@@ -413,12 +412,13 @@ def linear_attention(
         output_final_state: also return S_{T-1}, fp32 [B, H, Dk, Dv] ([N, H, Dk, Dv] with cu_seqlens;
             float64 for float64 inputs); its gradient flows back into every input.
         backend: "auto" (a forced backend, see force_backend / SPINDLE_LINEAR_ATTN_BACKEND; else triton on
-            CUDA, torch elsewhere and for cu_seqlens), "triton", "torch" (chunked) or "naive".
+            CUDA, torch elsewhere), "triton", "torch" (chunked) or "naive".
         delay: d >= 0. Token i reads the state S_{i-d}, i.e. only keys j <= i - d; o_i = 0 for i < d. The
             final state is still S_{T-1}. Needs initial_state=None when d > 0.
         cu_seqlens: packed documents: int32/int64 offsets [N+1] into the B·T tokens flattened row-major,
             containing 0, B·T and every row start; the state restarts at each document. Equals running every
-            document separately. torch and naive backends (the offsets are read on the host).
+            document separately. triton: chunks never cross a document, no host sync (CUDA offsets are
+            checked on the device); torch / naive: one document at a time (offsets read on the host).
         chunk_size, recompute_states: see linear_attention_fwd.
 
     Returns:
@@ -432,7 +432,7 @@ def linear_attention(
     batch, length, heads, key_dim = q.shape
     if cu_seqlens is not None:
         return _documents(q, k, v, log_decay, scale, initial_state, output_final_state, backend, delay,
-                          cu_seqlens, chunk_size)
+                          cu_seqlens, chunk_size, recompute_states)
     _check_state("initial_state", initial_state, (batch, heads, key_dim, v.shape[-1]), q,
                  "[batch, heads, key_dim, value_dim]")
     chosen = resolve_backend(backend, q, v)
@@ -494,16 +494,24 @@ def _delayed(q, k, v, log_decay, scale, output_final_state, chosen, delay, chunk
     return output, final_state
 
 
-def _check_cu_seqlens(cu_seqlens: torch.Tensor, batch: int, length: int) -> list[int]:
-    """Offsets as a Python list (a host read: the documents path is not for CUDA hot paths)."""
+def _check_cu_seqlens(cu_seqlens: torch.Tensor, batch: int, length: int, on_host: bool) -> list[int] | None:
+    """Checks the offsets: on the host (returning them as a list) for CPU offsets or when on_host, else on the
+    device with torch._assert_async (no host sync; a bad value stops the program at the next sync)."""
     if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.dtype not in (
         torch.int32, torch.int64
-    ):
+    ) or cu_seqlens.numel() < 2:
         raise TypeError("linear_attention: cu_seqlens must be a 1-D int32/int64 tensor of document offsets [N+1]")
-    offsets = [int(x) for x in cu_seqlens.tolist()]
     total = batch * length
+    rules = (f"start at 0 and end at B·T = {total}, be non-decreasing and contain every row start "
+             f"(multiples of T = {length}: a document cannot span two rows)")
+    if cu_seqlens.device.type == "cuda" and not on_host:
+        row_starts = torch.arange(0, total, max(length, 1), device=cu_seqlens.device)
+        valid = (cu_seqlens[0] == 0) & (cu_seqlens[-1] == total) & (cu_seqlens[1:] >= cu_seqlens[:-1]).all()
+        torch._assert_async(valid & torch.isin(row_starts, cu_seqlens).all(), f"linear_attention: cu_seqlens must {rules}")
+        return None
+    offsets = [int(x) for x in cu_seqlens.tolist()]
     problem = None
-    if len(offsets) < 2 or offsets[0] != 0 or offsets[-1] != total:
+    if offsets[0] != 0 or offsets[-1] != total:
         problem = f"it must start at 0 and end at B·T = {total}"
     elif any(b < a for a, b in zip(offsets, offsets[1:])):
         problem = "it must be non-decreasing"
@@ -514,29 +522,59 @@ def _check_cu_seqlens(cu_seqlens: torch.Tensor, batch: int, length: int) -> list
     return offsets
 
 
-def _documents(q, k, v, log_decay, scale, initial_state, output_final_state, backend, delay, cu_seqlens, chunk_size):
-    """Every document separately on the flattened [1, B·T] sequence (each with its own state)."""
+def _shift_within_documents(x: torch.Tensor | None, delay: int, cu_seqlens: torch.Tensor) -> torch.Tensor | None:
+    """[1, tokens, ...] shifted right by delay inside every document (zeros where i − delay is before i's
+    document start; an [H] decay is left alone). Device-side gather, no host sync."""
+    if x is None or x.dim() == 1:
+        return x
+    tokens = torch.arange(x.shape[1], device=x.device)
+    offsets = cu_seqlens.to(device=x.device, dtype=torch.int64)
+    starts = offsets[torch.searchsorted(offsets, tokens, right=True) - 1]
+    source = tokens - delay
+    valid = (source >= starts).view(1, -1, *([1] * (x.dim() - 2)))
+    return torch.where(valid, x[:, source.clamp(min=0)], torch.zeros((), dtype=x.dtype, device=x.device))
+
+
+def _documents(q, k, v, log_decay, scale, initial_state, output_final_state, backend, delay, cu_seqlens, chunk_size,
+               recompute_states):
+    """Packed documents on the flattened [1, B·T] sequence, each with its own state. With delay: the outputs
+    of the run on k, v, g shifted inside the documents; the final states of the unshifted run."""
     batch, length, heads, key_dim = q.shape
     value_dim = v.shape[-1]
-    chosen = resolve_backend(backend, q, v, documents=True)
-    offsets = _check_cu_seqlens(cu_seqlens, batch, length)
-    count = len(offsets) - 1
+    chosen = resolve_backend(backend, q, v)
+    offsets = _check_cu_seqlens(cu_seqlens, batch, length, on_host=chosen != "triton")
+    count = cu_seqlens.numel() - 1
     _check_state("initial_state", initial_state, (count, heads, key_dim, value_dim), q,
                  "[documents, heads, key_dim, value_dim] with cu_seqlens")
     flat = [x.reshape(1, batch * length, *x.shape[2:]) for x in (q, k, v)]
     flat_decay = log_decay if log_decay is None or log_decay.dim() == 1 else log_decay.reshape(1, batch * length, heads)
+
+    def run(keys, values, decay, state, final):
+        if chosen == "triton":
+            documents = cu_seqlens.to(device=q.device, dtype=torch.int64)
+            return LinearAttentionFunction.apply(flat[0], keys, values, decay, state, scale, chunk_size,
+                                                 recompute_states, documents)
+        return _document_loop(chosen, flat[0], keys, values, decay, scale, state, final, offsets, chunk_size)
+
+    if not delay:
+        output, final_state = run(flat[1], flat[2], flat_decay, initial_state, output_final_state)
+    else:
+        shifted = (_shift_within_documents(x, delay, cu_seqlens) for x in (flat[1], flat[2], flat_decay))
+        output, _ = run(*shifted, None, False)
+        final_state = run(flat[1], flat[2], flat_decay, None, True)[1] if output_final_state else None
+    output = output.reshape(batch, length, heads, value_dim)
+    return output, (final_state if output_final_state else None)
+
+
+def _document_loop(chosen, q, k, v, log_decay, scale, initial_state, output_final_state, offsets, chunk_size):
+    """torch / naive: every document on its own ([1, tokens, ...] inputs, host offsets)."""
     outputs, finals = [], []
     for index, (start, end) in enumerate(zip(offsets, offsets[1:])):
         piece = slice(start, end)
-        decay = flat_decay if flat_decay is None or flat_decay.dim() == 1 else flat_decay[:, piece]
+        decay = log_decay if log_decay is None or log_decay.dim() == 1 else log_decay[:, piece]
         state = None if initial_state is None else initial_state[index : index + 1]
-        if delay:
-            output, final_state = _delayed(flat[0][:, piece], flat[1][:, piece], flat[2][:, piece], decay, scale,
-                                           output_final_state, chosen, delay, chunk_size, False)
-        else:
-            output, final_state = _dispatch(flat[0][:, piece], flat[1][:, piece], flat[2][:, piece], decay, scale,
-                                            state, output_final_state, chosen, chunk_size, False)
+        output, final_state = _dispatch(q[:, piece], k[:, piece], v[:, piece], decay, scale, state,
+                                        output_final_state, chosen, chunk_size, False)
         outputs.append(output)
         finals.append(final_state)
-    output = torch.cat(outputs, dim=1).reshape(batch, length, heads, value_dim)
-    return output, (torch.cat(finals, dim=0) if output_final_state else None)
+    return torch.cat(outputs, dim=1), (torch.cat(finals, dim=0) if output_final_state else None)

@@ -31,6 +31,7 @@ blocks with masks. Under TRITON_INTERPRET=1 the kernels run on CPU tensors with 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import torch
@@ -70,7 +71,7 @@ def _configs(blocks: list[dict], warps=(4, 8), stages=(2, 3)) -> list[triton.Con
 
 
 @triton.jit
-def _chunk_decay(g, batch, head, heads, length, start, DECAY: tl.constexpr, BT: tl.constexpr):
+def _chunk_decay(g, bos, head, heads, length, start, DECAY: tl.constexpr, BT: tl.constexpr):
     """(G [BT], key_log [BT], last): inclusive chunk-local cumulative log-decay, log of the keys' factor
     into the outgoing state (Σ_{u>i} g_u, exact suffix), and G_C. Padded rows carry g = 0."""
     offsets = tl.arange(0, BT)
@@ -83,7 +84,7 @@ def _chunk_decay(g, batch, head, heads, length, start, DECAY: tl.constexpr, BT: 
         last = valid.to(tl.float32) * rate
     elif DECAY == 2:
         rows = start + offsets
-        token = tl.load(g + ((batch * length + rows) * heads + head), mask=rows < length, other=0.0).to(tl.float32)
+        token = tl.load(g + ((bos + rows) * heads + head), mask=rows < length, other=0.0).to(tl.float32)
         cumulative = tl.cumsum(token, 0)
         key_log = tl.sum(tl.where(offsets[None, :] > offsets[:, None], token[None, :], 0.0), axis=1)
         last = tl.min(cumulative, 0)  # g <= 0: the cumulative sum only falls, so its minimum is G_C
@@ -116,6 +117,49 @@ def _intra_weights(g, head, length, start, cumulative, DECAY: tl.constexpr, BT: 
 
 
 @triton.jit
+def _sequence_program(cu_seqlens, chunk_offsets, length, heads, num_chunks, VARLEN: tl.constexpr):
+    """For the serial state kernels (grid axis 2 = sequence·heads): (sequence, head, bos, sequence length,
+    index of the sequence's first chunk among all chunks). A sequence is a batch row, or a document."""
+    sequence_head = tl.program_id(2).to(tl.int64)
+    sequence, head = sequence_head // heads, sequence_head % heads
+    if VARLEN:
+        bos = tl.load(cu_seqlens + sequence).to(tl.int64)
+        sequence_length = (tl.load(cu_seqlens + sequence + 1).to(tl.int64) - bos).to(tl.int32)
+        first_chunk = tl.load(chunk_offsets + sequence).to(tl.int64)
+    else:
+        bos = sequence * length
+        sequence_length = length
+        first_chunk = sequence * num_chunks
+    return sequence, head, bos, sequence_length, first_chunk
+
+
+@triton.jit
+def _chunk_program(cu_seqlens, chunk_table, length, heads, num_chunks, VARLEN: tl.constexpr):
+    """For the chunk-parallel kernels: (head, bos, sequence length, chunk within the sequence, global chunk).
+    Dense grid axes 1, 2 = (chunk, batch·heads); varlen axes 1, 2 = (chunk-table slot, heads), where the
+    table row (document, chunk) is (-1, 0) for slots past the last chunk (chunk < 0: no work)."""
+    if VARLEN:
+        slot = tl.program_id(1).to(tl.int64)
+        head = tl.program_id(2).to(tl.int64)
+        sequence = tl.load(chunk_table + 2 * slot).to(tl.int64)
+        chunk = tl.load(chunk_table + 2 * slot + 1)
+        valid = sequence >= 0
+        sequence = tl.maximum(sequence, 0)
+        bos = tl.load(cu_seqlens + sequence).to(tl.int64)
+        sequence_length = (tl.load(cu_seqlens + sequence + 1).to(tl.int64) - bos).to(tl.int32)
+        chunk = tl.where(valid, chunk, -1)
+        global_chunk = slot
+    else:
+        batch_head = tl.program_id(2).to(tl.int64)
+        batch, head = batch_head // heads, batch_head % heads
+        chunk = tl.program_id(1)
+        bos = batch * length
+        sequence_length = length
+        global_chunk = batch * num_chunks + chunk
+    return head, bos, sequence_length, chunk, global_chunk
+
+
+@triton.jit
 def _load_tile(base, row_stride, start, length, columns, column_limit, BT: tl.constexpr):
     """[BT, len(columns)] tile of a [T, heads·dim] slab; rows >= length and padded columns read 0."""
     rows = (start + tl.arange(0, BT)).to(tl.int64)
@@ -141,73 +185,79 @@ def _state_tile(key_columns, value_columns, DK: tl.constexpr, DV: tl.constexpr):
 
 
 @_autotune(_configs([dict(BK=64, BV=64), dict(BK=32, BV=64), dict(BK=64, BV=32), dict(BK=128, BV=64)]),
-           key=["DK", "DV", "BT", "DECAY"])
+           key=["DK", "DV", "BT", "DECAY", "VARLEN"])
 @triton.jit
 def _chunk_states_kernel(
-    k, v, g, initial_state, states, final_state, length, heads, num_chunks,
-    DECAY: tl.constexpr, HAS_INITIAL: tl.constexpr, STORE_FINAL: tl.constexpr,
+    k, v, g, initial_state, states, final_state, cu_seqlens, chunk_offsets, length, heads, num_chunks,
+    DECAY: tl.constexpr, HAS_INITIAL: tl.constexpr, STORE_FINAL: tl.constexpr, VARLEN: tl.constexpr,
     DK: tl.constexpr, DV: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    key_block, value_block, batch_head = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
-    batch, head = batch_head // heads, batch_head % heads
+    key_block, value_block = tl.program_id(0), tl.program_id(1)
+    sequence, head, bos, sequence_length, first_chunk = _sequence_program(
+        cu_seqlens, chunk_offsets, length, heads, num_chunks, VARLEN
+    )
     key_columns = key_block * BK + tl.arange(0, BK)
     value_columns = value_block * BV + tl.arange(0, BV)
-    k_base = k + batch * length * heads * DK + head * DK  # int64 offsets: > 2^31 at a million tokens
-    v_base = v + batch * length * heads * DV + head * DV
+    k_base = k + bos * heads * DK + head * DK  # int64 offsets: > 2^31 at a million tokens
+    v_base = v + bos * heads * DV + head * DV
     state_offsets, state_mask = _state_tile(key_columns, value_columns, DK, DV)
     if HAS_INITIAL:
-        state = tl.load(initial_state + batch_head * DK * DV + state_offsets, mask=state_mask, other=0.0)
+        state = tl.load(initial_state + (sequence * heads + head) * DK * DV + state_offsets, mask=state_mask, other=0.0)
         state = state.to(tl.float32)
     else:
         state = tl.zeros([BK, BV], dtype=tl.float32)
-    for chunk in range(num_chunks):
+    for chunk in range(tl.cdiv(sequence_length, BT)):
         start = chunk * BT
-        tl.store(states + (batch_head * num_chunks + chunk) * DK * DV + state_offsets, state, mask=state_mask)
-        k_tile = _load_tile(k_base, heads * DK, start, length, key_columns, DK, BT)
-        v_tile = _load_tile(v_base, heads * DV, start, length, value_columns, DV, BT)
-        _, key_log, last = _chunk_decay(g, batch, head, heads, length, start, DECAY, BT)
+        tl.store(states + ((first_chunk + chunk) * heads + head) * DK * DV + state_offsets, state, mask=state_mask)
+        k_tile = _load_tile(k_base, heads * DK, start, sequence_length, key_columns, DK, BT)
+        v_tile = _load_tile(v_base, heads * DV, start, sequence_length, value_columns, DV, BT)
+        _, key_log, last = _chunk_decay(g, bos, head, heads, sequence_length, start, DECAY, BT)
         if DECAY != 0:
             k_tile = (k_tile.to(tl.float32) * tl.exp(key_log)[:, None]).to(v_tile.dtype)
             state = state * tl.exp(last)
         state += tl.dot(tl.trans(k_tile), v_tile, input_precision=PRECISION)
     if STORE_FINAL:
-        tl.store(final_state + batch_head * DK * DV + state_offsets, state, mask=state_mask)
+        tl.store(final_state + (sequence * heads + head) * DK * DV + state_offsets, state, mask=state_mask)
 
 
 @_autotune(_configs([dict(BK=64, BV=64), dict(BK=64, BV=128), dict(BK=128, BV=64), dict(BK=32, BV=64)]),
-           key=["DK", "DV", "BT", "DECAY"])
+           key=["DK", "DV", "BT", "DECAY", "VARLEN"])
 @triton.jit
 def _chunk_output_kernel(
-    q, k, v, g, states, output, length, heads, num_chunks, scale,
-    DECAY: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
-    BV: tl.constexpr, PRECISION: tl.constexpr,
+    q, k, v, g, states, output, cu_seqlens, chunk_table, length, heads, num_chunks, scale,
+    DECAY: tl.constexpr, VARLEN: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BT: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    value_block, chunk, batch_head = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
-    batch, head = batch_head // heads, batch_head % heads
+    value_block = tl.program_id(0)
+    head, bos, sequence_length, chunk, global_chunk = _chunk_program(
+        cu_seqlens, chunk_table, length, heads, num_chunks, VARLEN
+    )
+    if chunk < 0:
+        return
     start = chunk * BT
     value_columns = value_block * BV + tl.arange(0, BV)
-    q_base = q + batch * length * heads * DK + head * DK
-    k_base = k + batch * length * heads * DK + head * DK
-    v_base = v + batch * length * heads * DV + head * DV
-    state_base = states + (batch_head * num_chunks + chunk) * DK * DV
+    q_base = q + bos * heads * DK + head * DK
+    k_base = k + bos * heads * DK + head * DK
+    v_base = v + bos * heads * DV + head * DV
+    state_base = states + (global_chunk * heads + head) * DK * DV
     inter = tl.zeros([BT, BV], dtype=tl.float32)
     scores = tl.zeros([BT, BT], dtype=tl.float32)
     for key_block in range(tl.cdiv(DK, BK)):
         key_columns = key_block * BK + tl.arange(0, BK)
-        q_tile = _load_tile(q_base, heads * DK, start, length, key_columns, DK, BT)
-        k_tile = _load_tile(k_base, heads * DK, start, length, key_columns, DK, BT)
+        q_tile = _load_tile(q_base, heads * DK, start, sequence_length, key_columns, DK, BT)
+        k_tile = _load_tile(k_base, heads * DK, start, sequence_length, key_columns, DK, BT)
         state_offsets, state_mask = _state_tile(key_columns, value_columns, DK, DV)
         state = tl.load(state_base + state_offsets, mask=state_mask, other=0.0)
         inter += tl.dot(q_tile, state.to(q_tile.dtype), input_precision=PRECISION)
         scores += tl.dot(q_tile, tl.trans(k_tile), input_precision=PRECISION)
-    cumulative, _, _ = _chunk_decay(g, batch, head, heads, length, start, DECAY, BT)
+    cumulative, _, _ = _chunk_decay(g, bos, head, heads, sequence_length, start, DECAY, BT)
     if DECAY != 0:
         inter = inter * tl.exp(cumulative)[:, None]
-    scores = scores * _intra_weights(g, head, length, start, cumulative, DECAY, BT, False)
-    v_tile = _load_tile(v_base, heads * DV, start, length, value_columns, DV, BT)
+    scores = scores * _intra_weights(g, head, sequence_length, start, cumulative, DECAY, BT, False)
+    v_tile = _load_tile(v_base, heads * DV, start, sequence_length, value_columns, DV, BT)
     result = (inter + tl.dot(scores.to(v_tile.dtype), v_tile, input_precision=PRECISION)) * scale
-    _store_tile(output + batch * length * heads * DV + head * DV, heads * DV, start, length, value_columns, DV,
+    _store_tile(output + bos * heads * DV + head * DV, heads * DV, start, sequence_length, value_columns, DV,
                 result, BT)
 
 
@@ -215,72 +265,82 @@ def _chunk_output_kernel(
 
 
 @_autotune(_configs([dict(BK=64, BV=64), dict(BK=32, BV=64), dict(BK=64, BV=32), dict(BK=128, BV=64)]),
-           key=["DK", "DV", "BT", "DECAY"])
+           key=["DK", "DV", "BT", "DECAY", "VARLEN"])
 @triton.jit
 def _chunk_state_grads_kernel(
-    q, grad_output, g, grad_final_state, grad_states, grad_initial_state, length, heads, num_chunks, scale,
-    DECAY: tl.constexpr, HAS_GRAD_FINAL: tl.constexpr, STORE_INITIAL: tl.constexpr,
+    q, grad_output, g, grad_final_state, grad_states, grad_initial_state, cu_seqlens, chunk_offsets,
+    length, heads, num_chunks, scale,
+    DECAY: tl.constexpr, HAS_GRAD_FINAL: tl.constexpr, STORE_INITIAL: tl.constexpr, VARLEN: tl.constexpr,
     DK: tl.constexpr, DV: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    key_block, value_block, batch_head = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
-    batch, head = batch_head // heads, batch_head % heads
+    key_block, value_block = tl.program_id(0), tl.program_id(1)
+    sequence, head, bos, sequence_length, first_chunk = _sequence_program(
+        cu_seqlens, chunk_offsets, length, heads, num_chunks, VARLEN
+    )
     key_columns = key_block * BK + tl.arange(0, BK)
     value_columns = value_block * BV + tl.arange(0, BV)
-    q_base = q + batch * length * heads * DK + head * DK
-    do_base = grad_output + batch * length * heads * DV + head * DV
+    q_base = q + bos * heads * DK + head * DK
+    do_base = grad_output + bos * heads * DV + head * DV
     state_offsets, state_mask = _state_tile(key_columns, value_columns, DK, DV)
     if HAS_GRAD_FINAL:
-        d_state = tl.load(grad_final_state + batch_head * DK * DV + state_offsets, mask=state_mask, other=0.0)
+        d_state = tl.load(grad_final_state + (sequence * heads + head) * DK * DV + state_offsets, mask=state_mask,
+                          other=0.0)
         d_state = d_state.to(tl.float32)
     else:
         d_state = tl.zeros([BK, BV], dtype=tl.float32)
-    for reverse in range(num_chunks):
-        chunk = num_chunks - 1 - reverse
+    count = tl.cdiv(sequence_length, BT)
+    for reverse in range(count):
+        chunk = count - 1 - reverse
         start = chunk * BT
         # dh[n]: the gradient of the state leaving chunk n (from every later output and the final state)
-        tl.store(grad_states + (batch_head * num_chunks + chunk) * DK * DV + state_offsets, d_state, mask=state_mask)
-        q_tile = _load_tile(q_base, heads * DK, start, length, key_columns, DK, BT)
-        do_tile = _load_tile(do_base, heads * DV, start, length, value_columns, DV, BT)
-        cumulative, _, last = _chunk_decay(g, batch, head, heads, length, start, DECAY, BT)
+        tl.store(grad_states + ((first_chunk + chunk) * heads + head) * DK * DV + state_offsets, d_state,
+                 mask=state_mask)
+        q_tile = _load_tile(q_base, heads * DK, start, sequence_length, key_columns, DK, BT)
+        do_tile = _load_tile(do_base, heads * DV, start, sequence_length, value_columns, DV, BT)
+        cumulative, _, last = _chunk_decay(g, bos, head, heads, sequence_length, start, DECAY, BT)
         q_tile = q_tile.to(tl.float32) * scale
         if DECAY != 0:
             q_tile = q_tile * tl.exp(cumulative)[:, None]
             d_state = d_state * tl.exp(last)
         d_state += tl.dot(tl.trans(q_tile.to(do_tile.dtype)), do_tile, input_precision=PRECISION)
     if STORE_INITIAL:
-        tl.store(grad_initial_state + batch_head * DK * DV + state_offsets, d_state, mask=state_mask)
+        tl.store(grad_initial_state + (sequence * heads + head) * DK * DV + state_offsets, d_state, mask=state_mask)
 
 
-@_autotune(_configs([dict(BV=64), dict(BV=128), dict(BV=32)]), key=["DK", "DV", "BT", "DECAY", "BK"])
+@_autotune(_configs([dict(BV=64), dict(BV=128), dict(BV=32)]), key=["DK", "DV", "BT", "DECAY", "BK", "VARLEN"])
 @triton.jit
 def _chunk_dqk_kernel(
-    q, k, v, grad_output, g, states, grad_states, grad_q, grad_k, grad_decay_partial,
-    length, heads, num_chunks, scale,
-    DECAY: tl.constexpr, DECAY_GRAD: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BT: tl.constexpr,
-    BK: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr,
+    q, k, v, grad_output, g, states, grad_states, grad_q, grad_k, grad_decay_partial, cu_seqlens, chunk_table,
+    length, heads, num_chunks, total_tokens, total_chunks, scale,
+    DECAY: tl.constexpr, DECAY_GRAD: tl.constexpr, VARLEN: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """dq, dk for one key block of one chunk; with DECAY_GRAD also this key block's share of dg: per token
-    ([key blocks, B, T, H]) for a per-token decay, summed over the chunk ([key blocks, B·H, chunks]) for
-    a constant one."""
-    key_block, chunk, batch_head = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
-    batch, head = batch_head // heads, batch_head % heads
+    ([key blocks, tokens, H]) for a per-token decay, summed over the chunk ([key blocks, chunks, H]) for a
+    constant one."""
+    key_block = tl.program_id(0)
+    head, bos, sequence_length, chunk, global_chunk = _chunk_program(
+        cu_seqlens, chunk_table, length, heads, num_chunks, VARLEN
+    )
+    if chunk < 0:
+        return
     start = chunk * BT
     key_columns = key_block * BK + tl.arange(0, BK)
-    q_base = q + batch * length * heads * DK + head * DK
-    k_base = k + batch * length * heads * DK + head * DK
-    v_base = v + batch * length * heads * DV + head * DV
-    do_base = grad_output + batch * length * heads * DV + head * DV
-    state_base = states + (batch_head * num_chunks + chunk) * DK * DV
-    grad_state_base = grad_states + (batch_head * num_chunks + chunk) * DK * DV
+    q_base = q + bos * heads * DK + head * DK
+    k_base = k + bos * heads * DK + head * DK
+    v_base = v + bos * heads * DV + head * DV
+    do_base = grad_output + bos * heads * DV + head * DV
+    state_base = states + (global_chunk * heads + head) * DK * DV
+    grad_state_base = grad_states + (global_chunk * heads + head) * DK * DV
     query_inter = tl.zeros([BT, BK], dtype=tl.float32)  # do h[n]ᵀ
     key_inter = tl.zeros([BT, BK], dtype=tl.float32)  # v dh[n]ᵀ
     d_scores = tl.zeros([BT, BT], dtype=tl.float32)  # do vᵀ
     state_product = tl.zeros([BK, BV], dtype=tl.float32)  # h[n] ⊙ dh[n], summed to ⟨h[n], dh[n]⟩ below
     for value_block in range(tl.cdiv(DV, BV)):
         value_columns = value_block * BV + tl.arange(0, BV)
-        v_tile = _load_tile(v_base, heads * DV, start, length, value_columns, DV, BT)
-        do_tile = _load_tile(do_base, heads * DV, start, length, value_columns, DV, BT)
+        v_tile = _load_tile(v_base, heads * DV, start, sequence_length, value_columns, DV, BT)
+        do_tile = _load_tile(do_base, heads * DV, start, sequence_length, value_columns, DV, BT)
         state_offsets, state_mask = _state_tile(key_columns, value_columns, DK, DV)
         state = tl.load(state_base + state_offsets, mask=state_mask, other=0.0)
         grad_state = tl.load(grad_state_base + state_offsets, mask=state_mask, other=0.0)
@@ -289,13 +349,13 @@ def _chunk_dqk_kernel(
         d_scores += tl.dot(do_tile, tl.trans(v_tile), input_precision=PRECISION)
         if DECAY_GRAD:
             state_product += state * grad_state
-    q_tile = _load_tile(q_base, heads * DK, start, length, key_columns, DK, BT)
-    k_tile = _load_tile(k_base, heads * DK, start, length, key_columns, DK, BT)
-    cumulative, key_log, last = _chunk_decay(g, batch, head, heads, length, start, DECAY, BT)
+    q_tile = _load_tile(q_base, heads * DK, start, sequence_length, key_columns, DK, BT)
+    k_tile = _load_tile(k_base, heads * DK, start, sequence_length, key_columns, DK, BT)
+    cumulative, key_log, last = _chunk_decay(g, bos, head, heads, sequence_length, start, DECAY, BT)
     offsets = tl.arange(0, BT)
     # do_i·v_i: the diagonal's share, added to dq and dk separately (it cancels exactly in dg)
     diagonal = tl.sum(tl.where(offsets[:, None] == offsets[None, :], d_scores, 0.0), axis=1) * scale
-    d_scores = d_scores * _intra_weights(g, head, length, start, cumulative, DECAY, BT, True) * scale
+    d_scores = d_scores * _intra_weights(g, head, sequence_length, start, cumulative, DECAY, BT, True) * scale
     query_intra = tl.dot(d_scores.to(k_tile.dtype), k_tile, input_precision=PRECISION)
     key_intra = tl.dot(tl.trans(d_scores).to(q_tile.dtype), q_tile, input_precision=PRECISION)
     query_inter = query_inter * scale
@@ -305,9 +365,9 @@ def _chunk_dqk_kernel(
     q32, k32 = q_tile.to(tl.float32), k_tile.to(tl.float32)
     grad_q_tile = query_inter + query_intra + diagonal[:, None] * k32
     grad_k_tile = key_inter + key_intra + diagonal[:, None] * q32
-    _store_tile(grad_q + batch * length * heads * DK + head * DK, heads * DK, start, length, key_columns, DK,
+    _store_tile(grad_q + bos * heads * DK + head * DK, heads * DK, start, sequence_length, key_columns, DK,
                 grad_q_tile, BT)
-    _store_tile(grad_k + batch * length * heads * DK + head * DK, heads * DK, start, length, key_columns, DK,
+    _store_tile(grad_k + bos * heads * DK + head * DK, heads * DK, start, sequence_length, key_columns, DK,
                 grad_k_tile, BT)
     if DECAY_GRAD:
         suffix_terms = tl.sum(q32 * (query_inter + query_intra), axis=1) - tl.sum(k32 * key_intra, axis=1)
@@ -318,47 +378,51 @@ def _chunk_dqk_kernel(
         grad_decay += tl.exp(last) * tl.sum(tl.sum(state_product, axis=1), axis=0)
         rows = start + offsets
         if DECAY == 2:
-            pointers = grad_decay_partial + ((key_block * tl.num_programs(2) // heads + batch) * length + rows) * heads
-            tl.store(pointers + head, grad_decay, mask=rows < length)
+            pointers = grad_decay_partial + ((key_block * total_tokens + bos + rows) * heads + head)
+            tl.store(pointers, grad_decay, mask=rows < sequence_length)
         else:
-            total = tl.sum(tl.where(rows < length, grad_decay, 0.0), axis=0)
-            tl.store(grad_decay_partial + (key_block * tl.num_programs(2) + batch_head) * num_chunks + chunk, total)
+            total = tl.sum(tl.where(rows < sequence_length, grad_decay, 0.0), axis=0)
+            tl.store(grad_decay_partial + (key_block * total_chunks + global_chunk) * heads + head, total)
 
 
 @_autotune(_configs([dict(BK=64, BV=64), dict(BK=64, BV=128), dict(BK=128, BV=64), dict(BK=32, BV=64)]),
-           key=["DK", "DV", "BT", "DECAY"])
+           key=["DK", "DV", "BT", "DECAY", "VARLEN"])
 @triton.jit
 def _chunk_dv_kernel(
-    q, k, grad_output, g, grad_states, grad_v, length, heads, num_chunks, scale,
-    DECAY: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
-    BV: tl.constexpr, PRECISION: tl.constexpr,
+    q, k, grad_output, g, grad_states, grad_v, cu_seqlens, chunk_table, length, heads, num_chunks, scale,
+    DECAY: tl.constexpr, VARLEN: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BT: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    value_block, chunk, batch_head = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
-    batch, head = batch_head // heads, batch_head % heads
+    value_block = tl.program_id(0)
+    head, bos, sequence_length, chunk, global_chunk = _chunk_program(
+        cu_seqlens, chunk_table, length, heads, num_chunks, VARLEN
+    )
+    if chunk < 0:
+        return
     start = chunk * BT
     value_columns = value_block * BV + tl.arange(0, BV)
-    q_base = q + batch * length * heads * DK + head * DK
-    k_base = k + batch * length * heads * DK + head * DK
-    grad_state_base = grad_states + (batch_head * num_chunks + chunk) * DK * DV
+    q_base = q + bos * heads * DK + head * DK
+    k_base = k + bos * heads * DK + head * DK
+    grad_state_base = grad_states + (global_chunk * heads + head) * DK * DV
     scores_t = tl.zeros([BT, BT], dtype=tl.float32)  # [j, i] = k_j·q_i
     inter = tl.zeros([BT, BV], dtype=tl.float32)  # k dh[n]
     for key_block in range(tl.cdiv(DK, BK)):
         key_columns = key_block * BK + tl.arange(0, BK)
-        q_tile = _load_tile(q_base, heads * DK, start, length, key_columns, DK, BT)
-        k_tile = _load_tile(k_base, heads * DK, start, length, key_columns, DK, BT)
+        q_tile = _load_tile(q_base, heads * DK, start, sequence_length, key_columns, DK, BT)
+        k_tile = _load_tile(k_base, heads * DK, start, sequence_length, key_columns, DK, BT)
         state_offsets, state_mask = _state_tile(key_columns, value_columns, DK, DV)
         grad_state = tl.load(grad_state_base + state_offsets, mask=state_mask, other=0.0)
         scores_t += tl.dot(k_tile, tl.trans(q_tile), input_precision=PRECISION)
         inter += tl.dot(k_tile, grad_state.to(k_tile.dtype), input_precision=PRECISION)
-    cumulative, key_log, _ = _chunk_decay(g, batch, head, heads, length, start, DECAY, BT)
+    cumulative, key_log, _ = _chunk_decay(g, bos, head, heads, sequence_length, start, DECAY, BT)
     if DECAY != 0:
         inter = inter * tl.exp(key_log)[:, None]
-    weights = _intra_weights(g, head, length, start, cumulative, DECAY, BT, False)  # [i, j]
+    weights = _intra_weights(g, head, sequence_length, start, cumulative, DECAY, BT, False)  # [i, j]
     scores_t = scores_t * tl.trans(weights) * scale
-    do_tile = _load_tile(grad_output + batch * length * heads * DV + head * DV, heads * DV, start, length,
+    do_tile = _load_tile(grad_output + bos * heads * DV + head * DV, heads * DV, start, sequence_length,
                          value_columns, DV, BT)
     result = inter + tl.dot(scores_t.to(do_tile.dtype), do_tile, input_precision=PRECISION)
-    _store_tile(grad_v + batch * length * heads * DV + head * DV, heads * DV, start, length, value_columns, DV,
+    _store_tile(grad_v + bos * heads * DV + head * DV, heads * DV, start, sequence_length, value_columns, DV,
                 result, BT)
 
 
@@ -386,68 +450,122 @@ def _key_block(key_dim: int) -> int:
     return min(64, max(16, triton.next_power_of_2(key_dim)))
 
 
-def chunk_states(k, v, log_decay, initial_state, chunk_size, store_final=True):
-    """States entering every chunk [B·H, N, Dk, Dv] fp32 and the final state [B, H, Dk, Dv] fp32 (or None)."""
-    batch, length, heads, key_dim = k.shape
-    value_dim = v.shape[-1]
+@dataclasses.dataclass
+class ChunkLayout:
+    """How tokens form sequences and chunks. Dense: B rows of T tokens, ⌈T/C⌉ chunks each. Packed documents
+    (cu_seqlens): N documents of the flattened B·T tokens, chunks never crossing a document; a device-side
+    chunk table maps each chunk program to (document, chunk), built without a host sync from an upper bound
+    ⌊B·T/C⌋ + N on the number of chunks (programs past the last chunk exit at once)."""
+
+    batch: int
+    length: int
+    sequences: int  # B, or N documents
+    num_chunks: int  # chunks per row (dense)
+    total_chunks: int  # chunk slots: rows of the state buffers
+    cu_seqlens: torch.Tensor | None = None  # int64 [N+1]
+    chunk_offsets: torch.Tensor | None = None  # int64 [N+1]: index of each document's first chunk
+    chunk_table: torch.Tensor | None = None  # int32 [total_chunks, 2]
+
+    @property
+    def varlen(self) -> bool:
+        return self.cu_seqlens is not None
+
+    def chunk_grid(self, heads: int) -> tuple[int, int]:
+        """Grid axes 1, 2 of the chunk-parallel kernels."""
+        return (self.total_chunks, heads) if self.varlen else (self.num_chunks, self.batch * heads)
+
+    def pointers(self, fallback: torch.Tensor, serial: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.varlen:
+            return fallback, fallback
+        return self.cu_seqlens, (self.chunk_offsets if serial else self.chunk_table)
+
+
+def chunk_layout(batch: int, length: int, chunk_size: int, cu_seqlens: torch.Tensor | None = None,
+                 device: torch.device | None = None) -> ChunkLayout:
     num_chunks = triton.cdiv(length, chunk_size)
-    states = _allocate((batch * heads, num_chunks, key_dim, value_dim), torch.float32, k.device)
-    final_state = _allocate((batch, heads, key_dim, value_dim), torch.float32, k.device) if store_final else None
+    if cu_seqlens is None:
+        return ChunkLayout(batch, length, batch, num_chunks, batch * num_chunks)
+    offsets = cu_seqlens.to(device=device, dtype=torch.int64)
+    documents = offsets.numel() - 1
+    counts = (offsets[1:] - offsets[:-1] + chunk_size - 1) // chunk_size
+    chunk_offsets = torch.nn.functional.pad(counts.cumsum(0), (1, 0))
+    total = (batch * length) // chunk_size + documents
+    slots = torch.arange(total, device=offsets.device)
+    document = torch.searchsorted(chunk_offsets[1:], slots, right=True)
+    valid = document < documents
+    chunk = slots - chunk_offsets[document.clamp(max=documents - 1)]
+    table = torch.stack([torch.where(valid, document, -1), torch.where(valid, chunk, 0)], dim=1).to(torch.int32)
+    return ChunkLayout(batch, length, documents, num_chunks, total, offsets, chunk_offsets, table.contiguous())
+
+
+def chunk_states(k, v, log_decay, initial_state, chunk_size, layout: ChunkLayout, store_final=True):
+    """States entering every chunk [chunk slots, H, Dk, Dv] fp32 and the final state per sequence (or None)."""
+    heads, key_dim = k.shape[2], k.shape[3]
+    value_dim = v.shape[-1]
+    states = _allocate((layout.total_chunks, heads, key_dim, value_dim), torch.float32, k.device)
+    final_state = _allocate((layout.sequences, heads, key_dim, value_dim), torch.float32, k.device) if store_final else None
+    cu_seqlens, chunk_offsets = layout.pointers(k, serial=True)
 
     def grid(meta):
-        return (triton.cdiv(key_dim, meta["BK"]), triton.cdiv(value_dim, meta["BV"]), batch * heads)
+        return (triton.cdiv(key_dim, meta["BK"]), triton.cdiv(value_dim, meta["BV"]), layout.sequences * heads)
 
     _chunk_states_kernel[grid](
         k, v, log_decay if log_decay is not None else k, initial_state if initial_state is not None else k,
-        states, final_state if store_final else states, length, heads, num_chunks,
-        DECAY=_decay_kind(log_decay), HAS_INITIAL=initial_state is not None, STORE_FINAL=store_final,
-        DK=key_dim, DV=value_dim, BT=chunk_size, PRECISION=_precision(k.dtype),
+        states, final_state if store_final else states, cu_seqlens, chunk_offsets, layout.length, heads,
+        layout.num_chunks, DECAY=_decay_kind(log_decay), HAS_INITIAL=initial_state is not None,
+        STORE_FINAL=store_final, VARLEN=layout.varlen, DK=key_dim, DV=value_dim, BT=chunk_size,
+        PRECISION=_precision(k.dtype),
     )
     return states, final_state
 
 
-def chunk_output(q, k, v, log_decay, states, scale, chunk_size):
-    batch, length, heads, key_dim = q.shape
+def chunk_output(q, k, v, log_decay, states, scale, chunk_size, layout: ChunkLayout):
+    heads, key_dim = q.shape[2], q.shape[3]
     value_dim = v.shape[-1]
-    num_chunks = triton.cdiv(length, chunk_size)
     output = _allocate(v.shape, v.dtype, v.device)
+    cu_seqlens, chunk_table = layout.pointers(q, serial=False)
 
     def grid(meta):
-        return (triton.cdiv(value_dim, meta["BV"]), num_chunks, batch * heads)
+        return (triton.cdiv(value_dim, meta["BV"]), *layout.chunk_grid(heads))
 
     _chunk_output_kernel[grid](
-        q, k, v, log_decay if log_decay is not None else q, states, output, length, heads, num_chunks, scale,
-        DECAY=_decay_kind(log_decay), DK=key_dim, DV=value_dim, BT=chunk_size, PRECISION=_precision(q.dtype),
+        q, k, v, log_decay if log_decay is not None else q, states, output, cu_seqlens, chunk_table, layout.length,
+        heads, layout.num_chunks, scale, DECAY=_decay_kind(log_decay), VARLEN=layout.varlen, DK=key_dim,
+        DV=value_dim, BT=chunk_size, PRECISION=_precision(q.dtype),
     )
     return output
 
 
-def chunk_state_gradients(q, grad_output, log_decay, grad_final_state, scale, chunk_size, store_initial):
-    """dh[n] for every chunk [B·H, N, Dk, Dv] fp32 and the initial state's gradient (or None)."""
-    batch, length, heads, key_dim = q.shape
+def chunk_state_gradients(q, grad_output, log_decay, grad_final_state, scale, chunk_size, store_initial,
+                          layout: ChunkLayout):
+    """dh[n] for every chunk [chunk slots, H, Dk, Dv] fp32 and the initial state's gradient (or None)."""
+    heads, key_dim = q.shape[2], q.shape[3]
     value_dim = grad_output.shape[-1]
-    num_chunks = triton.cdiv(length, chunk_size)
-    grad_states = _allocate((batch * heads, num_chunks, key_dim, value_dim), torch.float32, q.device)
-    grad_initial = _allocate((batch, heads, key_dim, value_dim), torch.float32, q.device) if store_initial else None
+    grad_states = _allocate((layout.total_chunks, heads, key_dim, value_dim), torch.float32, q.device)
+    grad_initial = None
+    if store_initial:
+        grad_initial = _allocate((layout.sequences, heads, key_dim, value_dim), torch.float32, q.device)
+    cu_seqlens, chunk_offsets = layout.pointers(q, serial=True)
 
     def grid(meta):
-        return (triton.cdiv(key_dim, meta["BK"]), triton.cdiv(value_dim, meta["BV"]), batch * heads)
+        return (triton.cdiv(key_dim, meta["BK"]), triton.cdiv(value_dim, meta["BV"]), layout.sequences * heads)
 
     _chunk_state_grads_kernel[grid](
         q, grad_output, log_decay if log_decay is not None else q,
         grad_final_state if grad_final_state is not None else q, grad_states,
-        grad_initial if store_initial else grad_states, length, heads, num_chunks, scale,
-        DECAY=_decay_kind(log_decay), HAS_GRAD_FINAL=grad_final_state is not None, STORE_INITIAL=store_initial,
-        DK=key_dim, DV=value_dim, BT=chunk_size, PRECISION=_precision(q.dtype),
+        grad_initial if store_initial else grad_states, cu_seqlens, chunk_offsets, layout.length, heads,
+        layout.num_chunks, scale, DECAY=_decay_kind(log_decay), HAS_GRAD_FINAL=grad_final_state is not None,
+        STORE_INITIAL=store_initial, VARLEN=layout.varlen, DK=key_dim, DV=value_dim, BT=chunk_size,
+        PRECISION=_precision(q.dtype),
     )
     return grad_states, grad_initial
 
 
-def chunk_input_gradients(q, k, v, grad_output, log_decay, states, grad_states, scale, chunk_size, decay_grad):
+def chunk_input_gradients(q, k, v, grad_output, log_decay, states, grad_states, scale, chunk_size, decay_grad,
+                          layout: ChunkLayout):
     """(dq, dk, dv, dlog_decay): dq, dk, dv in the input dtype; dlog_decay fp32 [B, T, H] or [H] (or None)."""
     batch, length, heads, key_dim = q.shape
     value_dim = v.shape[-1]
-    num_chunks = triton.cdiv(length, chunk_size)
     kind = _decay_kind(log_decay)
     key_block = _key_block(key_dim)
     key_blocks = triton.cdiv(key_dim, key_block)
@@ -458,29 +576,34 @@ def chunk_input_gradients(q, k, v, grad_output, log_decay, states, grad_states, 
     if not decay_grad:
         partial = grad_q  # unused
     elif kind == TOKEN_DECAY:
-        partial = _allocate((key_blocks, batch, length, heads), torch.float32, q.device)
-    else:
-        partial = _allocate((key_blocks, batch * heads, num_chunks), torch.float32, q.device)
+        partial = _allocate((key_blocks, batch * length, heads), torch.float32, q.device)
+    else:  # one value per chunk slot; with documents some slots are never written, so they start at zero
+        shape = (key_blocks, layout.total_chunks, heads)
+        partial = torch.zeros(shape, dtype=torch.float32, device=q.device) if layout.varlen else _allocate(
+            shape, torch.float32, q.device)
     decay = log_decay if log_decay is not None else q
-    _chunk_dqk_kernel[(key_blocks, num_chunks, batch * heads)](
-        q, k, v, grad_output, decay, states, grad_states, grad_q, grad_k, partial, length, heads, num_chunks, scale,
-        DECAY=kind, DECAY_GRAD=decay_grad, DK=key_dim, DV=value_dim, BT=chunk_size, BK=key_block,
-        PRECISION=_precision(q.dtype),
+    cu_seqlens, chunk_table = layout.pointers(q, serial=False)
+    _chunk_dqk_kernel[(key_blocks, *layout.chunk_grid(heads))](
+        q, k, v, grad_output, decay, states, grad_states, grad_q, grad_k, partial, cu_seqlens, chunk_table,
+        layout.length, heads, layout.num_chunks, batch * length, layout.total_chunks, scale,
+        DECAY=kind, DECAY_GRAD=decay_grad, VARLEN=layout.varlen, DK=key_dim, DV=value_dim, BT=chunk_size,
+        BK=key_block, PRECISION=_precision(q.dtype),
     )
 
     def grid(meta):
-        return (triton.cdiv(value_dim, meta["BV"]), num_chunks, batch * heads)
+        return (triton.cdiv(value_dim, meta["BV"]), *layout.chunk_grid(heads))
 
     _chunk_dv_kernel[grid](
-        q, k, grad_output, decay, grad_states, grad_v, length, heads, num_chunks, scale,
-        DECAY=kind, DK=key_dim, DV=value_dim, BT=chunk_size, PRECISION=_precision(q.dtype),
+        q, k, grad_output, decay, grad_states, grad_v, cu_seqlens, chunk_table, layout.length, heads,
+        layout.num_chunks, scale, DECAY=kind, VARLEN=layout.varlen, DK=key_dim, DV=value_dim, BT=chunk_size,
+        PRECISION=_precision(q.dtype),
     )
     grad_log_decay = None
     if decay_grad:
         if kind == TOKEN_DECAY:
-            grad_log_decay = partial[0] if key_blocks == 1 else partial.sum(0)
+            grad_log_decay = (partial[0] if key_blocks == 1 else partial.sum(0)).view(batch, length, heads)
         else:
-            grad_log_decay = partial.view(key_blocks, batch, heads, num_chunks).sum((0, 1, 3))
+            grad_log_decay = partial.sum((0, 1))
     return grad_q, grad_k, grad_v, grad_log_decay
 
 
@@ -490,22 +613,25 @@ def check_chunk_size(chunk_size: int) -> int:
     return chunk_size
 
 
-def triton_forward(q, k, v, log_decay, scale, initial_state, chunk_size, keep_states):
-    """(o, final_state fp32, states or None). q, k, v contiguous; log_decay None, [H] or [B, T, H] contiguous."""
-    states, final_state = chunk_states(k, v, log_decay, initial_state, chunk_size)
-    output = chunk_output(q, k, v, log_decay, states, scale, chunk_size)
+def triton_forward(q, k, v, log_decay, scale, initial_state, chunk_size, keep_states, cu_seqlens=None):
+    """(o, final_state fp32, states or None). q, k, v contiguous; log_decay None, [H] or [B, T, H] contiguous;
+    with cu_seqlens the states are per document ([N, H, Dk, Dv])."""
+    layout = chunk_layout(q.shape[0], q.shape[1], chunk_size, cu_seqlens, q.device)
+    states, final_state = chunk_states(k, v, log_decay, initial_state, chunk_size, layout)
+    output = chunk_output(q, k, v, log_decay, states, scale, chunk_size, layout)
     return output, final_state, (states if keep_states else None)
 
 
 def triton_backward(q, k, v, log_decay, scale, initial_state, states, grad_output, grad_final_state, chunk_size,
-                    decay_grad, initial_grad):
+                    decay_grad, initial_grad, cu_seqlens=None):
     """(dq, dk, dv, dlog_decay fp32 or None, dinitial_state fp32 or None); states None = recompute them."""
+    layout = chunk_layout(q.shape[0], q.shape[1], chunk_size, cu_seqlens, q.device)
     if states is None:
-        states, _ = chunk_states(k, v, log_decay, initial_state, chunk_size, store_final=False)
+        states, _ = chunk_states(k, v, log_decay, initial_state, chunk_size, layout, store_final=False)
     grad_states, grad_initial = chunk_state_gradients(
-        q, grad_output, log_decay, grad_final_state, scale, chunk_size, initial_grad
+        q, grad_output, log_decay, grad_final_state, scale, chunk_size, initial_grad, layout
     )
     grad_q, grad_k, grad_v, grad_log_decay = chunk_input_gradients(
-        q, k, v, grad_output, log_decay, states, grad_states, scale, chunk_size, decay_grad
+        q, k, v, grad_output, log_decay, states, grad_states, scale, chunk_size, decay_grad, layout
     )
     return grad_q, grad_k, grad_v, grad_log_decay, grad_initial
