@@ -86,6 +86,7 @@ class Row:
     note: str = ""
     floor_ms: float | None = None
     relative_to_fla: float | None = None
+    output_difference: float | None = None  # relative L2 distance of the forward output from the family's first
 
     def as_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
@@ -336,16 +337,48 @@ def _is_out_of_memory(error: BaseException) -> bool:
     return isinstance(error, torch.OutOfMemoryError)
 
 
+class References:
+    """The first provider's forward output per (family, length): every later provider is compared with it on
+    the same inputs, so a fast but wrong kernel shows up in the table instead of passing as a row."""
+
+    def __init__(self) -> None:
+        self.outputs: dict[tuple[str, int], tuple[str, torch.Tensor]] = {}
+
+    def difference(self, family: str, length: int, name: str, output: torch.Tensor) -> tuple[float | None, str]:
+        key = (family, length)
+        if key not in self.outputs:
+            self.outputs[key] = (name, output)
+            return None, ""
+        reference_name, reference = self.outputs[key]
+        difference = float((output.float() - reference.float()).norm() / reference.float().norm().clamp_min(1e-30))
+        return difference, reference_name
+
+    def clear(self) -> None:
+        self.outputs.clear()
+
+
+def _output_tensor(result: object) -> torch.Tensor:
+    return result[0] if isinstance(result, (tuple, list)) else result
+
+
 def run_provider(family: str, name: str, make: Callable[[Case], Step], case: Case, modes: list[str],
-                 warmup: int, repeats: int) -> list[Row]:
+                 warmup: int, repeats: int, references: References | None = None) -> list[Row]:
     work = nominal_work(family, case)
     rows = [Row(family, name, case.length, mode, None, *work[mode]) for mode in modes]
+    torch.manual_seed(case.length)  # every provider of a case gets the same inputs
     try:
         step = make(case)
         for row in rows:
             function = {"fwd": step.forward, "bwd": step.backward, "fwd+bwd": step.forward_backward}[row.mode]
             row.timing = time_function(function, case.device, warmup=warmup, repeats=repeats)
             row.note = step.note
+        if references is not None:
+            difference, reference_name = references.difference(family, case.length, name,
+                                                               _output_tensor(step.forward()).detach())
+            for row in rows:
+                row.output_difference = difference
+                if reference_name:
+                    row.note = "; ".join(x for x in (row.note, f"output vs {reference_name}") if x)
     except Unsupported as reason:
         for row in rows:
             row.note = str(reason)
@@ -390,7 +423,9 @@ def markdown(rows: list[Row], args: argparse.Namespace, device: torch.device, pe
              f"median of {args.repeats} timed runs after {args.warmup} warm-up runs (spread: min-max and IQR).", ""]
     floor_text = (f"Floor: max(FLOPs / {peak.flops_per_s / 1e12:g} TFLOP/s, bytes / {peak.bytes_per_s / 1e12:g} TB/s), "
                   f"the {peak.name} data sheet (runtime/hardware.py); FLOP and byte counts are the nominal ones "
-                  "documented in benchmarks/kernels.py. `x fla` = fla's median / this row's median (>1: faster).")
+                  "documented in benchmarks/kernels.py. `x fla` = fla's median / this row's median (>1: faster). "
+                  "`output diff` = relative L2 distance of the forward output from the first provider of the same "
+                  "op on the same inputs (a check that a fast row is also a right one).")
     lines += [floor_text, ""]
     if not peak.measured_here:
         load = ", ".join(f"{x:.1f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "unknown"
@@ -399,7 +434,7 @@ def markdown(rows: list[Row], args: argparse.Namespace, device: torch.device, pe
                   f"the {peak.name}'s for the same work, so the floor fraction is not meaningful here. GPU numbers: "
                   "`spindle bench kernels --preset 32k` and `--preset 1m` on an H200.**", ""]
     header = ["op", "provider", "T", "mode", "median ms", "min ms", "max ms", "IQR ms", "TFLOP/s", "floor ms",
-              "% of floor", "x fla", "note"]
+              "% of floor", "x fla", "output diff", "note"]
     table, noted = [], set()
     for r in rows:
         t = r.timing
@@ -407,14 +442,14 @@ def markdown(rows: list[Row], args: argparse.Namespace, device: torch.device, pe
             if (r.provider, r.length) in noted:
                 continue
             noted.add((r.provider, r.length))
-            table.append([r.family, r.provider, r.length, "-", *["-"] * 8, r.note])
+            table.append([r.family, r.provider, r.length, "-", *["-"] * 9, r.note])
             continue
         table.append([r.family, r.provider, r.length, r.mode, f"{t.median_ms:.3f}", f"{t.min_ms:.3f}",
                       f"{t.max_ms:.3f}", f"{t.iqr_ms:.3f}", f"{r.flops / t.median_ms / 1e9:.3g}",
                       _format(r.floor_ms, ".3g"),
                       _format(r.floor_fraction and 100 * r.floor_fraction, ".1f") if peak.measured_here else "n/a",
-                      _format(r.relative_to_fla, ".2f"), r.note])
-    lines += markdown_table(header, table, "llrlrrrrrrrrl")
+                      _format(r.relative_to_fla, ".2f"), _format(r.output_difference, ".1e"), r.note])
+    lines += markdown_table(header, table, "llrlrrrrrrrrrl")
     lines += ["", "![fwd+bwd median per provider, bars min-max](kernels.png)", ""]
     return "\n".join(lines)
 
@@ -428,6 +463,7 @@ def plot(rows: list[Row], path: Path) -> None:
     figure, axes = plt.subplots(1, 2, figsize=(11, 4))
     for axis, family in zip(axes, ("linear", "softmax")):
         providers = sorted({r.provider for r in rows if r.family == family and r.timing})
+        plotted = False
         for provider in providers:
             points = sorted((r.length, r.timing) for r in rows
                             if r.family == family and r.provider == provider and r.mode == "fwd+bwd" and r.timing)
@@ -437,13 +473,14 @@ def plot(rows: list[Row], path: Path) -> None:
             medians = [p[1].median_ms for p in points]
             spread = [[p[1].median_ms - p[1].min_ms for p in points], [p[1].max_ms - p[1].median_ms for p in points]]
             axis.errorbar(lengths, medians, yerr=spread, marker="o", capsize=3, label=provider)
+            plotted = True
         axis.set_xscale("log", base=2)
         axis.set_yscale("log")
         axis.set_xlabel("sequence length T")
         axis.set_ylabel("fwd+bwd median ms")
         axis.set_title(f"{family} attention")
         axis.grid(True, which="both", alpha=0.3)
-        if providers:
+        if plotted:
             axis.legend(fontsize=8)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
@@ -535,12 +572,16 @@ def main(argv: list[str] | None = None) -> int:
     dtype = DTYPES[args.dtype]
     torch.manual_seed(0)
     rows: list[Row] = []
+    references = References()
     for length in args.lengths:
         case = Case(args.batch, args.heads, args.kv_heads, args.dim, length, dtype, args.decay, args.window, device)
         for name in args.linear:
-            rows += run_provider("linear", name, LINEAR_PROVIDERS[name], case, args.modes, args.warmup, args.repeats)
+            rows += run_provider("linear", name, LINEAR_PROVIDERS[name], case, args.modes, args.warmup, args.repeats,
+                                 references)
         for name in args.softmax:
-            rows += run_provider("softmax", name, SOFTMAX_PROVIDERS[name], case, args.modes, args.warmup, args.repeats)
+            rows += run_provider("softmax", name, SOFTMAX_PROVIDERS[name], case, args.modes, args.warmup,
+                                 args.repeats, references)
+        references.clear()  # one length's outputs at a time
     peak = peak_for(device, dtype, args.reference_gpu)
     add_floors_and_ratios(rows, peak)
     out = Path(args.out)

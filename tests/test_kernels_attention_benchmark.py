@@ -14,7 +14,7 @@ from spindle.benchmarks import kernels as bench
 
 def test_quick_run_writes_markdown_json_and_plot(tmp_path):
     argv = ["--quick", "--lengths", "32", "--linear", "spindle-torch,fla-chunk", "--softmax",
-            "spindle-attention,torch-sdpa", "--window", "8", "--out", str(tmp_path)]
+            "spindle-attention,torch-sdpa", "--kv-heads", "1", "--out", str(tmp_path)]
     assert bench.main(argv) == 0
     report = json.loads((tmp_path / "kernels.json").read_text())
     assert report["command"].startswith("spindle bench kernels --quick")
@@ -29,10 +29,19 @@ def test_quick_run_writes_markdown_json_and_plot(tmp_path):
     fla = [row for row in report["rows"] if row["provider"] == "fla-chunk"]
     assert fla and all(row["median_ms"] is None and "not installed" in row["note"] for row in fla)
     torch_sdpa = [row for row in report["rows"] if row["provider"] == "torch-sdpa"]
-    assert all("sliding window" in row["note"] for row in torch_sdpa)  # no window without a dense mask
+    assert all(row["output_difference"] < 1e-5 and "output vs spindle-attention" in row["note"] for row in torch_sdpa)
     markdown = (tmp_path / "kernels.md").read_text()
     assert "spindle bench kernels --quick" in markdown and "CPU run" in markdown and "x fla" in markdown
     assert (tmp_path / "kernels.png").stat().st_size > 0
+
+
+def test_window_run_notes_providers_without_a_window(tmp_path):
+    argv = ["--quick", "--lengths", "32", "--linear", "", "--softmax", "spindle-attention,torch-sdpa", "--window", "8",
+            "--modes", "fwd", "--out", str(tmp_path)]
+    assert bench.main(argv) == 0
+    rows = json.loads((tmp_path / "kernels.json").read_text())["rows"]
+    assert [row["median_ms"] is not None for row in rows] == [True, False]
+    assert "sliding window" in rows[1]["note"]  # torch SDPA has no window without a dense mask
 
 
 def _case():
