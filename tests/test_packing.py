@@ -277,3 +277,19 @@ def test_context_parallel_documents_checked_at_config_time(corpus: dict, linear:
         validate(config)
     config.data.packing = "concat"
     validate(config)  # the plain stream runs on every scheme
+
+
+def test_activation_checkpointing_passes_documents_on() -> None:
+    """apply_ac wraps block.forward in a positional-only function; cu_seqlens must still arrive."""
+    from spindle.parallel.parallelize import apply_ac
+
+    tokens = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(2))
+    cu_seqlens = torch.tensor([0, 5, 16, 20, 32], dtype=torch.int32)
+    plain = tiny_model("LA").loss(tokens, tokens, cu_seqlens=cu_seqlens)[0]
+    model = tiny_model("LA")
+    apply_ac(model, "full")
+    checkpointed = model.loss(tokens, tokens, cu_seqlens=cu_seqlens)[0]
+    checkpointed.backward()
+    assert torch.equal(plain, checkpointed)
+    unpacked = tiny_model("LA").loss(tokens, tokens)[0]
+    assert float(plain.detach()) != float(unpacked.detach())  # the documents mattered
