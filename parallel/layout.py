@@ -1,6 +1,7 @@
-"""The one object that owns the parallel layout: degrees -> DeviceMesh -> named process groups.
+"""The parallel layout: degrees -> DeviceMesh -> named process groups (``ParallelDims``), and the
+trainer's batch services on top of it (``ParallelContext``).
 
-Mesh order, outer to inner, is dp, cp, tp (ALGORITHMS.md §4): tp is innermost so that its ranks are
+Mesh order, outer to inner, is dp, cp, tp (docs/design.md): tp is innermost so that its ranks are
 adjacent (the fastest links, same node), a context-parallel group is the set of ranks with equal dp and
 tp coordinates, and weights are replicated over cp, so data-parallel sharding (FSDP2 / ZeRO) runs over
 the flattened dp x cp sub-mesh. Everything else receives the groups from here explicitly.
@@ -19,95 +20,49 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.tensor import DTensor
 
+from spindle.runtime.degrees import LayoutError, ParallelDegrees  # noqa: F401  (re-exported)
+
 log = logging.getLogger(__name__)
 
 MESH_DIMS = ("dp", "cp", "tp")
 
 
-class LayoutError(ValueError):
-    """A parallel layout that cannot be built on the given world size."""
-
-
-@dataclass(frozen=True)
-class ParallelDegrees:
-    """Validated degrees of data, context and tensor parallelism; dp * cp * tp == world_size."""
-
-    dp: int
-    cp: int
-    tp: int
-
-    @property
-    def world_size(self) -> int:
-        return self.dp * self.cp * self.tp
-
-    @classmethod
-    def resolve(cls, dp: int, cp: int, tp: int, world_size: int) -> "ParallelDegrees":
-        """Check the degrees against ``world_size``; one degree may be -1 and is then inferred."""
-        degrees = {"parallel.dp": dp, "parallel.cp": cp, "parallel.tp": tp}
-        unknown = [name for name, value in degrees.items() if value == -1]
-        for name, value in degrees.items():
-            if value == 0 or value < -1:
-                raise LayoutError(f"{name}={value} is not a valid degree: use a positive integer (or -1 to infer it).")
-        if len(unknown) > 1:
-            raise LayoutError(f"{' and '.join(unknown)} are both -1: at most one degree can be inferred from the world size.")
-        known = 1
-        for value in degrees.values():
-            known *= value if value != -1 else 1
-        if unknown:
-            if world_size % known != 0:
-                raise LayoutError(
-                    f"cannot infer {unknown[0]}: the other degrees multiply to {known}, which does not divide the "
-                    f"world size {world_size}. Choose degrees whose product divides {world_size}.")
-            degrees[unknown[0]] = world_size // known
-        resolved = cls(degrees["parallel.dp"], degrees["parallel.cp"], degrees["parallel.tp"])
-        if resolved.world_size != world_size:
-            raise LayoutError(
-                f"parallel.dp * parallel.cp * parallel.tp = {resolved.dp} * {resolved.cp} * {resolved.tp} = "
-                f"{resolved.world_size}, but the job has {world_size} workers. Make the product equal the worker count "
-                f"(or set one degree to -1 to infer it).")
-        return resolved
-
-
 @dataclass
-class ParallelContext:
-    """Where this process sits in the job: degrees, coordinates, device and the named groups.
+class ParallelDims:
+    """Where this process sits in the job: degrees, the dp x cp x tp DeviceMesh, coordinates, device.
 
-    The trainer only talks to this object: ``prepare`` shards a micro-batch over the cp group,
-    ``sum_over_batch_ranks`` sums over the ranks that hold different parts of the global batch
-    (dp x cp), ``clip_grad_norm`` measures and clips the global gradient norm over any mix of plain,
-    FSDP-sharded and tensor-parallel parameters. ``mesh`` is None in a single-process run.
+    Only identity and groups; the trainer's batch services are ``ParallelContext`` below. ``mesh`` is
+    None in a single-process run.
     """
 
     degrees: ParallelDegrees
     mesh: DeviceMesh | None
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-    cp_layout: str = "zigzag"
     dp_rank: int = 0
     cp_rank: int = 0
     tp_rank: int = 0
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def single_process(cls, device: torch.device | None = None) -> "ParallelContext":
-        return cls(degrees=ParallelDegrees(1, 1, 1), mesh=None, device=device or torch.device("cpu"))
+    def single_process(cls, device: torch.device | None = None, **extra: object):
+        return cls(degrees=ParallelDegrees(1, 1, 1), mesh=None, device=device or torch.device("cpu"), **extra)
 
     @classmethod
-    def build(cls, degrees: ParallelDegrees, device: torch.device, cp_layout: str = "zigzag") -> "ParallelContext":
+    def build(cls, degrees: ParallelDegrees, device: torch.device, **extra: object):
         """Build the dp x cp x tp DeviceMesh over the initialized default process group."""
         if not dist.is_initialized():
             if degrees.world_size == 1:
-                return cls.single_process(device)
+                return cls.single_process(device, **extra)
             raise LayoutError("torch.distributed is not initialized: start the job with torchrun or `spindle train`.")
         if dist.get_world_size() != degrees.world_size:
             raise LayoutError(
                 f"the process group has {dist.get_world_size()} ranks but dp * cp * tp = {degrees.world_size}.")
         mesh = init_device_mesh(device.type, (degrees.dp, degrees.cp, degrees.tp), mesh_dim_names=MESH_DIMS)
-        context = cls(degrees=degrees, mesh=mesh, device=device, cp_layout=cp_layout,
-                      dp_rank=mesh.get_local_rank("dp"), cp_rank=mesh.get_local_rank("cp"),
-                      tp_rank=mesh.get_local_rank("tp"))
-        log.info("parallel layout dp=%d cp=%d tp=%d; this rank: dp %d, cp %d, tp %d", degrees.dp, degrees.cp,
-                 degrees.tp, context.dp_rank, context.cp_rank, context.tp_rank)
-        return context
+        dims = cls(degrees=degrees, mesh=mesh, device=device, dp_rank=mesh.get_local_rank("dp"),
+                   cp_rank=mesh.get_local_rank("cp"), tp_rank=mesh.get_local_rank("tp"), **extra)
+        if dims.is_main:
+            log.info("parallel layout dp=%d cp=%d tp=%d", degrees.dp, degrees.cp, degrees.tp)
+        return dims
 
     # ------------------------------------------------------------------ identity
     @property
@@ -127,13 +82,6 @@ class ParallelContext:
         """The rank that writes metrics, wandb and the progress bar."""
         return self.rank == 0
 
-    @property
-    def gradient_scale(self) -> float:
-        """Factor on each rank's loss before backward. The data-parallel engines (FSDP2, ZeRO) average
-        gradients over the dp x cp ranks, and the loss is already divided by the global token count,
-        so multiplying by dp·cp turns their average into the sum the global-token mean needs."""
-        return float(self.degrees.dp * self.degrees.cp)
-
     def group(self, name: str) -> dist.ProcessGroup | None:
         """The process group of mesh dimension ``name`` ("dp", "cp" or "tp"); None without a mesh."""
         if self.mesh is None:
@@ -146,6 +94,33 @@ class ParallelContext:
         if self.mesh is None:
             return None
         return self.mesh["dp", "cp"]._flatten("dp_cp")
+
+
+@dataclass
+class ParallelContext(ParallelDims):
+    """``ParallelDims`` plus the services the trainer needs from the layout.
+
+    ``prepare`` shards a micro-batch over the cp group, ``sum_over_batch_ranks`` sums over the ranks
+    that hold different parts of the global batch (dp x cp), ``clip_grad_norm`` measures and clips the
+    global gradient norm over any mix of plain, FSDP-sharded and tensor-parallel parameters.
+    """
+
+    cp_layout: str = "zigzag"
+
+    @classmethod
+    def single_process(cls, device: torch.device | None = None, cp_layout: str = "zigzag") -> "ParallelContext":
+        return super().single_process(device, cp_layout=cp_layout)
+
+    @classmethod
+    def build(cls, degrees: ParallelDegrees, device: torch.device, cp_layout: str = "zigzag") -> "ParallelContext":
+        return super().build(degrees, device, cp_layout=cp_layout)
+
+    @property
+    def gradient_scale(self) -> float:
+        """Factor on each rank's loss before backward. The data-parallel engines (FSDP2, ZeRO) average
+        gradients over the dp x cp ranks, and the loss is already divided by the global token count,
+        so multiplying by dp·cp turns their average into the sum the global-token mean needs."""
+        return float(self.degrees.dp * self.degrees.cp)
 
     # ------------------------------------------------------------------ what the trainer calls
     def prepare(self, tokens: torch.Tensor, labels: torch.Tensor, cu_seqlens: torch.Tensor | None = None

@@ -55,7 +55,7 @@ from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 import spindle
-from spindle.parallel.layout import ParallelDegrees
+from spindle.runtime.degrees import ParallelDegrees
 from spindle.runtime.trust import check_origin, sign
 
 log = logging.getLogger(__name__)

@@ -17,6 +17,8 @@ from typing import Iterable
 
 import yaml
 
+from spindle.runtime.degrees import LayoutError, ParallelDegrees
+
 
 @dataclass
 class ModelConfig:
@@ -548,7 +550,7 @@ def _check_batch(config: Config, world_size: int | None) -> None:
     if dp == -1:
         if world_size is None:
             return
-        dp = world_size // (parallel.cp * parallel.tp)
+        dp = _resolved_degrees(parallel, world_size).dp
     if train.global_batch % dp:
         raise ConfigError(f"train.global_batch = {train.global_batch} is not divisible by parallel.dp = {dp}: "
                           f"every data-parallel rank takes the same number of sequences.")
@@ -600,11 +602,19 @@ def validate(config: Config, world_size: int | None = None) -> None:
     check_document_support(config)
 
 
+def _resolved_degrees(parallel: ParallelConfig, world_size: int) -> ParallelDegrees:
+    """parallel.dp = -1 resolved by the degrees object (runtime/degrees.py), as a ConfigError if impossible."""
+    try:
+        return ParallelDegrees.resolve(parallel.dp, parallel.cp, parallel.tp, world_size)
+    except LayoutError as error:
+        raise ConfigError(str(error)) from None
+
+
 def resolve(config: Config, world_size: int = 1) -> Config:
     """A copy with the derived values filled in: parallel.dp (when -1) and train.micro_batch (when 0)."""
     resolved = copy.deepcopy(config)
     if resolved.parallel.dp == -1:
-        resolved.parallel.dp = world_size // (resolved.parallel.cp * resolved.parallel.tp)
+        resolved.parallel.dp = _resolved_degrees(resolved.parallel, world_size).dp
     if resolved.train.micro_batch == 0:
         resolved.train.micro_batch = resolved.train.global_batch // resolved.parallel.dp
     return resolved

@@ -27,7 +27,6 @@ from typing import TYPE_CHECKING, Protocol
 import torch
 from torch import nn
 
-from spindle.parallel.layout import ParallelContext
 from spindle.runtime.config import Config
 from spindle.runtime.data import IGNORE_INDEX, Dataset, PackedBatch
 from spindle.runtime.metrics import (
@@ -40,7 +39,8 @@ from spindle.runtime.optim import learning_rate, set_learning_rate
 from spindle.runtime.progress import ProgressDisplay
 from spindle.runtime.tracking import NullTracker, Tracker
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # the trainer receives the layout; runtime/ never imports parallel/ at load time
+    from spindle.parallel.layout import ParallelContext
     from spindle.runtime.checkpoint import Checkpointer
 
 Batch = tuple[torch.Tensor, torch.Tensor] | PackedBatch
