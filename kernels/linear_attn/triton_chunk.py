@@ -4,11 +4,11 @@ The sequence of every (batch, head) is cut into chunks of BT tokens. Only the d_
 serial; everything quadratic in the chunk runs with one program per chunk:
 
 forward
-  _chunk_states_kernel   grid (Dk blocks, Dv blocks, B·H), serial over chunks: writes the state
+  _chunk_states_kernel   grid (Dk blocks, Dv blocks, sequences·H), serial over chunks: writes the state
                          entering every chunk, h[n], and the final state.
   _chunk_output_kernel   grid (Dv blocks, chunks, B·H): o = scale·[(e^G ⊙ Q) h[n] + ((Q Kᵀ) ⊙ D) V]
 backward
-  _chunk_state_grads_kernel  grid (Dk blocks, Dv blocks, B·H), serial over chunks in reverse: writes
+  _chunk_state_grads_kernel  grid (Dk blocks, Dv blocks, sequences·H), serial over chunks in reverse: writes
                          dh[n] = ∂L/∂(state leaving chunk n) and the initial state's gradient.
   _chunk_dqk_kernel      grid (Dk blocks, chunks, B·H): dq, dk and the log-decay gradient.
   _chunk_dv_kernel       grid (Dv blocks, chunks, B·H): dv.
@@ -18,6 +18,10 @@ e^{G_i − G_j} for j ≤ i and the keys enter the outgoing state with e^{G_C �
 exclusive suffix sum Σ_{u>i} g_u. A constant per-head decay is its own path: G_i = (i+1)·g from the
 position, differences (i − j)·g, no [B, T, H] tensor anywhere. The tail chunk is padded with g = 0 and
 zero q, k, v, so padding neither adds to nor decays the state.
+
+Packed documents (cu_seqlens, inputs flattened to one row): a sequence is a document; chunks never cross
+a document; the chunk-parallel kernels get a device-side chunk table (grid axes (chunk slot, H) instead of
+(chunk, B·H)), built without a host sync from an upper bound on the number of chunks (spare slots exit).
 
 Log-decay gradient, per token t of chunk n (derivation in kernels/linear_attn/README.md):
   dg_t = Σ_{i≥t} [q_i·dq_i − k_i·dk_i]_intra,inter-query + Σ_{i<t} k_i·dk_i^state + e^{G_C}⟨dh[n], h[n]⟩
@@ -91,7 +95,7 @@ def _chunk_decay(g, bos, head, heads, length, start, DECAY: tl.constexpr, BT: tl
     else:
         cumulative = tl.zeros([BT], dtype=tl.float32)
         key_log = tl.zeros([BT], dtype=tl.float32)
-        last = 0.0
+        last = tl.sum(key_log, 0)  # a 0 of the same kind (a scalar tensor) as the other branches return
     return cumulative, key_log, last
 
 
