@@ -263,3 +263,19 @@ def test_cu_seqlens_needs_equal_lengths():
     q, k = torch.randn(1, 4, 2, 8), torch.randn(1, 6, 2, 8)
     with pytest.raises(ValueError, match="as many queries as keys"):
         attention(q, k, k, cu_seqlens=torch.tensor([0, 6]))
+
+
+def test_bidirectional_documents_band_ends_at_the_last_document(monkeypatch):
+    """causal=False with documents: a block's keys end where its last row's document ends (both batch rows)."""
+    length, cu_seqlens = 64, [0, 10, 40, 64, 74, 104, 128]  # the same documents in both rows
+    q, k, v, grad_output, grad_lse = make_inputs(2, length, length, 2, 1, 8)
+    offsets = torch.tensor(cu_seqlens)
+    run = lambda *x: attention(*x, causal=False, cu_seqlens=offsets, return_lse=True, backend="math")  # noqa: E731
+    expected = run_with_gradients(run, q, k, v, grad_output, grad_lse, torch.float64)
+    monkeypatch.setattr(attention_math, "_MAX_SCORES_PER_BLOCK", 1)  # 16-row blocks
+    spec = build_mask_spec(offsets, False, None, 2, length, length, torch.device("cpu"))
+    bands = [band for _, band in attention_math.block_plan(spec, length, length, 4)]
+    assert [(band.start, band.stop) for band in bands] == [(0, 40), (10, 40), (10, 64), (40, 64)]
+    actual = run_with_gradients(run, q, k, v, grad_output, grad_lse, torch.float64)
+    for name in expected:
+        torch.testing.assert_close(actual[name], expected[name], rtol=1e-12, atol=1e-12)

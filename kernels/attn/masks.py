@@ -25,6 +25,7 @@ class MaskSpec:
     query_documents: torch.Tensor | None = None  # [B, Tq] int64 document id of each query (aligned position)
     key_documents: torch.Tensor | None = None  # [B, Tk] int64 document id of each key
     key_document_starts: torch.Tensor | None = None  # CPU [B, Tk]: first key of the document of key j
+    key_document_ends: torch.Tensor | None = None  # CPU [B, Tk]: one past the last key of that document
 
     @property
     def has_documents(self) -> bool:
@@ -94,8 +95,9 @@ def build_mask_spec(
     host_ids = document_ids(offsets, batch, key_length, torch.device("cpu"))
     row_starts = torch.arange(batch)[:, None] * key_length
     starts = offsets[host_ids] - row_starts
+    ends = offsets[host_ids + 1] - row_starts
     # Tq == Tk is enforced with cu_seqlens, so query i sits at key position i
-    return MaskSpec(causal, window, keys, keys, starts)
+    return MaskSpec(causal, window, keys, keys, starts, ends)
 
 
 def visible(spec: MaskSpec, query_rows: slice, key_columns: slice, query_length: int, key_length: int,
@@ -126,7 +128,8 @@ def key_band(spec: MaskSpec, query_rows: slice, query_length: int, key_length: i
     """The keys [start, stop) that any query of `query_rows` may see; outside it every score is masked.
 
     Causal: up to the last row's aligned position; window: from the first row's position - w + 1;
-    documents: from the start of the first row's document (document starts never decrease along a row).
+    documents: from the start of the first row's document to the end of the last row's (document bounds
+    never decrease along a row).
     """
     offset = key_length - query_length
     start, stop = 0, key_length
@@ -135,7 +138,9 @@ def key_band(spec: MaskSpec, query_rows: slice, query_length: int, key_length: i
         if spec.window is not None:
             start = max(0, query_rows.start + offset - spec.window + 1)
     if spec.key_document_starts is not None and query_rows.start < query_rows.stop:
-        first = query_rows.start + offset
+        first, last = query_rows.start + offset, query_rows.stop - 1 + offset
         if 0 <= first < key_length:
             start = max(start, int(spec.key_document_starts[:, first].min()))
+        if 0 <= last < key_length:
+            stop = min(stop, int(spec.key_document_ends[:, last].max()))
     return slice(min(start, stop), stop)
