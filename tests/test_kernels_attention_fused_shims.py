@@ -76,13 +76,18 @@ def dense_backward(dout, q, k, v, out, lse, scale, causal, left, right):
     return dq, fold(dk), fold(dv)
 
 
+KV_HEADS_SEEN: list[int] = []  # key heads each stand-in kernel received (native GQA: never repeated)
+
+
 def batched_forward(q, k, v, scale, causal, left, right):
+    KV_HEADS_SEEN.append(k.shape[-2])
     pieces = [dense_forward(q[b], k[b], v[b], scale, causal, left, right) for b in range(q.shape[0])]
     return torch.stack([p[0] for p in pieces]).to(q.dtype), torch.stack([p[1] for p in pieces]).float()
 
 
 def varlen_forward(q, k, v, cu_q, cu_k, max_q, scale, causal, left, right):
     """q [total, H, D] -> out [total, H, D], lse [H, total]."""
+    KV_HEADS_SEEN.append(k.shape[-2])
     assert cu_q.dtype == torch.int32 and cu_k.dtype == torch.int32
     out, lse = torch.zeros_like(q), torch.zeros(q.shape[1], q.shape[0])
     for a, b, c, d in zip(cu_q[:-1].tolist(), cu_q[1:].tolist(), cu_k[:-1].tolist(), cu_k[1:].tolist()):
@@ -328,9 +333,11 @@ def test_shim_matches_reference(monkeypatch, kernel, case):
     expected = run_with_gradients(lambda *x: masked_reference(*x, scale, mask), q, k, v, grad_output,
                                   no_lse_gradient, torch.float64)
     offsets = None if cu_seqlens is None else torch.tensor(cu_seqlens, dtype=torch.int64)
+    KV_HEADS_SEEN.clear()
     actual = run_with_gradients(
         lambda *x: attention(*x, causal=causal, window=window, cu_seqlens=offsets, return_lse=True, backend=backend),
         q, k, v, grad_output, no_lse_gradient, torch.float32)
+    assert KV_HEADS_SEEN and set(KV_HEADS_SEEN) == {kv_heads}, "K/V must reach the kernel unrepeated (native GQA)"
     for name, value in expected.items():
         reference = torch.where(torch.isinf(value), torch.zeros_like(value), value)
         candidate = torch.where(torch.isinf(actual[name]), torch.zeros_like(actual[name]), actual[name]).double()
