@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from .op_binding import bind_arguments, call_op, has_parameter, registered_op, schema_parameters
+from .op_binding import Parameter, bind_arguments, call_op, has_parameter, registered_op, schema_parameters
 
 _LSE_ALIGNMENT = 32  # the memory-efficient kernel stores lse padded to a multiple of 32 queries
 _MASK_NONE, _MASK_BOTTOM_RIGHT = 0, 2  # custom_mask_type values of aten::_efficient_attention_forward
@@ -88,14 +88,12 @@ FLASH_ATTN_26_VARLEN_BACKWARD = FLASH_ATTN_26_BACKWARD[:9] + (
     "cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k") + FLASH_ATTN_26_BACKWARD[9:]
 
 
-def flash_attn_backward_callable(varlen: bool) -> tuple[Any, list]:
+def flash_attn_backward_callable(varlen: bool) -> tuple[Any, list[Parameter]]:
     """(callable, its parameters): the registered op when there is one (2.7+), else 2.6's function."""
     name = "_flash_attn_varlen_backward" if varlen else "_flash_attn_backward"
     op = registered_op("flash_attn", name)
     if op is not None:
         return op, schema_parameters(op)
-    from .op_binding import Parameter
-
     names = FLASH_ATTN_26_VARLEN_BACKWARD if varlen else FLASH_ATTN_26_BACKWARD
     return getattr(flash_attn_module(), name), [Parameter(n, False) for n in names]
 
