@@ -3,8 +3,8 @@
 - Ulysses, all-gather and ring attention with cu_seqlens at P = 2, 3, 4, both layouts, B = 2, documents
   that cross rank seams, end exactly on a rank or chunk seam, or are shorter than a chunk: outputs and
   every input gradient against each document run alone through the single-device kernel (float64);
-- the whole trainer on packed batches of a prepared folder (dp2 x cp2, all-gather attention, zigzag)
-  against one process: the same per-step losses and gradient norms.
+- the whole trainer on packed batches of a prepared folder (dp2 x cp2 with all-gather attention, cp2 x
+  tp2 with ring attention, zigzag) against one process: the same per-step losses and gradient norms.
 """
 from __future__ import annotations
 
@@ -36,10 +36,11 @@ LENGTH = 24  # divisible by 2P for P = 2, 3, 4
 ROW_STARTS = [[0, 3, 4, 6, 11, 12, 20], [0, 8, 9, 17]]
 
 
-def packed_config(folder: str, world_size: int, dp: int = 1, cp: int = 1) -> Config:
+def packed_config(folder: str, world_size: int, dp: int = 1, cp: int = 1, tp: int = 1,
+                  softmax: str = "allgather") -> Config:
     overrides = {"data.source": folder, "data.seq_len": LENGTH, "data.packing": "documents",
                  "model.vocab_size": 128, "model.layers": "A", "model.n_layers": 2, "parallel.dp": dp,
-                 "parallel.cp": cp, "parallel.cp_softmax": "allgather", "parallel.cp_layout": "zigzag",
+                 "parallel.cp": cp, "parallel.tp": tp, "parallel.cp_softmax": softmax, "parallel.cp_layout": "zigzag",
                  "train.steps": STEPS, "train.global_batch": 4, "train.micro_batch": 1, "train.precision": "fp32"}
     return resolve(load_config(TINY, [f"{key}={value}" for key, value in overrides.items()],
                                world_size=world_size), world_size)
@@ -105,9 +106,12 @@ def _worker(rank: int, world_size: int, group: object, folder: str) -> dict:
             for scheme in SCHEMES:
                 if members is not None:
                     errors[f"{scheme}-P{size}-{layout}"] = _check_scheme(scheme, members, layout)
-    config = packed_config(folder, world_size, dp=2, cp=2)
-    context = ParallelContext.build(ParallelDegrees(2, 2, 1), torch.device("cpu"), cp_layout="zigzag")
-    return {"errors": errors, "training": train_losses(config, context)}
+    training = {}
+    for name, degrees, softmax in (("dp2-cp2-allgather", (2, 2, 1), "allgather"), ("cp2-tp2-ring", (1, 2, 2), "ring")):
+        config = packed_config(folder, world_size, *degrees, softmax=softmax)
+        context = ParallelContext.build(ParallelDegrees(*degrees), torch.device("cpu"), cp_layout="zigzag")
+        training[name] = train_losses(config, context)
+    return {"errors": errors, "training": training}
 
 
 @pytest.fixture(scope="module")
@@ -127,6 +131,7 @@ def test_packed_documents_on_four_ranks(prepared: str) -> None:
     assert max(errors.values()) < 1e-10, errors
     reference = train_losses(packed_config(prepared, 1), ParallelContext.single_process())
     for result in results:
-        for key in ("losses", "grad_norms"):
-            actual, expected = result["training"][key], reference[key]
-            assert max(abs(a - e) / abs(e) for a, e in zip(actual, expected)) < 1e-5, (key, actual, expected)
+        for layout, training in result["training"].items():
+            for key in ("losses", "grad_norms"):
+                actual, expected = training[key], reference[key]
+                assert max(abs(a - e) / abs(e) for a, e in zip(actual, expected)) < 1e-5, (layout, key, actual)
