@@ -174,7 +174,11 @@ def _fit(trainer: object, run_dir: Path) -> dict:
         result = trainer.fit()
     except TrainingFailedError as error:
         raise LaunchError(explain_failure(error, run_dir)) from None
-    return dict(result.return_value or {})
+    except SystemExit:  # Ray Train's own Ctrl-C handler aborts the run and exits this way
+        raise KeyboardInterrupt from None
+    if not result.return_value:  # aborted by Ctrl-C: the workers were stopped before rank 0 returned
+        raise KeyboardInterrupt
+    return dict(result.return_value)
 
 
 def explain_failure(error: Exception, run_dir: Path) -> str:

@@ -35,11 +35,15 @@ def run_main(run_dir: Path, *arguments: str, wait: bool = True) -> subprocess.Co
     return subprocess.run(command, timeout=300, **options) if wait else subprocess.Popen(command, **options)
 
 
+FINISHED_OUTPUT: dict[str, str] = {}
+
+
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     run_dir = tmp_path_factory.mktemp("finished") / "run"
-    result = run_main(run_dir, *sets())
+    result = run_main(run_dir, *sets("logging.progress=true"))
     assert result.returncode == 0, result.stderr
+    FINISHED_OUTPUT["stdout"] = result.stdout
     return run_dir
 
 
@@ -57,6 +61,14 @@ def train(capsys: pytest.CaptureFixture, *arguments: str) -> tuple[int, str, str
     code = main(["train", str(TINY), *arguments])
     captured = capsys.readouterr()
     return code, captured.out, captured.err
+
+
+def test_rank_0_shows_progress_with_eta(finished_run: Path) -> None:
+    """Without Ray (python -m spindle.runtime.main, as under torchrun) rank 0 prints the progress lines."""
+    stdout = FINISHED_OUTPUT["stdout"]
+    lines = [line for line in stdout.splitlines() if line.startswith("step ")]
+    assert len(lines) == STEPS and all("tokens/s" in line and "peak mem" in line for line in lines), stdout
+    assert all("ETA " in line for line in lines[:-1]) and "ETA" not in lines[-1]
 
 
 def test_resume_path_that_is_not_a_checkpoint(tmp_path: Path, finished_run: Path,
