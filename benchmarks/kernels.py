@@ -222,7 +222,8 @@ def lightning_attention(case: Case) -> Step:
 
 
 def _softmax_inputs(case: Case) -> list[torch.Tensor]:
-    shapes = [(case.batch, case.length, case.heads, case.dim)] + [(case.batch, case.length, case.kv_heads, case.dim)] * 2
+    kv_shape = (case.batch, case.length, case.kv_heads, case.dim)
+    shapes = [(case.batch, case.length, case.heads, case.dim), kv_shape, kv_shape]
     return [torch.randn(s, device=case.device, dtype=case.dtype).requires_grad_() for s in shapes]
 
 
@@ -431,10 +432,14 @@ def markdown(rows: list[Row], args: argparse.Namespace, device: torch.device, pe
                   "`output diff` = relative L2 distance of the forward output from the first provider of the same "
                   "op on the same inputs (a check that a fast row is also a right one).")
     lines += [floor_text, ""]
-    if not peak.measured_here:
+    if device.type == "cuda" and not peak.measured_here:
+        lines += [f"**{_device_name(device)} is not in runtime/hardware.py: the floor uses the {peak.name}'s "
+                  "data sheet, so the floor fraction is only indicative.**", ""]
+    elif not peak.measured_here:
         load = ", ".join(f"{x:.1f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "unknown"
         lines += [f"**CPU run at tiny shapes ({_device_name(device)}, {os.cpu_count()} cores, load average {load} "
-                  f"when the report was written: noisy). It shows the harness works; the times say nothing about GPUs. The floor column is "
+                  f"when the report was written: noisy). It shows the harness works; the times say nothing about "
+                  "GPUs. The floor column is "
                   f"the {peak.name}'s for the same work, so the floor fraction is not meaningful here. GPU numbers: "
                   "`spindle bench kernels --preset 32k` and `--preset 1m` on an H200.**", ""]
     header = ["op", "provider", "T", "mode", "median ms", "min ms", "max ms", "IQR ms", "TFLOP/s", "floor ms",
@@ -567,8 +572,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
         parser.error("--device cuda: no CUDA device here; use --device cpu (or --quick)")
     device = torch.device(args.device)
     # GPU: 3 warm-ups (Triton compiles and autotunes there), 10 timed runs: both issue shapes fit a 75 s budget
-    args.warmup = 3 if args.warmup is None and device.type == "cuda" else (2 if args.warmup is None else args.warmup)
-    args.repeats = 10 if args.repeats is None and device.type == "cuda" else (5 if args.repeats is None else args.repeats)
+    on_device = device.type == "cuda"
+    args.warmup = (3 if on_device else 2) if args.warmup is None else args.warmup
+    args.repeats = (10 if on_device else 5) if args.repeats is None else args.repeats
     return args
 
 
