@@ -175,6 +175,10 @@ class Check:
         self.log(output)
         self.log(f"===== [{part.name}] exit {process.returncode}{' (killed: time box)' if timed_out else ''} "
                  f"after {seconds:.1f} s")
+        if timed_out or process.returncode != 0:  # shown in the report when the part fails
+            tail = "\n".join(output.strip().splitlines()[-20:])
+            part.details.setdefault("nonzero_exits", []).append({"command": shown, "exit_code": process.returncode,
+                                                                  "timed_out": timed_out, "output_tail": tail})
         return CommandResult(None if timed_out else process.returncode, seconds, timed_out, output)
 
     def spindle(self, *arguments: str) -> list[str]:
@@ -883,6 +887,11 @@ def _part_section(part: PartResult) -> list[str]:
     if part.commands:
         lines += ["```", *part.commands, "```", ""]
     details = part.details
+    if part.outcome == "failed" or part.status == "over budget":
+        for failed in details.get("nonzero_exits", [])[-2:]:
+            lines += [f"Last lines of `{failed['command'][:160]}` "
+                      f"({'stopped at the time box' if failed['timed_out'] else 'exit ' + str(failed['exit_code'])}):",
+                      "", "```", failed["output_tail"], "```", ""]
     if part.name == "pytest-gpu" and details.get("failures"):
         lines += ["Failures:", "", *(f"- `{line}`" for line in details["failures"]), ""]
     if part.name == "pytest-gpu" and details.get("skip_reasons"):
