@@ -7,14 +7,20 @@ each decay kind; LASP-2's communication is checked against the analytic byte cou
 from __future__ import annotations
 
 import itertools
+import os
 
 import pytest
 import torch
+
+if not torch.cuda.is_available():
+    # the Triton-backed LASP check below runs the kernels in the interpreter (also in spawned ranks)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 import torch.distributed as dist
 from cp_reference import assert_close, dense_linear_attention, random_inputs, relative_rmse
 from distributed_utils import run_distributed, subgroup
 
 from spindle.kernels import linear_attention
+from spindle.kernels.linear_attn import force_backend, triton_available
 from spindle.parallel.cp import lasp1, lasp2, record_comm, shard
 
 pytestmark = pytest.mark.slow
@@ -121,7 +127,23 @@ def _comm_worker(rank, world_size, world_group):
             _check_communication(group, size)
             if size == 2:
                 _long_chunk_drift(group)
+                _triton_local_kernel(group)
     _kernel_agreement(world_group, world_size)
+
+
+def _triton_local_kernel(group):
+    """LASP-2 and LASP-1 with the Triton kernels as the local op (linear_attention_fwd / _bwd called directly)."""
+    global KEY_DIM, VALUE_DIM
+    if not triton_available(torch.device("cpu")):
+        return
+    saved = KEY_DIM, VALUE_DIM
+    KEY_DIM, VALUE_DIM = 16, 16  # the Triton kernels take head dims 16..256
+    try:
+        with force_backend("triton"):
+            _check_case(lasp2, group, 2, "zigzag", "token", chunk=17, dtype=torch.float32, seed=16)
+            _check_case(lasp1, group, 2, "contiguous", "constant", chunk=17, dtype=torch.float32, seed=17)
+    finally:
+        KEY_DIM, VALUE_DIM = saved
 
 
 def _long_chunk_drift(group, chunk=8192, window=512):

