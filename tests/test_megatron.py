@@ -9,6 +9,8 @@ One spawn of 2 ranks runs every distributed case and returns measurements; the t
 - whole model: a GPTModel with the spindle spec trained for a few steps gives the same per-step losses
   with cp=2 (dp=1) as with cp=1 (dp=2) (fp32, 1e-5), for a softmax-only and hybrid patterns (L, A,
   R = RAttention, S = sliding window);
+- conversion: a GPTModel holding a native HybridModel's weights (native_model_state_dict) gives the
+  native model's loss under cp=2;
 - checkpoint: a cp=2 run saved by spindle's Checkpointer resumes at cp=1 and continues exactly as the
   uninterrupted run.
 """
@@ -166,6 +168,44 @@ def _whole_model_losses(pattern, cp_linear, cp_softmax, linear_decay, steps, run
     return example.train(settings, run_dir=run_dir, resume=resume)
 
 
+def _native_model_loss_gap(cp_group) -> tuple[float, float]:
+    """(native mean loss, Megatron mean loss) of the same LRSA model: a native HybridModel and a
+    GPTModel from hybrid_block_spec holding its weights (native_model_state_dict), fp32, under CP."""
+    import torch.distributed as dist
+    import torch.nn.functional as F
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.process_groups_config import ProcessGroupCollection
+    from megatron.core.transformer.transformer_config import TransformerConfig
+    from megatron.core.utils import get_batch_on_this_cp_rank
+
+    from spindle.integrations.megatron import hybrid_block_spec, native_model_state_dict, use_host_rotary
+    from spindle.runtime.config import ModelConfig
+    from spindle.runtime.model import HybridModel
+
+    native_config = ModelConfig(layers="LRSA", n_layers=4, dim=32, heads=4, kv_heads=2, vocab_size=64, ffn_dim=64,
+                                window=WINDOW, init_std=0.2)
+    torch.manual_seed(5)
+    native = HybridModel(native_config)
+    config = TransformerConfig(
+        num_layers=4, hidden_size=32, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=64,
+        context_parallel_size=cp_group.size(), normalization="RMSNorm", layernorm_epsilon=native_config.norm_eps,
+        gated_linear_unit=True, activation_func=F.silu, add_bias_linear=False, hidden_dropout=0.0,
+        attention_dropout=0.0, use_cpu_initialization=True)
+    model = GPTModel(config, hybrid_block_spec("LRSA", config=config, window=WINDOW), vocab_size=64,
+                     max_sequence_length=16, position_embedding_type="rope",
+                     rotary_base=int(native_config.rope_theta),
+                     pg_collection=ProcessGroupCollection.use_mpu_process_groups())
+    use_host_rotary(model)
+    model.load_state_dict(native_model_state_dict(native), strict=True)
+    tokens, labels = torch.randint(0, 64, (2, 16)), torch.randint(0, 64, (2, 16))
+    loss_sum, count = native.loss(tokens, labels)
+    local = get_batch_on_this_cp_rank({"tokens": tokens, "labels": labels,
+                                       "position_ids": torch.arange(16).expand(2, -1)}, cp_group)
+    megatron_sum = model(local["tokens"], local["position_ids"], None, labels=local["labels"]).sum()
+    dist.all_reduce(megatron_sum, group=cp_group)
+    return float(loss_sum / count), float(megatron_sum / count)
+
+
 def _layout_matches(cp_group) -> bool:
     from megatron.core.utils import get_batch_on_this_cp_rank
 
@@ -185,6 +225,7 @@ def _worker(rank: int, world_size: int, group, run_dir: str) -> dict:
         try:
             if cp_size == 2:
                 results["layout"] = _layout_matches(parallel_state.get_context_parallel_group())
+                results["native model"] = _native_model_loss_gap(parallel_state.get_context_parallel_group())
             for case, (letter, options) in LAYER_CASES.items():
                 results["layers"][(case, cp_size)] = _layer_errors(letter, options, cp_size)
             for case, arguments in WHOLE_MODEL_CASES.items():
@@ -228,6 +269,12 @@ def test_layer_equals_native_block_float64(distributed_results, case, cp_size):
     assert len(errors) > 6, "too few quantities compared"
     bad = {name: error for name, error in errors.items() if not error <= LAYER_TOLERANCE}
     assert not bad, f"{case} cp={cp_size}: relative RMSE above {LAYER_TOLERANCE:.0e}: {bad}"
+
+
+def test_gpt_model_with_converted_native_weights_equals_native_model(distributed_results):
+    native, megatron = distributed_results["native model"]
+    assert abs(native - megatron) <= LOSS_TOLERANCE, f"native HybridModel loss {native} vs GPTModel (cp=2) {megatron}"
+    assert abs(native - torch.log(torch.tensor(64.0)).item()) > 1e-2, "loss at chance level: weak comparison"
 
 
 @pytest.mark.parametrize("case", list(WHOLE_MODEL_CASES))
