@@ -205,3 +205,27 @@ def test_triton_documents_empty_and_chunk_aligned(monkeypatch):
     offsets = [0, 16, 16, 32, 33, 40]
     tensors, gradients = make_case(1, 40, 1, 16, 16, "token", documents=len(offsets) - 1)
     compare("triton", tensors, gradients, 0, offsets, "triton documents on chunk seams")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_triton_documents_on_gpu(dtype):
+    """Compiled kernels (autotuned) with packed documents and a delay, against the float64 reference."""
+    offsets = [0, 5, 300, 1024, 1024 + 64, 2048]
+    tensors, gradients = make_case(2, 1024, 2, 64, 128, "token", documents=len(offsets) - 1, seed=9)
+    scale = 64**-0.5
+    cu_seqlens = torch.tensor(offsets, dtype=torch.int32, device="cuda")
+    for delay in (0, 7):
+        case = {name: value.cuda() for name, value in tensors.items() if name != "initial_state" or delay == 0}
+        expected = run(lambda **leaves: reference(*(leaves[n] for n in ("q", "k", "v", "log_decay")), scale, delay,
+                                                  offsets, leaves.get("initial_state")),
+                       {n: x.cpu() for n, x in case.items()}, gradients, torch.float64)
+        actual = run(lambda **leaves: linear_attention(
+            leaves["q"], leaves["k"], leaves["v"], log_decay=leaves["log_decay"], scale=scale,
+            initial_state=leaves.get("initial_state"), output_final_state=True, backend="triton", delay=delay,
+            cu_seqlens=cu_seqlens), case, {n: x.cuda() for n, x in gradients.items()}, dtype)
+        tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+        for name, value in expected.items():
+            error = relative_rmse(actual[name].cpu(), value)
+            assert error <= tolerance, f"{dtype} delay={delay} {name}: {error:.2e}"
