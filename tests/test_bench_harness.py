@@ -44,24 +44,25 @@ def test_markdown_table_columns() -> None:
         harness.markdown_table(["a"], [], align="lr")
 
 
+@pytest.mark.slow
 def test_cp_benchmark_compares_like_with_like(tmp_path) -> None:
-    """One small run on 2 gloo ranks: a linear table against lasp2 and a softmax table against ring."""
-    import json
+    """Rows from 2 gloo ranks (tests/two_rank_checks.py): a linear table against lasp2, a softmax table
+    against ring, exact bytes, and the planner's projection for every scheme."""
+    import two_rank_checks
 
     from spindle.benchmarks import cp
 
-    output = tmp_path / "cp.md"
-    assert cp.main(["--world-sizes", "2", "--lengths", "64", "--methods", "lasp2,lasp1,ring,allgather",
-                    "--heads", "2", "--kv-heads", "2", "--dim", "8", "--warmup", "0", "--repeats", "2",
-                    "--output", str(output)]) == 0
-    text = output.read_text()
+    measurements = [cp.Measurement(**row) for row in two_rank_checks.results()["bench"]]
+    args = cp._parse(["--world-sizes", "2", "--lengths", "64"])
+    projected = cp.projection(args)
+    text = cp.markdown(args, [], measurements, projected, None)
     linear, softmax = text.split("### Linear layers")[1].split("### Softmax layers")
+    softmax = softmax.split("## Projection")[0]
     assert "| lasp1 |" in linear and "| ring |" not in linear and "× lasp2" in linear
-    assert "| allgather |" in softmax.split("## Projection")[0] and "| lasp2 |" not in softmax.split("## Projection")[0]
-    data = json.loads(output.with_suffix(".json").read_text())
-    rows = {row["method"]: row for row in data["measured"]}
-    assert rows["lasp2"]["timing"]["repeats"] == 2 and rows["lasp2"]["note"] == ""
+    assert "| allgather |" in softmax and "| lasp2 |" not in softmax and "× ring" in softmax
+    rows = {m.method: m for m in measurements}
+    assert rows["lasp2"].timing["repeats"] == 2 and rows["lasp2"].note == ""
     # exact bytes: LASP-2 gathers one fp32 state per zigzag chunk (2 x B x H x d x d x 4) from the other rank
-    assert rows["lasp2"]["backward_bytes"] == 2 * 1 * 2 * 8 * 8 * 4
-    layers = data["projection"]["layers"]
+    assert rows["lasp2"].backward_bytes == 2 * 1 * 2 * 8 * 8 * 4
+    layers = projected["layers"]
     assert set(layers) == set(cp.METHODS) and layers["lasp1"]["total_s"] > layers["lasp2"]["total_s"]

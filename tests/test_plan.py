@@ -531,8 +531,8 @@ def test_parameter_counts_cover_every_layer_kind() -> None:
 MEMORY_CASES = {
     "LA-d128-T512": ["model.layers=LA", "model.n_layers=2", "model.dim=128", "model.heads=4", "model.kv_heads=2",
                      "model.vocab_size=512", "data.seq_len=512"],
-    "LLLA-d256-T1024": ["model.layers=LLLA", "model.n_layers=4", "model.dim=256", "model.heads=4",
-                        "model.kv_heads=2", "model.vocab_size=1024", "data.seq_len=1024"],
+    "LLLA-d256-T512": ["model.layers=LLLA", "model.n_layers=4", "model.dim=256", "model.heads=4",
+                        "model.kv_heads=2", "model.vocab_size=1024", "data.seq_len=512"],
 }
 
 
