@@ -179,15 +179,21 @@ class ParameterCounts:
 def parameter_counts(shape: Shape) -> ParameterCounts:
     """Exact counts of HybridModel(shape.model), read off the model built on the meta device (no memory,
     no initialization): one block of each kind, the embedding, the output layer and the final norm."""
+    return _per_model(_COUNTS_CACHE, shape, _meta_parameter_counts, "parameter_counts")
+
+
+# Results per model, keyed by repr(ModelConfig): recommend() plans many layouts of one model.
+_COUNTS_CACHE: dict[str, ParameterCounts] = {}
+_FLOPS_CACHE: dict = {}
+
+
+def _per_model(cache: dict, shape: Shape, compute, caller: str):
     if shape.model is None:
-        raise ValueError("parameter_counts: the Shape has no model config; build it with shape_of(config)")
+        raise ValueError(f"{caller}: the Shape has no model config; build it with shape_of(config)")
     key = repr(shape.model)
-    if key not in _COUNTS_CACHE:
-        _COUNTS_CACHE[key] = _meta_parameter_counts(shape.model)
-    return _COUNTS_CACHE[key]
-
-
-_COUNTS_CACHE: dict[str, ParameterCounts] = {}  # by repr(ModelConfig): recommend() plans many layouts
+    if key not in cache:
+        cache[key] = compute(shape.model)
+    return cache[key]
 
 
 def _meta_parameter_counts(model_config: ModelConfig) -> ParameterCounts:
@@ -757,17 +763,9 @@ class CountedFlops:
         return self.forward_constant[kind] + CAUSAL_SHARE * self.forward_per_key[kind] * seq_len
 
 
-_FLOPS_CACHE: dict[str, CountedFlops] = {}
-
-
 def counted_flops(shape: Shape) -> CountedFlops:
     """FlopCounterMode on the meta-device model at COUNTED_LENGTHS, fitted per token to a + b·T."""
-    if shape.model is None:
-        raise ValueError("counted_flops: the Shape has no model config; build it with shape_of(config)")
-    key = repr(shape.model)
-    if key not in _FLOPS_CACHE:
-        _FLOPS_CACHE[key] = _count_flops(shape.model)
-    return _FLOPS_CACHE[key]
+    return _per_model(_FLOPS_CACHE, shape, _count_flops, "counted_flops")
 
 
 def _count_flops(model_config: ModelConfig) -> CountedFlops:
