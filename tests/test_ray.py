@@ -13,13 +13,16 @@ import json
 import math
 import os
 import re
+import secrets
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -85,6 +88,19 @@ def test_placement_says_what_is_missing() -> None:
         plan_placement(4, tp=1, cp=2, nodes=_nodes((2, 0)), use_gpu=False, cpus_per_worker=2)
 
 
+def test_oversubscription_warns_for_cpus_and_refuses_gpus() -> None:
+    from spindle.launch.placement import check_oversubscription
+    from spindle.runtime.config import ConfigError
+
+    warning = check_oversubscription(4, 1, use_gpu=False, cores=2, gpus=0)
+    assert warning and "4 worker process(es) x 1 CPU = 4 CPU(s) on a machine with 2 core(s)" in warning
+    assert "2.0x slower" in warning
+    assert check_oversubscription(2, 1, use_gpu=False, cores=2, gpus=0) is None
+    with pytest.raises(ConfigError, match="needs 64 GPU worker.* has 8 GPU"):
+        check_oversubscription(64, 1, use_gpu=True, cores=128, gpus=8)
+    assert check_oversubscription(8, 4, use_gpu=True, cores=64, gpus=8) is None
+
+
 def test_gpu_choice_follows_launch_use_gpu() -> None:
     assert decide_gpu("auto", _nodes((8, 0))) is False
     assert decide_gpu("auto", _nodes((8, 0), (8, 2))) is True
@@ -117,6 +133,8 @@ def test_addresses_are_checked_with_clear_messages(monkeypatch: pytest.MonkeyPat
     with pytest.raises(LaunchError, match="cannot reach"):
         dashboard_address(f"127.0.0.1:{port}")
     assert entrypoint("/shared/runs/a b", "never") == "spindle train config.yaml --run-dir '/shared/runs/a b' --resume never"
+    assert entrypoint(None, "never", overwrite=True, trust_checkpoint=True) == \
+        "spindle train config.yaml --resume never --overwrite --trust-checkpoint"
 
 
 def test_restarted_worker_group_resumes_from_a_checkpoint_of_this_launch(tmp_path: Path) -> None:
@@ -205,6 +223,12 @@ class HeadNode:
 
     def __init__(self) -> None:
         self.temp_dir = tempfile.mkdtemp(prefix="spr", dir="/tmp")  # short: Ray puts unix sockets in it
+        # Token authentication with this head's own token file (never ~/.ray/auth_token, which other
+        # clusters of this user would share).
+        self.token_path = Path(self.temp_dir) / "auth_token"
+        descriptor = os.open(self.token_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(descriptor, "w") as handle:
+            handle.write(secrets.token_hex(32))
         self.gcs_port, self.dashboard_port = free_port(), free_port()
         ports = {name: free_port() for name in ("ray-client-server-port", "dashboard-agent-listen-port",
                                                 "dashboard-agent-grpc-port", "runtime-env-agent-port",
@@ -214,8 +238,12 @@ class HeadNode:
                    f"--dashboard-port={self.dashboard_port}", f"--temp-dir={self.temp_dir}", "--num-cpus=2",
                    "--disable-usage-stats", *(f"--{name}={port}" for name, port in ports.items())]
         self.log = open(Path(self.temp_dir) / "head.log", "w")
-        self.process = subprocess.Popen(command, env=_environment(), stdout=self.log, stderr=subprocess.STDOUT,
-                                        start_new_session=True)
+        self.process = subprocess.Popen(command, env=self.client_environment(), stdout=self.log,
+                                        stderr=subprocess.STDOUT, start_new_session=True)
+
+    def client_environment(self) -> dict[str, str]:
+        """What a process that talks to this head needs: its token."""
+        return _environment(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(self.token_path))
 
     @property
     def gcs_address(self) -> str:
@@ -317,24 +345,154 @@ def completed_records(run_dir: Path) -> list[dict]:
     return records
 
 
+@dataclass
+class ObservedRun:
+    """A `spindle train` process and what was seen of its process tree while it ran."""
+
+    run_dir: Path
+    result: subprocess.CompletedProcess
+    listening: set[tuple[str, int, str]] = field(default_factory=set)
+    """(address, port, process name) of every listening socket of the job's processes."""
+    token_files: dict[str, int] = field(default_factory=dict)
+    """RAY_AUTH_TOKEN_PATH of the job's processes -> the file's mode."""
+
+    @property
+    def rendezvous_ports(self) -> set[int]:
+        """MASTER_PORT of each worker group (torch's rendezvous store on rank 0, not a Ray service), from
+        the heartbeat files, which name the group by MASTER_ADDR:MASTER_PORT."""
+        ports = set()
+        for path in (self.run_dir / ".spindle" / "heartbeat").glob("rank_*.json"):
+            ports.add(int(json.loads(path.read_text())["group"].rsplit(":", 1)[1]))
+        return ports
+
+
+def _listening_sockets() -> dict[int, tuple[str, int]]:
+    """Socket inode -> (address, port) of every listening TCP socket on this host (/proc/net/tcp{,6})."""
+    sockets = {}
+    for table, family in (("/proc/net/tcp", 4), ("/proc/net/tcp6", 6)):
+        with contextlib.suppress(OSError), open(table) as handle:
+            for line in list(handle)[1:]:
+                fields = line.split()
+                if fields[3] != "0A":  # TCP_LISTEN
+                    continue
+                address, port = fields[1].split(":")
+                if family == 4:
+                    ip = socket.inet_ntop(socket.AF_INET, bytes.fromhex(address)[::-1])
+                else:
+                    words = bytes.fromhex(address)
+                    ip = socket.inet_ntop(socket.AF_INET6, b"".join(words[i:i + 4][::-1] for i in range(0, 16, 4)))
+                sockets[int(fields[9])] = (ip, int(port, 16))
+    return sockets
+
+
+def _process_tree(root: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                parent = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
+                children.setdefault(parent, []).append(int(entry))
+    tree, pending = [], [root]
+    while pending:
+        pid = pending.pop()
+        tree.append(pid)
+        pending.extend(children.get(pid, []))
+    return tree
+
+
+def _sample(root: int, observed: "ObservedRun") -> None:
+    listening = _listening_sockets()
+    for pid in _process_tree(root):
+        with contextlib.suppress(OSError):
+            name = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
+            for descriptor in os.listdir(f"/proc/{pid}/fd"):
+                with contextlib.suppress(OSError):
+                    target = os.readlink(f"/proc/{pid}/fd/{descriptor}")
+                    if target.startswith("socket:[") and int(target[8:-1]) in listening:
+                        observed.listening.add((*listening[int(target[8:-1])], Path(name).name))
+            environment = dict(item.split(b"=", 1) for item in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+                               if b"=" in item)
+            token = environment.get(b"RAY_AUTH_TOKEN_PATH", b"").decode()
+            if token and token not in observed.token_files:
+                observed.token_files[token] = stat.S_IMODE(os.stat(token).st_mode)
+
+
+def observe(run_dir: Path, arguments: list[str], timeout_s: float = 300) -> ObservedRun:
+    """Run `spindle` and, while it runs, list the listening sockets and token files of its process tree
+    (the GCS, raylet, dashboard and agents an embedded cluster starts, and the workers), from /proc."""
+    process = spindle(*arguments, wait=False)
+    observed = ObservedRun(run_dir, None)  # type: ignore[arg-type]
+    deadline = time.monotonic() + timeout_s
+    while process.poll() is None and time.monotonic() < deadline:
+        _sample(process.pid, observed)
+        time.sleep(1.0)
+    if process.poll() is None:
+        process.kill()
+    stdout, stderr = process.communicate()
+    observed.result = subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+    return observed
+
+
 @pytest.fixture(scope="module")
 def reference_run(tmp_path_factory: pytest.TempPathFactory, head: HeadNode) -> tuple[Path, object]:
-    """An uninterrupted run on an embedded cluster (the head node of the later tests starts meanwhile)."""
+    """An uninterrupted run on an embedded cluster (the head node of the later tests starts meanwhile, so
+    another Ray instance runs on this host during it)."""
     run_dir = tmp_path_factory.mktemp("reference") / "run"
-    return run_dir, spindle(*train_arguments(run_dir, LAYOUT))
+    observed = observe(run_dir, train_arguments(run_dir, LAYOUT))
+    return run_dir, observed.result, observed
+
+
+LOOPBACK_ADDRESSES = ("127.0.0.1", "::1", "::ffff:127.0.0.1")
 
 
 @pytest.mark.slow
-def test_train_runs_on_an_embedded_local_cluster(reference_run: tuple[Path, object]) -> None:
-    run_dir, result = reference_run
+def test_train_runs_on_an_embedded_local_cluster(reference_run: tuple[Path, object, ObservedRun]) -> None:
+    """One embedded-cluster run, several promises: it trains; every Ray service listens on loopback only;
+    the token file is private; the driver shows rank 0's progress with ETA, memory and its startup; no
+    traceback of the other Ray instance reaches the console; the run directory holds signed checkpoints;
+    and running it again says it is finished without starting Ray."""
+    run_dir, result, observed = reference_run
     assert result.returncode == 0, result.stderr[-4000:]
     assert "embedded cluster: 2 CPU worker(s)" in result.stderr
     assert f"spindle: finished step {STEPS}" in result.stdout
-    assert re.search(rf"step\s+{STEPS}/{STEPS}", result.stdout)  # rank 0's progress lines reach the console
     steps = [record["step"] for record in read_metrics(run_dir)]
     assert steps == list(range(1, STEPS + 1))
     parallel = yaml.safe_load((run_dir / "config.yaml").read_text())["parallel"]
     assert (parallel["dp"], parallel["cp"], parallel["cp_linear"], parallel["cp_softmax"]) == (1, 2, "lasp2", "allgather")
+
+    names = {name for _, _, name in observed.listening}
+    assert "gcs_server" in names and "raylet" in names, observed.listening  # the sampling saw the cluster
+    # torch's rendezvous store (rank 0, MASTER_PORT) binds every interface under any launcher: see the
+    # README's security notes. Every Ray service must be on loopback.
+    assert observed.rendezvous_ports
+    exposed = sorted(entry for entry in observed.listening
+                     if entry[0] not in LOOPBACK_ADDRESSES and entry[1] not in observed.rendezvous_ports)
+    assert not exposed, f"listening beyond loopback: {exposed}"
+    assert observed.token_files and set(observed.token_files.values()) == {0o600}, observed.token_files
+    assert not any(Path(path).exists() for path in observed.token_files)  # removed with the cluster
+
+    startup = re.search(r"starting a local Ray cluster with 2 worker\(s\) \.\.\..*\n.*local Ray cluster up in "
+                        r"[\d.]+ s \(session (\S+)\)", result.stderr)
+    assert startup, result.stderr[-3000:]
+    assert "/tmp/ray/session_latest" not in result.stderr
+    # Progress comes from the driver (no worker prefix), with tokens/s, memory and an ETA.
+    lines = re.findall(rf"^step\s+(\d+)/{STEPS}  loss [\d.]+  \d+ tokens/s(?:  MFU [\d.]+%)?  peak mem [\d.]+ GB  [\d.]+ s(.*)$",
+                       result.stdout, flags=re.MULTILINE)
+    assert len(lines) >= 5 and lines[-1][0] == str(STEPS), result.stdout[-3000:]
+    assert all(re.fullmatch(r"  ETA \d+:\d\d", eta) for step, eta in lines[:-1]), lines
+    assert "RayTrainWorker" not in "".join(line for line in result.stdout.splitlines() if " tokens/s " in line)
+    for noise in ("Found multiple active Ray instances", "PlacementGroupCleaner", "Traceback"):
+        assert noise not in result.stderr, result.stderr[-4000:]
+
+    checkpoints = {path.name for path in (run_dir / "checkpoints").iterdir()}
+    assert checkpoints == {f"step_{STEPS - EVERY:08d}", f"step_{STEPS:08d}", "latest"}
+    manifest = json.loads((run_dir / "checkpoints" / f"step_{STEPS:08d}" / "manifest.json").read_text())
+    assert manifest["auth"]["scheme"] == "hmac-sha256"
+
+    again = spindle(*train_arguments(run_dir, LAYOUT))
+    assert again.returncode == 0, again.stderr
+    assert f"already finished at step {STEPS}; nothing to do" in again.stdout
+    assert "starting a local Ray cluster" not in again.stderr
 
 
 def _wait_for_checkpoint_then_progress(run_dir: Path, process: subprocess.Popen, timeout_s: float = 180) -> int:
@@ -366,10 +524,10 @@ def test_submitted_job_survives_a_killed_worker(head: HeadNode, reference_run: t
     """`spindle submit` runs `spindle train` on the cluster (joining it through RAY_ADDRESS); SIGKILL of
     one worker mid-run restarts the worker group from the last committed checkpoint, the job succeeds,
     and every step's loss equals the uninterrupted run's. A second job that fails returns 1."""
-    reference_dir, reference = reference_run
+    reference_dir, reference, _ = reference_run
     assert reference.returncode == 0, reference.stderr[-4000:]
     head.wait_ready()
-    environment = _environment(RAY_AUTH_MODE="token")  # `ray start` enables token auth; the token is local
+    environment = head.client_environment()
     failing_arguments = ["submit", str(TINY), "--address", head.dashboard_url, "--run-dir", str(tmp_path / "bad"),
                          "--resume", "/nonexistent/checkpoint"]
     failing = spindle(*failing_arguments, environment=environment, wait=False)
@@ -401,7 +559,7 @@ def test_submitted_job_survives_a_killed_worker(head: HeadNode, reference_run: t
     for record in records:
         assert math.isclose(record["loss"], expected[record["step"]], rel_tol=1e-6, abs_tol=0.0), record
 
-    assert failing.returncode == 1 and "no such checkpoint" in failing_out and "failed" in failing_out, failing_out
+    assert failing.returncode == 1 and "no such file or directory" in failing_out and "failed" in failing_out, failing_out
     status = subprocess.run([str(SPINDLE.parent / "ray"), "job", "status", detached_id, "--address", head.dashboard_url],
                             env=environment, capture_output=True, text=True, timeout=60)
     assert f"job '{detached_id}' failed" in (status.stdout + status.stderr).lower(), status.stdout + status.stderr
