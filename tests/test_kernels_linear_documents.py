@@ -229,3 +229,26 @@ def test_triton_documents_on_gpu(dtype):
         for name, value in expected.items():
             error = relative_rmse(actual[name].cpu(), value)
             assert error <= tolerance, f"{dtype} delay={delay} {name}: {error:.2e}"
+
+
+@pytest.mark.parametrize("backend", ["torch"] + (["triton"] if TRITON_ON_CPU else []))
+def test_split_forward_backward_with_documents(backend):
+    """linear_attention_fwd / _bwd with cu_seqlens (what context parallelism with documents calls)."""
+    from spindle.kernels.linear_attn import linear_attention_bwd, linear_attention_fwd
+
+    tensors, gradients = make_case(2, 24, 1, 16, 16, "token", documents=len(OFFSETS) - 1, seed=4)
+    scale = 0.4
+    expected = run(lambda **leaves: reference(*(leaves[n] for n in ("q", "k", "v", "log_decay")), scale, 0, OFFSETS,
+                                              leaves["initial_state"]), tensors, gradients, torch.float64)
+    dtype = torch.float32 if backend == "triton" else torch.float64
+    cast = {name: value.to(dtype) for name, value in tensors.items()}
+    output, final, residuals = linear_attention_fwd(
+        cast["q"], cast["k"], cast["v"], log_decay=cast["log_decay"], scale=scale, initial_state=cast["initial_state"],
+        output_final_state=True, backend=backend, cu_seqlens=torch.tensor(OFFSETS), chunk_size=16,
+    )
+    grads = linear_attention_bwd(gradients["output"].to(dtype), gradients["final"].to(dtype), residuals)
+    actual = {"output": output, "final": final, **dict(zip(["dq", "dk", "dv", "dlog_decay", "dinitial_state"], grads))}
+    tolerance = 1e-5 if backend == "triton" else 1e-11
+    for name, value in expected.items():
+        assert actual[name].shape == value.shape, name
+        assert relative_rmse(actual[name], value) <= tolerance, f"{backend} {name}"

@@ -217,6 +217,7 @@ class LinearAttentionResiduals:
     initial_state: torch.Tensor | None
     states: torch.Tensor | None = None  # Triton chunk states, [chunks, H, Dk, Dv] fp32
     cu_seqlens: torch.Tensor | None = None  # Triton with packed documents (flattened [1, B·T] inputs)
+    shapes: tuple | None = None  # the caller's q, v, log_decay shapes when the inputs were flattened
     graph: tuple | None = None  # torch / naive: (leaves, output, final_state)
 
 
@@ -230,23 +231,47 @@ def linear_attention_fwd(
     initial_state: torch.Tensor | None = None,
     output_final_state: bool = False,
     backend: str = "auto",
+    cu_seqlens: torch.Tensor | None = None,
     chunk_size: int | None = None,
     recompute_states: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None, LinearAttentionResiduals]:
     """Forward of linear attention without autograd: (o, final_state | None, residuals for the backward).
 
-    Arguments and results as `linear_attention` (no delay / cu_seqlens). chunk_size: tokens per chunk
-    (triton: a power of two >= 16, default 64; torch: default 64). recompute_states (triton): keep only the
-    inputs and recompute the chunk states in the backward (saves B·H·⌈T/C⌉·Dk·Dv fp32 for one more pass).
+    Arguments and results as `linear_attention` (no delay). chunk_size: tokens per chunk (triton: a power of
+    two >= 16, default 64; torch: default 64). recompute_states (triton): keep only the inputs and recompute
+    the chunk states in the backward (saves B·H·⌈T/C⌉·Dk·Dv fp32 for one more pass).
     """
     _check_tensors(q, k, v)
     _check_log_decay(log_decay, q)
-    batch, _, heads, key_dim = q.shape
-    _check_state("initial_state", initial_state, (batch, heads, key_dim, v.shape[-1]), q,
-                 "[batch, heads, key_dim, value_dim]")
+    batch, length, heads, key_dim = q.shape
     scale = _check_scale(scale, q)
     chosen = resolve_backend(backend, q, v)
-    return _forward(q, k, v, log_decay, scale, initial_state, output_final_state, chosen, chunk_size, recompute_states)
+    if cu_seqlens is None:
+        _check_state("initial_state", initial_state, (batch, heads, key_dim, v.shape[-1]), q,
+                     "[batch, heads, key_dim, value_dim]")
+        return _forward(q, k, v, log_decay, scale, initial_state, output_final_state, chosen, chunk_size,
+                        recompute_states)
+    offsets = _check_cu_seqlens(cu_seqlens, batch, length, on_host=chosen != "triton")
+    _check_state("initial_state", initial_state, (cu_seqlens.numel() - 1, heads, key_dim, v.shape[-1]), q,
+                 "[documents, heads, key_dim, value_dim] with cu_seqlens")
+    if chosen != "triton":
+        residuals = LinearAttentionResiduals(chosen, scale, chunk_size, q, k, v, log_decay, initial_state)
+        with torch.enable_grad():
+            leaves = [None if x is None else x.detach().requires_grad_() for x in (q, k, v, log_decay, initial_state)]
+            flat = [x.reshape(1, batch * length, *x.shape[2:]) for x in leaves[:3]]
+            decay = leaves[3] if log_decay is None or log_decay.dim() == 1 else leaves[3].reshape(1, -1, heads)
+            output, final_state = _document_loop(chosen, *flat, decay, scale, leaves[4], True, offsets, chunk_size)
+            output = output.reshape(v.shape)
+        residuals.graph = (leaves, output, final_state)
+        return output.detach(), (final_state.detach() if output_final_state else None), residuals
+    flat = [x.reshape(1, batch * length, *x.shape[2:]) for x in (q, k, v)]
+    decay = log_decay if log_decay is None or log_decay.dim() == 1 else log_decay.reshape(1, -1, heads)
+    output, final_state, residuals = _forward(
+        *flat, decay, scale, initial_state, output_final_state, chosen, chunk_size, recompute_states,
+        cu_seqlens.to(device=q.device, dtype=torch.int64),
+    )
+    residuals.shapes = (q.shape, v.shape, None if decay is None or log_decay.dim() == 1 else log_decay.shape)
+    return output.reshape(v.shape), final_state, residuals
 
 
 def _forward(q, k, v, log_decay, scale, initial_state, output_final_state, chosen, chunk_size, recompute_states,
@@ -339,7 +364,8 @@ def linear_attention_bwd(
 def _triton_backward(grad_output, grad_final_state, r: LinearAttentionResiduals):
     from . import triton_chunk
 
-    grad_output = torch.zeros_like(r.v) if grad_output is None else grad_output.to(r.v.dtype).contiguous()
+    grad_output = torch.zeros_like(r.v) if grad_output is None else grad_output.to(r.v.dtype).reshape(r.v.shape)
+    grad_output = grad_output.contiguous()
     if grad_final_state is not None:
         grad_final_state = grad_final_state.float().contiguous()
     floored = floor_log_decay(r.log_decay)
@@ -350,6 +376,11 @@ def _triton_backward(grad_output, grad_final_state, r: LinearAttentionResiduals)
     )
     if grad_decay is not None:  # the floor passes no gradient below it (as clamp's autograd does)
         grad_decay = torch.where(r.log_decay >= LOG_DECAY_FLOOR, grad_decay, 0.0).to(r.log_decay.dtype)
+    if r.shapes is not None:  # flattened by linear_attention_fwd(cu_seqlens=...): back to the caller's shapes
+        q_shape, v_shape, decay_shape = r.shapes
+        grad_q, grad_k, grad_v = grad_q.reshape(q_shape), grad_k.reshape(q_shape), grad_v.reshape(v_shape)
+        if decay_shape is not None:
+            grad_decay = grad_decay.reshape(decay_shape)
     return grad_q, grad_k, grad_v, grad_decay, grad_initial
 
 
