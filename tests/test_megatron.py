@@ -4,8 +4,8 @@ One spawn of 2 ranks runs every distributed case and returns measurements; the t
 
 - layout: Megatron's get_batch_on_this_cp_rank equals spindle's zigzag shard;
 - layers (float64): a Megatron TransformerLayer from hybrid_block_spec equals spindle's native
-  DecoderBlock on the same weights (converted by native_block_state_dict), with cp=1 and cp=2 —
-  output, input gradient and every parameter gradient;
+  DecoderBlock on the same weights (converted by native_block_state_dict), with cp=1, cp=2 and
+  tensor parallelism tp=2 — output, input gradient and every parameter gradient;
 - whole model: a GPTModel with the spindle spec trained for a few steps gives the same per-step losses
   with cp=2 (dp=1) as with cp=1 (dp=2) (fp32, 1e-5), for a softmax-only and hybrid patterns (L, A,
   R = RAttention, S = sliding window);
@@ -50,6 +50,7 @@ LAYER_CASES = {  # id: (letter, options of hybrid_block_spec)
     "R-lasp1": ("R", {"window": WINDOW, "cp_linear": "lasp1"}),
     "S": ("S", {"window": WINDOW}),
 }
+TENSOR_PARALLEL_CASES = ("L-constant", "L-data-silu", "A-allgather", "R-lasp2", "S")  # at tp=2, cp=1
 CHECKPOINT_STEPS = (3, 2)  # steps before the save (cp=2), steps after the resume (cp=1)
 
 
@@ -58,12 +59,12 @@ CHECKPOINT_STEPS = (3, 2)  # steps before the save (cp=2), steps after the resum
 # ----------------------------------------------------------------------------------------------
 
 
-def _layer_config(context_parallel_size: int):
+def _layer_config(context_parallel_size: int, tensor_parallel_size: int = 1):
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     return TransformerConfig(
         num_layers=3, hidden_size=16, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=24,
-        context_parallel_size=context_parallel_size, normalization="RMSNorm", layernorm_epsilon=1e-6,
+        context_parallel_size=context_parallel_size, tensor_model_parallel_size=tensor_parallel_size, normalization="RMSNorm", layernorm_epsilon=1e-6,
         gated_linear_unit=True, activation_func=torch.nn.functional.silu, add_bias_linear=False,
         hidden_dropout=0.0, attention_dropout=0.0, use_cpu_initialization=True)
 
@@ -107,7 +108,19 @@ def _rotary_table(length: int, head_dim: int, theta: float = 10000.0) -> torch.T
     return torch.cat((angles, angles), dim=-1)[:, None, None, :]
 
 
-def _layer_errors(letter: str, options: dict, cp_size: int) -> dict[str, float]:
+def _tensor_parallel_part(name: str, full: torch.Tensor, local_shape: torch.Size, tp_group) -> torch.Tensor:
+    """This tensor-parallel rank's part of a full (tp=1) parameter, as Megatron's TP linears hold it."""
+    if full.shape == local_shape:
+        return full  # replicated (norms)
+    rank, size = tp_group.rank(), tp_group.size()
+    if name.endswith("linear_fc1.weight"):  # gated MLP: each rank holds [its gate rows; its up rows]
+        gate, up = full.chunk(2, dim=0)
+        return torch.cat([gate.chunk(size, dim=0)[rank], up.chunk(size, dim=0)[rank]], dim=0)
+    dim = 0 if full.shape[0] != local_shape[0] else 1  # column-parallel rows, row-parallel columns
+    return full.chunk(size, dim=dim)[rank]
+
+
+def _layer_errors(letter: str, options: dict, cp_size: int, tp_size: int = 1) -> dict[str, float]:
     """Relative RMSE of output, input gradient and each parameter gradient: Megatron layer vs native."""
     import torch.distributed as dist
     from megatron.core import parallel_state
@@ -118,16 +131,18 @@ def _layer_errors(letter: str, options: dict, cp_size: int) -> dict[str, float]:
     from spindle.parallel.cp import shard, unshard
     from spindle.runtime.layers import RotaryEmbedding
 
-    config = _layer_config(cp_size)
+    config = _layer_config(cp_size, tp_size)
     groups = ProcessGroupCollection.use_mpu_process_groups()
-    cp_group = groups.cp
+    cp_group, tp_group = groups.cp, groups.tp
     torch.manual_seed(11)
     native = _native_block(letter, options, config)
     spec = hybrid_block_spec(letter, num_layers=1, **options).layer_specs[0]
     layer = build_module(spec, config=config, layer_number=2, pg_collection=groups).double()
-    layer.load_state_dict(native_block_state_dict(native), strict=False)
-    missing = set(name for name, _ in layer.named_parameters()) - set(native_block_state_dict(native))
+    shapes = {name: parameter.shape for name, parameter in layer.named_parameters()}
+    missing = set(shapes) - set(native_block_state_dict(native))
     assert not missing, f"parameters the conversion does not cover: {sorted(missing)}"
+    layer.load_state_dict({name: _tensor_parallel_part(name, value, shapes[name], tp_group)
+                           for name, value in native_block_state_dict(native).items()}, strict=False)
 
     batch, length, head_dim = 2, 16, config.kv_channels
     x = torch.randn(batch, length, config.hidden_size, dtype=torch.float64, requires_grad=True)
@@ -154,8 +169,10 @@ def _layer_errors(letter: str, options: dict, cp_size: int) -> dict[str, float]:
     for name, parameter in layer.named_parameters():
         gradient = parameter.grad.clone()
         dist.all_reduce(gradient, group=cp_group)  # each CP rank holds its tokens' share
-        errors[f"grad {name}"] = relative_rmse(gradient, expected[name])
+        errors[f"grad {name}"] = relative_rmse(gradient, _tensor_parallel_part(name, expected[name],
+                                                                               gradient.shape, tp_group))
     assert parallel_state.get_context_parallel_world_size() == cp_size
+    assert parallel_state.get_tensor_model_parallel_world_size() == tp_size
     return errors
 
 
@@ -232,6 +249,11 @@ def _worker(rank: int, world_size: int, group, run_dir: str) -> dict:
                 results["losses"][(case, cp_size)] = _whole_model_losses(*arguments, steps=sum(CHECKPOINT_STEPS))
         finally:
             parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=2)
+    for case in TENSOR_PARALLEL_CASES:
+        letter, options = LAYER_CASES[case]
+        results["layers"][(case, "tp2")] = _layer_errors(letter, options, cp_size=1, tp_size=2)
+    parallel_state.destroy_model_parallel()
     before, after = CHECKPOINT_STEPS
     arguments = WHOLE_MODEL_CASES["hybrid-lasp2-allgather"]
     parallel_state.initialize_model_parallel(context_parallel_size=2)
@@ -262,13 +284,13 @@ def test_megatron_cp_layout_is_spindle_zigzag(distributed_results):
     assert distributed_results["layout"], "get_batch_on_this_cp_rank differs from shard(..., layout='zigzag')"
 
 
-@pytest.mark.parametrize("cp_size", [1, 2], ids=["cp1", "cp2"])
-@pytest.mark.parametrize("case", list(LAYER_CASES))
-def test_layer_equals_native_block_float64(distributed_results, case, cp_size):
-    errors = distributed_results["layers"][(case, cp_size)]
+@pytest.mark.parametrize("case, parallel", [(case, cp) for cp in (1, 2) for case in LAYER_CASES]
+                         + [(case, "tp2") for case in TENSOR_PARALLEL_CASES])
+def test_layer_equals_native_block_float64(distributed_results, case, parallel):
+    errors = distributed_results["layers"][(case, parallel)]
     assert len(errors) > 6, "too few quantities compared"
     bad = {name: error for name, error in errors.items() if not error <= LAYER_TOLERANCE}
-    assert not bad, f"{case} cp={cp_size}: relative RMSE above {LAYER_TOLERANCE:.0e}: {bad}"
+    assert not bad, f"{case} ({parallel}): relative RMSE above {LAYER_TOLERANCE:.0e}: {bad}"
 
 
 def test_gpt_model_with_converted_native_weights_equals_native_model(distributed_results):
