@@ -19,7 +19,14 @@ from spindle.kernels.linear_attn import floor_log_decay
 
 from .comm import RingComm
 from .layout import chunk_order
-from .linear import LinearContextParallel, LinearSetup, validate_linear_inputs
+from .linear import (
+    DocumentChunks,
+    LinearContextParallel,
+    LinearSetup,
+    check_no_delay_with_documents,
+    document_chunks,
+    validate_linear_inputs,
+)
 from .merge import apply_transition
 
 
@@ -27,9 +34,11 @@ class ChainedStateExchange:
     """The LASP-1 scheme: point-to-point hand-over of the running state between chunk owners."""
 
     def __init__(
-        self, group: dist.ProcessGroup, setup: LinearSetup, log_decay: torch.Tensor | None, chunk_length: int
+        self, group: dist.ProcessGroup, setup: LinearSetup, log_decay: torch.Tensor | None, chunk_length: int,
+        documents: DocumentChunks | None = None,
     ) -> None:
         self.comm = RingComm(group) if setup.world_size > 1 else None
+        self.documents = documents
         self.setup = setup
         self.chunk_length = chunk_length
         self.owners = chunk_order(setup.world_size, setup.layout)  # (rank, slot) per global chunk
@@ -51,12 +60,13 @@ class ChainedStateExchange:
         return received
 
     def _slot_transitions(self, states: torch.Tensor, transitions: torch.Tensor | None) -> torch.Tensor | None:
-        if transitions is not None:
-            return transitions
-        if self.constant_log_decay is None:
-            return None
-        gamma = torch.exp(self.chunk_length * self.constant_log_decay.to(states.dtype))  # [H]
-        return gamma[None, None, :].expand(states.shape[0], 1, -1)
+        if transitions is None and self.constant_log_decay is not None:
+            gamma = torch.exp(self.chunk_length * self.constant_log_decay.to(states.dtype))  # [H]
+            transitions = gamma[None, None, :].expand(states.shape[0], 1, -1)
+        if self.documents is not None:  # a document start inside a chunk cuts the chain there
+            keep = self.documents.keep[self.documents.mine].to(states.dtype)[..., None]  # [S, B, 1]
+            transitions = keep if transitions is None else transitions * keep
+        return transitions
 
     def start_forward(self, states: torch.Tensor, transitions: torch.Tensor | None) -> None:
         # nothing can be sent before the incoming state arrives; the chain runs in finish_forward
@@ -120,17 +130,22 @@ def lasp1(
     log_decay: torch.Tensor | None = None,
     scale: float | None = None,
     delay: int = 0,
+    cu_seqlens: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal linear attention with decay over a CP group, passing the state rank to rank (LASP-1).
 
     Same arguments, semantics and result as `lasp2` (see there); the default layout is "contiguous"
-    (one pass up the ranks). "zigzag" works too, at twice the serial hops.
+    (one pass up the ranks). "zigzag" works too, at twice the serial hops. cu_seqlens (packed
+    documents of the GLOBAL batch): as in `lasp2`.
     """
+    check_no_delay_with_documents("lasp1", delay, cu_seqlens)
     if delay:  # o_i = scale · q_i S_(i-delay): the same op on k, v, g shifted by a halo exchange
         from .window import delayed_lasp  # window.py imports this module
 
         return delayed_lasp(q, k, v, group, delay=delay, lasp=lasp1, layout=layout, log_decay=log_decay, scale=scale)
-    setup = validate_linear_inputs("lasp1", q, k, v, group, layout, log_decay, scale)
+    setup = validate_linear_inputs("lasp1", q, k, v, group, layout, log_decay, scale, cu_seqlens)
+    chunk_length = q.shape[1] // setup.slots
+    documents = None if cu_seqlens is None else document_chunks(cu_seqlens, setup, q.shape[0], chunk_length, q.device)
     # the floored decay, as the local kernels see it (-inf: a reset)
-    exchange = ChainedStateExchange(group, setup, floor_log_decay(log_decay), chunk_length=q.shape[1] // setup.slots)
-    return LinearContextParallel.apply(q, k, v, log_decay, setup, exchange)
+    exchange = ChainedStateExchange(group, setup, floor_log_decay(log_decay), chunk_length, documents)
+    return LinearContextParallel.apply(q, k, v, log_decay, setup, exchange, documents)

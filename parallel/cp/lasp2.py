@@ -21,7 +21,14 @@ from spindle.kernels.linear_attn import floor_log_decay
 
 from .comm import AllGatherComm
 from .layout import chunk_order, local_chunks
-from .linear import LinearContextParallel, LinearSetup, validate_linear_inputs
+from .linear import (
+    DocumentChunks,
+    LinearContextParallel,
+    LinearSetup,
+    check_no_delay_with_documents,
+    document_chunks,
+    validate_linear_inputs,
+)
 from .merge import decayed_prefix_chain, decayed_suffix_chain
 
 
@@ -29,9 +36,11 @@ class GatheredStateExchange:
     """The LASP-2 scheme: every rank gathers every chunk's state and runs the chain itself."""
 
     def __init__(
-        self, group: dist.ProcessGroup, setup: LinearSetup, log_decay: torch.Tensor | None, chunk_length: int
+        self, group: dist.ProcessGroup, setup: LinearSetup, log_decay: torch.Tensor | None, chunk_length: int,
+        documents: DocumentChunks | None = None,
     ) -> None:
         self.comm = AllGatherComm(group)
+        self.documents = documents
         self.setup = setup
         self.chunk_length = chunk_length
         order = chunk_order(setup.world_size, setup.layout)
@@ -64,6 +73,9 @@ class GatheredStateExchange:
             # every chunk has the same length m, so Γ = exp(m·g) for all of them: [1, 1, H] -> [N, 1, H]
             gamma = torch.exp(self.chunk_length * self.constant_log_decay.to(states.dtype))
             self.chain_transitions = gamma[None, None, :].expand(states.shape[0], 1, heads)
+        if self.documents is not None:  # every rank knows where documents start: a start cuts the chain
+            keep = self.documents.keep.to(states.dtype)[..., None]  # [N, B, 1]
+            self.chain_transitions = keep if self.chain_transitions is None else self.chain_transitions * keep
         incoming = decayed_prefix_chain(states, self.chain_transitions)
         return incoming[self.mine]
 
@@ -85,6 +97,7 @@ def lasp2(
     log_decay: torch.Tensor | None = None,
     scale: float | None = None,
     delay: int = 0,
+    cu_seqlens: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal linear attention with decay over a context-parallel group (LASP-2).
 
@@ -97,16 +110,23 @@ def lasp2(
             [B, n, H] of a per-token decay (sharded like q). Values <= 0.
         scale: multiplies q; default Dk ** -0.5.
         delay: d >= 0; token i reads the state S_(i-d) (keys j <= i - d), 0 for i < d (window.py).
+        cu_seqlens: packed documents, int [N + 1] offsets into the B·T tokens of the GLOBAL (unsharded)
+            batch (0, B·T and every row start; identical on every rank): the state restarts at every
+            document start, wherever it falls (inside a chunk, on a rank or zigzag seam). Same bytes
+            exchanged; offsets stay on the device. Not combined with delay yet.
 
     Returns:
         o, [B, n, H, Dv] in the dtype of q: equal to spindle.kernels.linear_attention on the
         unsharded tensors, sharded the same way. Differentiable in q, k, v and log_decay.
     """
+    check_no_delay_with_documents("lasp2", delay, cu_seqlens)
     if delay:  # o_i = scale · q_i S_(i-delay): the same op on k, v, g shifted by a halo exchange
         from .window import delayed_lasp  # window.py imports this module
 
         return delayed_lasp(q, k, v, group, delay=delay, lasp=lasp2, layout=layout, log_decay=log_decay, scale=scale)
-    setup = validate_linear_inputs("lasp2", q, k, v, group, layout, log_decay, scale)
+    setup = validate_linear_inputs("lasp2", q, k, v, group, layout, log_decay, scale, cu_seqlens)
+    chunk_length = q.shape[1] // setup.slots
+    documents = None if cu_seqlens is None else document_chunks(cu_seqlens, setup, q.shape[0], chunk_length, q.device)
     # the floored decay, as the local kernels see it (-inf: a reset)
-    exchange = GatheredStateExchange(group, setup, floor_log_decay(log_decay), chunk_length=q.shape[1] // setup.slots)
-    return LinearContextParallel.apply(q, k, v, log_decay, setup, exchange)
+    exchange = GatheredStateExchange(group, setup, floor_log_decay(log_decay), chunk_length, documents)
+    return LinearContextParallel.apply(q, k, v, log_decay, setup, exchange, documents)

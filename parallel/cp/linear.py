@@ -34,13 +34,15 @@ from spindle.kernels.linear_attn import (
     LOG_DECAY_FLOOR,
     check_log_decay_values,
     floor_log_decay,
+    linear_attention,
     linear_attention_bwd,
     linear_attention_fwd,
 )
 
 from .comm import check_ranks_agree, group_rank_and_size
-from .layout import check_layout, chunks_per_rank, from_slots, to_slots
+from .layout import check_layout, chunk_order, chunks_per_rank, from_slots, local_chunks, to_slots
 from .merge import accumulation_dtype
+from .softmax import document_offsets
 
 
 class StateExchange(Protocol):
@@ -81,6 +83,7 @@ def validate_linear_inputs(
     layout: str,
     log_decay: torch.Tensor | None,
     scale: float | None,
+    cu_seqlens: torch.Tensor | None = None,
 ) -> LinearSetup:
     """Cross-rank agreement first (so no rank is left waiting in a collective), then local checks."""
     rank, world_size = group_rank_and_size(group, caller)
@@ -94,7 +97,9 @@ def validate_linear_inputs(
     check_ranks_agree(
         group,
         caller,
-        {"q": q, "k": k, "v": v, "log_decay": log_decay, "layout": layout, "scale": scale},
+        # only whether documents are packed: N changes every batch, and a new signature costs a gather
+        {"q": q, "k": k, "v": v, "log_decay": log_decay, "layout": layout, "scale": scale,
+         "documents": cu_seqlens is not None},
         any_rank_flags={
             "log_decay has NaN or positive values; it must be <= 0 (log of a decay in [0, 1]; -inf resets)": bad_decay
         },
@@ -131,8 +136,97 @@ def validate_linear_inputs(
                 f"[batch, local_seq, heads] = {[batch, length, heads]} (per token, sharded like q), "
                 f"got {tuple(log_decay.shape)}"
             )
+    if cu_seqlens is not None:
+        check_document_offsets(caller, cu_seqlens, batch, length * world_size)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     return LinearSetup(rank, world_size, layout, chunks_per_rank(layout), scale, decay_kind)
+
+
+def check_document_offsets(caller: str, cu_seqlens: torch.Tensor, batch: int, total: int) -> None:
+    """The GLOBAL cu_seqlens: checked on the host for CPU offsets (read once per tensor), on the device
+    otherwise (torch._assert_async: no host sync; a bad value stops the program at the next sync)."""
+    if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.device.type == "cpu":
+        document_offsets(caller, cu_seqlens, batch, total)
+        return
+    if cu_seqlens.dim() != 1 or cu_seqlens.dtype not in (torch.int32, torch.int64) or cu_seqlens.numel() < 2:
+        raise ValueError(f"{caller}: cu_seqlens must be a 1-D int32/int64 tensor of document offsets [N + 1]")
+    offsets = cu_seqlens.to(torch.int64)
+    row_starts = torch.arange(0, batch * total, total, device=offsets.device)
+    valid = (offsets[0] == 0) & (offsets[-1] == batch * total) & (offsets[1:] >= offsets[:-1]).all()
+    torch._assert_async(valid & torch.isin(row_starts, offsets).all(),
+                        f"{caller}: cu_seqlens must be non-decreasing offsets into the B·T = {batch * total} tokens "
+                        f"of the GLOBAL batch, holding 0, B·T and every row start (multiples of T = {total})")
+
+
+# --------------------------------------------------------------------------- packed documents
+
+
+def check_no_delay_with_documents(caller: str, delay: int, cu_seqlens: torch.Tensor | None) -> None:
+    if delay and cu_seqlens is not None:
+        raise NotImplementedError(
+            f"{caller}: delay={delay} together with cu_seqlens (packed documents) is not supported in this build "
+            "(the delayed keys would have to be shifted inside each document across ranks); pass one of the two, "
+            "or run the layer on one device (spindle.kernels.linear_attention takes both)")
+
+
+@dataclasses.dataclass
+class DocumentChunks:
+    """Where documents start inside the CP chunks (positions 0..m within a chunk of m tokens; m: none).
+
+    first / last: [C, B] (C = slots·P chunks per row, global order) the first document start at or
+    after the chunk start, and the last one before its end (0 when the chunk has none). A chunk passes
+    its incoming state on only when no document starts in it (`keep`); its tokens before `first` read the
+    incoming state; its state contribution onward is its last document's, from `last` on. local_offsets:
+    cu_seqlens of this rank's slot-stacked chunks [S·B, m] flattened (every chunk row starts a document).
+    """
+
+    first: torch.Tensor
+    last: torch.Tensor
+    keep: torch.Tensor  # [C, B] bool
+    mine: list[int]  # this rank's global chunk ids, by slot
+    local_offsets: torch.Tensor  # int64 [N + S·B + 2], with empty documents where global ones are elsewhere
+
+    def local(self, values: torch.Tensor) -> torch.Tensor:
+        """[C, B] -> this rank's [S·B] (slot-major, as to_slots stacks the chunks)."""
+        return values[self.mine].reshape(-1)
+
+
+def document_chunks(cu_seqlens: torch.Tensor, setup: LinearSetup, batch: int, chunk_length: int,
+                    device: torch.device) -> DocumentChunks:
+    """All on the device from the global offsets (searchsorted; no host sync)."""
+    offsets = cu_seqlens.to(device=device, dtype=torch.int64)
+    chunks = setup.slots * setup.world_size
+    total = chunks * chunk_length  # T
+    starts = (torch.arange(batch, device=device)[None, :] * total
+              + torch.arange(chunks, device=device)[:, None] * chunk_length)  # [C, B]
+    first = offsets[torch.searchsorted(offsets, starts)] - starts  # offsets[-1] = B·T >= every start
+    first = first.clamp(max=chunk_length)
+    last = (offsets[torch.searchsorted(offsets, starts + chunk_length) - 1] - starts).clamp(min=0)
+    mine = local_chunks(setup.rank, setup.world_size, setup.layout)
+    # global offset -> its place among this rank's stacked chunks, or 0 (an empty document) elsewhere
+    slot_of_chunk = torch.full((chunks,), -1, dtype=torch.int64, device=device)
+    slot_of_chunk[mine] = torch.arange(len(mine), device=device)
+    inner = offsets[:-1]
+    row, within = inner // total, inner % total
+    slot = slot_of_chunk[within // chunk_length]
+    mapped = torch.where(slot >= 0, (slot * batch + row) * chunk_length + within % chunk_length, 0)
+    chunk_rows = torch.arange(setup.slots * batch + 1, device=device) * chunk_length
+    local_offsets = torch.sort(torch.cat([mapped, chunk_rows])).values
+    return DocumentChunks(first, last, first == chunk_length, mine, local_offsets)
+
+
+def document_decay(decay: LocalDecay | None, documents: DocumentChunks, length: int, dtype: torch.dtype
+                   ) -> LocalDecay:
+    """The chunk-local decay factors with the document cuts: a query reads the incoming state only before
+    the chunk's first document start, a key counts toward the chunk's state only from its last one on,
+    and a chunk with a document start passes no incoming state on (Γ = 0)."""
+    positions = torch.arange(length, device=documents.first.device)
+    query_mask = (positions[None, :] < documents.local(documents.first)[:, None]).to(dtype)[..., None]
+    key_mask = (positions[None, :] >= documents.local(documents.last)[:, None]).to(dtype)[..., None]
+    keep = documents.local(documents.keep).to(dtype)[:, None]  # [S·B, 1]
+    if decay is None:
+        return LocalDecay(query_mask, key_mask, keep)
+    return LocalDecay(decay.query * query_mask, decay.key * key_mask, decay.transition * keep)
 
 
 # --------------------------------------------------------------------------- local math (slot-stacked)
@@ -209,6 +303,8 @@ def chain_gradients(q, k, v, d_output, decay: LocalDecay | None, kind: str, inco
         return grad_q, key_side, value_side, None
     grad_q = grad_q * decay.query[..., None]
     grad_k, grad_v = key_side * decay.key[..., None], value_side * decay.key[..., None]
+    if kind == "none":  # the factors are document masks only
+        return grad_q, grad_k, grad_v, None
     query_terms = scale * decay.query * (torch.einsum("bthk,bhkv->bthv", q, incoming) * d_output).sum(-1)
     key_terms = (k * grad_k).sum(-1)  # w_i⟨k_i T, v_i⟩
     grad_decay = query_terms.flip(1).cumsum(1).flip(1)  # Σ_{i≥t}
@@ -235,16 +331,22 @@ class LinearContextParallel(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, log_decay, setup: LinearSetup, exchange: StateExchange):
+    def forward(ctx, q, k, v, log_decay, setup: LinearSetup, exchange: StateExchange,
+                documents: DocumentChunks | None = None):
         slots, kind = setup.slots, setup.decay_kind
         qs, ks, vs = (to_slots(x, slots) for x in (q, k, v))  # [S·B, m, H, D]
         floored = floor_log_decay(to_slots(log_decay, slots) if kind == "token" else log_decay)
         decay = local_decay(floored, kind, qs.shape[1], accumulation_dtype(q.dtype))
+        if documents is not None:
+            decay = document_decay(decay, documents, qs.shape[1], accumulation_dtype(q.dtype))
         states = local_states(ks, vs, decay)
         gamma = decay.transition if kind == "token" else None
         exchange.start_forward(_slot_view(states, slots), None if gamma is None else _slot_view(gamma, slots))
         # the intra-rank work overlaps the state exchange
-        output, _, residuals = linear_attention_fwd(qs, ks, vs, log_decay=floored, scale=setup.scale)
+        if documents is None:
+            output, _, residuals = linear_attention_fwd(qs, ks, vs, log_decay=floored, scale=setup.scale)
+        else:
+            output, residuals = document_forward(qs, ks, vs, floored, setup.scale, documents.local_offsets)
         incoming = exchange.finish_forward().reshape(states.shape)  # [S·B, H, Dk, Dv]
         output = output + inter_output(qs, decay, incoming, setup.scale).to(output.dtype)
         ctx.save_for_backward(log_decay, incoming)
@@ -260,7 +362,10 @@ class LinearContextParallel(torch.autograd.Function):
         qs, ks, vs = residuals.q, residuals.k, residuals.v
         exchange.start_backward(_slot_view(state_gradients(qs, d_output, decay, setup.scale), slots))
         # overlapped with the exchange: the local kernel's gradients (zero incoming state)
-        grad_q, grad_k, grad_v, grad_decay, _ = linear_attention_bwd(d_output, None, residuals)
+        if isinstance(residuals, DocumentResiduals):
+            grad_q, grad_k, grad_v, grad_decay = document_backward(d_output, residuals)
+        else:
+            grad_q, grad_k, grad_v, grad_decay, _ = linear_attention_bwd(d_output, None, residuals)
         final_grads = exchange.finish_backward().reshape(incoming.shape)
         extra = chain_gradients(qs, ks, vs, d_output, decay, kind, incoming, final_grads, setup.scale)
         grads = [_add(local, chained) for local, chained in zip((grad_q, grad_k, grad_v, grad_decay), extra)]
@@ -271,7 +376,36 @@ class LinearContextParallel(torch.autograd.Function):
             # the floor passes no gradient below it
             d_decay = torch.where(log_decay >= LOG_DECAY_FLOOR, d_decay, 0.0).to(log_decay.dtype)
         ctx.residuals = ctx.decay = None
-        return dq, dk, dv, d_decay, None, None
+        return dq, dk, dv, d_decay, None, None, None
+
+
+@dataclasses.dataclass
+class DocumentResiduals:
+    """The local kernel over this rank's document pieces: its autograd graph over detached leaves."""
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    log_decay: torch.Tensor | None
+    output: torch.Tensor
+
+
+def document_forward(q, k, v, log_decay, scale: float, local_offsets: torch.Tensor):
+    """The single-device op with cu_seqlens over the slot-stacked chunks (zero state per piece): (o, residuals).
+
+    linear_attention_fwd has no cu_seqlens, so the public op runs on leaves and its graph is kept."""
+    with torch.enable_grad():
+        leaves = [None if x is None else x.detach().requires_grad_() for x in (q, k, v, log_decay)]
+        output, _ = linear_attention(*leaves[:3], log_decay=leaves[3], scale=scale, cu_seqlens=local_offsets)
+    return output.detach(), DocumentResiduals(*leaves, output)
+
+
+def document_backward(d_output: torch.Tensor, residuals: DocumentResiduals):
+    """(dq, dk, dv, dlog_decay | None) of document_forward."""
+    leaves = [x for x in (residuals.q, residuals.k, residuals.v, residuals.log_decay) if x is not None]
+    grads = torch.autograd.grad(residuals.output, leaves, d_output.to(residuals.output.dtype), allow_unused=True)
+    grads = [torch.zeros_like(leaf) if grad is None else grad for leaf, grad in zip(leaves, grads)]
+    return (*grads[:3], grads[3] if len(grads) > 3 else None)
 
 
 def _add(local: torch.Tensor | None, chained: torch.Tensor | None) -> torch.Tensor | None:
