@@ -86,7 +86,6 @@ class LinearSelfAttention(MegatronModule):
         decay: str = "constant",
         feature_map: str = "identity",
         output_gate: str = "sigmoid",
-        **unused: Any,
     ) -> None:
         super().__init__(config=config)
         check_scheme("cp_linear", scheme, LINEAR_SCHEMES)

@@ -62,7 +62,6 @@ class RAttentionSelfAttention(MegatronModule):
         *,
         window: int,
         scheme: str = "lasp2",
-        **unused: Any,
     ) -> None:
         super().__init__(config=config)
         check_scheme("cp_linear", scheme, LINEAR_SCHEMES)

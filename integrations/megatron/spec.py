@@ -28,6 +28,8 @@ from megatron.core.transformer.transformer_layer import (
     get_transformer_layer_offset,
 )
 
+from spindle.runtime.layers import DECAY_KINDS, FEATURE_MAPS, OUTPUT_GATES
+
 from .core_attention import SOFTMAX_SCHEMES, SpindleCoreAttention, check_scheme
 from .linear_mixer import LINEAR_SCHEMES, LinearAttentionSubmodules, LinearSelfAttention
 from .rattention import RAttentionSelfAttention, RAttentionSubmodules
@@ -52,7 +54,7 @@ def hybrid_block_spec(
     linear_decay: str = "constant",
     feature_map: str = "identity",
     output_gate: str = "sigmoid",
-    normalization: str = "RMSNorm",
+    normalization: str | None = None,
     window: int | None = None,
     vp_stage: int | None = None,
     pp_rank: int | None = None,
@@ -75,7 +77,8 @@ def hybrid_block_spec(
         linear_decay: "constant" (per-head slopes fading with depth), "data" (per-token gate) or "none".
         feature_map: on q and k of "L" layers: "identity", "silu", "relu" or "elu1".
         output_gate: of "L" layers: "sigmoid" or "silu".
-        normalization: "RMSNorm" or "LayerNorm"; must equal ``config.normalization``.
+        normalization: "RMSNorm" or "LayerNorm" (default: ``config.normalization``, else "RMSNorm");
+            must equal ``config.normalization``.
         window: sliding window w (tokens) of "R" and "S" layers: query i sees keys i − w < j <= i;
             required when the pattern has R or S. Across CP ranks these layers exchange one halo of
             w tokens (spindle's window_attention / rattention_branches), whatever ``cp_softmax`` says.
@@ -87,8 +90,12 @@ def hybrid_block_spec(
     """
     check_scheme("cp_linear", cp_linear, LINEAR_SCHEMES)
     check_scheme("cp_softmax", cp_softmax, SOFTMAX_SCHEMES)
+    if normalization is None:
+        normalization = config.normalization if config is not None else "RMSNorm"
     check_scheme("normalization", normalization, NORMALIZATIONS)
-    check_scheme("linear_decay", linear_decay, ("none", "constant", "data"))
+    check_scheme("linear_decay", linear_decay, DECAY_KINDS)
+    check_scheme("feature_map", feature_map, FEATURE_MAPS)
+    check_scheme("output_gate", output_gate, OUTPUT_GATES)
     layer_count = _layer_count(pattern, config, num_layers)
     kinds = resolve_pattern(pattern, layer_count)
     _check_window(window, kinds)
