@@ -71,10 +71,16 @@ CASES = [  # batch, Tq, Tk, heads, kv_heads, dim, causal
 ]
 
 
-@pytest.mark.parametrize("backend", ["naive", "math"])
+@pytest.mark.parametrize("backend", ["naive", "math", "sdpa_cpu"])
 @pytest.mark.parametrize("case", CASES)
 def test_attention_matches_reference(backend, case):
+    from spindle.kernels.attn import unsupported_reason
+
     batch, query_length, key_length, heads, kv_heads, dim, causal = case
+    reason = unsupported_reason(backend, torch.empty(batch, query_length, heads, dim), key_length=key_length,
+                                causal=causal)
+    if reason is not None:
+        pytest.skip(f"{backend} {reason}")
     q, k, v, grad_output, grad_lse = make_inputs(batch, query_length, key_length, heads, kv_heads, dim)
     scale = dim**-0.5
     expected = gradients(lambda *x: dense_softmax_reference(*x, causal, scale), q, k, v, grad_output, grad_lse, torch.float64)
@@ -144,11 +150,14 @@ def test_backward_helper_with_final_output_and_lse(case):
 
 def test_force_backend_switch():
     q = torch.randn(1, 4, 2, 8)
-    assert resolve_backend("auto", q) == "math"
+    assert resolve_backend("auto", q) == "sdpa_cpu"  # PyTorch's fused CPU kernel
+    assert resolve_backend("auto", q, key_length=6) == "math"  # causal Tq != Tk: its mask is top-left
+    assert resolve_backend("auto", q, key_length=6, causal=False) == "sdpa_cpu"
+    assert resolve_backend("auto", q, window=2) == "math"
     with force_backend("naive"):
         assert resolve_backend("auto", q) == "naive"
         assert resolve_backend("math", q) == "math"  # an explicit backend wins
-    assert resolve_backend("auto", q) == "math"
+    assert resolve_backend("auto", q) == "sdpa_cpu"
     with pytest.raises(ValueError, match="unknown backend"):
         with force_backend("flash3"):
             pass

@@ -222,7 +222,7 @@ def test_environment_variable_forces_backend(monkeypatch):
     with pytest.raises(ValueError, match="SPINDLE_ATTN_BACKEND='flash4'"):
         attention(q, q, q)
     monkeypatch.setenv("SPINDLE_ATTN_BACKEND", "auto")
-    assert resolve_backend("auto", q) == "math"
+    assert resolve_backend("auto", q) == "sdpa_cpu"
 
 
 def test_auto_skips_backends_without_window_or_documents(monkeypatch):

@@ -13,8 +13,8 @@ from .masks import MaskSpec, build_mask_spec, check_cu_seqlens, check_window
 from .math import attention_backward_math, attention_forward_math
 from .naive import attention_naive
 
-BACKENDS = ("auto", "flash_attn3", "flash_attn", "sdpa", "sdpa_efficient", "math", "naive")
-AUTO_ORDER = ("flash_attn3", "flash_attn", "sdpa", "sdpa_efficient", "math")  # first one that supports a call
+BACKENDS = ("auto", "flash_attn3", "flash_attn", "sdpa", "sdpa_efficient", "sdpa_cpu", "math", "naive")
+AUTO_ORDER = ("flash_attn3", "flash_attn", "sdpa", "sdpa_efficient", "sdpa_cpu", "math")  # first that can run a call
 ENVIRONMENT_VARIABLE = "SPINDLE_ATTN_BACKEND"
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _forced_backend: str | None = None
@@ -49,15 +49,23 @@ def _requested_backend() -> str | None:
     return name
 
 
-def unsupported_reason(name: str, q: torch.Tensor, window: int | None = None, documents: bool = False) -> str | None:
-    """Why backend `name` cannot run this call, or None if it can."""
+def unsupported_reason(name: str, q: torch.Tensor, window: int | None = None, documents: bool = False,
+                       key_length: int | None = None, causal: bool = True) -> str | None:
+    """Why backend `name` cannot run this call (key_length None: as many keys as queries), or None if it can."""
     if name in ("math", "naive"):
         return None
+    if name in ("sdpa_efficient", "sdpa_cpu") and (window is not None or documents):
+        return "has no sliding window or document mask (use 'sdpa' or 'math')"
+    if name == "sdpa_efficient" and not gpu.sdpa_efficient_supports(q):
+        return f"needs CUDA fp16/bf16/fp32 inputs with head_dim divisible by 8; got {q.dtype} on {q.device}"
+    if name == "sdpa_cpu":
+        key_length = q.shape[1] if key_length is None else key_length
+        if not gpu.sdpa_cpu_supports(q):
+            return f"needs CPU fp16/bf16/fp32 inputs (float64 uses 'math'); got {q.dtype} on {q.device}"
+        if key_length == 0 or (causal and key_length != q.shape[1]):
+            return "aligns its causal mask top-left, so it needs as many keys as queries (and at least one key)"
+        return None
     if name == "sdpa_efficient":
-        if not gpu.sdpa_efficient_supports(q):
-            return f"needs CUDA fp16/bf16/fp32 inputs with head_dim divisible by 8; got {q.dtype} on {q.device}"
-        if window is not None or documents:
-            return "has no sliding window or document mask (use 'sdpa' or 'math')"
         return None
     if name == "sdpa" and window is not None and not gpu.sdpa_supports_window():
         return f"needs a PyTorch whose aten flash kernel takes a window (this is {torch.__version__})"
@@ -71,17 +79,19 @@ def unsupported_reason(name: str, q: torch.Tensor, window: int | None = None, do
     return None
 
 
-def resolve_backend(backend: str, q: torch.Tensor, window: int | None = None, documents: bool = False) -> str:
+def resolve_backend(backend: str, q: torch.Tensor, window: int | None = None, documents: bool = False,
+                    key_length: int | None = None, causal: bool = True) -> str:
     """"auto": a forced backend if any (force_backend, then SPINDLE_ATTN_BACKEND), else the first of
-    flash_attn3, flash_attn, sdpa, sdpa_efficient, math that supports the call. A named backend that cannot
-    run the call is an error, never a silent fallback."""
+    flash_attn3, flash_attn, sdpa, sdpa_efficient, sdpa_cpu, math that supports the call. A named backend that
+    cannot run the call is an error, never a silent fallback."""
     if backend not in BACKENDS:
         raise ValueError(f"attention: unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     if backend == "auto":
         backend = _requested_backend() or "auto"
     if backend == "auto":
-        return next(name for name in AUTO_ORDER if unsupported_reason(name, q, window, documents) is None)
-    reason = unsupported_reason(backend, q, window, documents)
+        return next(name for name in AUTO_ORDER
+                    if unsupported_reason(name, q, window, documents, key_length, causal) is None)
+    reason = unsupported_reason(backend, q, window, documents, key_length, causal)
     if reason is not None:
         raise ValueError(f"attention: backend={backend!r} {reason}")
     return backend
@@ -127,7 +137,7 @@ class _Call:
         self.causal, self.window = bool(causal), check_window(window, bool(causal))
         check_cu_seqlens(cu_seqlens, q.shape[0], q.shape[1], k.shape[1])
         self.scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
-        self.backend = resolve_backend(backend, q, self.window, cu_seqlens is not None)
+        self.backend = resolve_backend(backend, q, self.window, cu_seqlens is not None, k.shape[1], self.causal)
         self.cu_seqlens, self.max_seqlen = cu_seqlens, max_seqlen
         self._spec: MaskSpec | None = None
         self._documents: gpu.Documents | None = None
@@ -247,7 +257,7 @@ def attention(
         return_lse: also return lse = log Σ_j exp(scale · q_i · k_j), fp32 [B, H, Tq] (float64 for float64
             inputs). Differentiable (a gradient of lse is computed by the math backward on any device).
         backend: "auto" (forceable with force_backend or SPINDLE_ATTN_BACKEND), "flash_attn3", "flash_attn",
-            "sdpa", "sdpa_efficient", "math" or "naive".
+            "sdpa", "sdpa_efficient", "sdpa_cpu", "math" or "naive".
 
     Returns:
         o [B, Tq, H, D] in the dtype of q, or (o, lse).

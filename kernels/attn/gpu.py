@@ -10,10 +10,13 @@
   (no K/V copies), bottom-right causal, sliding window, varlen (cu_seqlens) and the LSE.
 - `sdpa_efficient`: PyTorch's memory-efficient kernel (fp32 and head dims flash does not take); no
   native GQA, so K/V are repeated; no window or documents.
+- `sdpa_cpu`: PyTorch's fused CPU kernel `aten::_scaled_dot_product_flash_attention_for_cpu(_backward)`:
+  native GQA, fp16/bf16/fp32 (float64 stays on `math`), the LSE; no window or documents, causal only
+  with Tq == Tk.
 
 Every call binds its arguments by name against the installed op's schema (op_binding.py), so a changed
 argument list is a clear error rather than a silently wrong call. Inputs given here have every query
-row seeing at least one key (api.py strips the leading empty rows of a causal Tq > Tk call). Nothing here
+row seeing at least one key (api.py strips the leading empty rows of a causal Tq > Tk call). Only sdpa_cpu
 runs on CPU; the CUDA tests are GPU-marked and the binding is tested on CPU against ops of the same schema.
 """
 
@@ -342,9 +345,41 @@ def sdpa_efficient_backward(q, k, v, o, lse, do, causal: bool, scale: float, win
     return dq, dk, dv
 
 
+# ----------------------------------------------------------------------------------------------------
+# PyTorch's fused CPU kernel (no window, no documents; its causal mask is top-left, so Tq == Tk only)
+
+
+def sdpa_cpu_supports(q: torch.Tensor) -> bool:
+    # not float64: its backward loses precision there (4.7e-8 relative in dq); float64 is for oracles (math)
+    return q.device.type == "cpu" and q.dtype in (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _lse_dtype(q: torch.Tensor) -> torch.dtype:
+    return torch.float64 if q.dtype == torch.float64 else torch.float32
+
+
+def sdpa_cpu_forward(q, k, v, causal: bool, scale: float, window=None, documents=None):
+    """BSHD in and out (the kernel works on BHSD views); native GQA; lse [B, H, Tq]."""
+    output, lse = call_op(aten_op("_scaled_dot_product_flash_attention_for_cpu"), dict(
+        query=q.transpose(1, 2), key=k.transpose(1, 2), value=v.transpose(1, 2), dropout_p=0.0, is_causal=causal,
+        scale=scale,
+    ), where="aten CPU flash attention")
+    return output.transpose(1, 2).contiguous(), lse.to(_lse_dtype(q))
+
+
+def sdpa_cpu_backward(q, k, v, o, lse, do, causal: bool, scale: float, window=None, documents=None):
+    grads = call_op(aten_op("_scaled_dot_product_flash_attention_for_cpu_backward"), dict(
+        grad_out=do.transpose(1, 2), query=q.transpose(1, 2), key=k.transpose(1, 2), value=v.transpose(1, 2),
+        out=o.transpose(1, 2), logsumexp=lse.to(_lse_dtype(q)).contiguous(), dropout_p=0.0, is_causal=causal,
+        scale=scale,
+    ), where="aten CPU flash attention backward")
+    return tuple(grad.transpose(1, 2).contiguous() for grad in grads[:3])
+
+
 KERNELS = {
     "flash_attn3": (flash_attn3_forward, flash_attn3_backward),
     "flash_attn": (flash_attn_forward, flash_attn_backward),
     "sdpa": (sdpa_forward, sdpa_backward),
     "sdpa_efficient": (sdpa_efficient_forward, sdpa_efficient_backward),
+    "sdpa_cpu": (sdpa_cpu_forward, sdpa_cpu_backward),
 }
