@@ -261,7 +261,9 @@ def sweep(args: argparse.Namespace, overrides: list[str], on_case=None) -> list[
             if args.budget_s is not None:
                 left = args.budget_s - (time.monotonic() - started)
                 predicted = (args.warmup + args.steps) * predicted_step_s(history[name], seq_len) + setup_s.get(name, 0.0)
-                if predicted > left:
+                if not history[name]:  # a variant's first case: as long as another variant's at this length
+                    predicted = max((m.wall_s or 0.0 for m in results if m.seq_len == seq_len), default=0.0)
+                if predicted > left or left <= 0:
                     stopped[name] = f"over budget at {seq_len:,} (predicted {predicted:.0f} s, {max(left, 0):.0f} s left)"
                     results.append(Measurement(name, pattern, seq_len, f"skipped: {stopped[name]}"))
                     continue
