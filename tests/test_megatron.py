@@ -64,7 +64,8 @@ def _layer_config(context_parallel_size: int, tensor_parallel_size: int = 1):
 
     return TransformerConfig(
         num_layers=3, hidden_size=16, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=24,
-        context_parallel_size=context_parallel_size, tensor_model_parallel_size=tensor_parallel_size, normalization="RMSNorm", layernorm_epsilon=1e-6,
+        context_parallel_size=context_parallel_size, tensor_model_parallel_size=tensor_parallel_size,
+        normalization="RMSNorm", layernorm_epsilon=1e-6,
         gated_linear_unit=True, activation_func=torch.nn.functional.silu, add_bias_linear=False,
         hidden_dropout=0.0, attention_dropout=0.0, use_cpu_initialization=True)
 

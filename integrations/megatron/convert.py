@@ -17,7 +17,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from spindle.runtime.layers import DecoderBlock, LinearAttention, RAttention, SlidingWindowAttention, SoftmaxAttention
+from spindle.runtime.layers import (
+    DecoderBlock,
+    LinearAttention,
+    RAttention,
+    SlidingWindowAttention,
+    SoftmaxAttention,
+)
 
 
 def native_block_state_dict(block: DecoderBlock) -> dict[str, torch.Tensor]:

@@ -80,7 +80,8 @@ class SpindleCoreAttention(MegatronModule):
         super().__init__(config=config)
         check_scheme("cp_softmax", scheme, SOFTMAX_SCHEMES)
         if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
-            raise ValueError(f"SpindleCoreAttention: window must be a positive number of tokens or None, got {window!r}")
+            raise ValueError(
+                f"SpindleCoreAttention: window must be a positive number of tokens or None, got {window!r}")
         self.window = window
         _check_supported_config(config, attn_mask_type, attention_dropout)
         self.layer_number = layer_number

@@ -101,7 +101,7 @@ class LinearSelfAttention(MegatronModule):
         self.scheme, self.decay, self.output_gate = scheme, decay, output_gate
         self.feature_map = _FEATURE_MAPS[feature_map]
         heads, self.head_dim = config.num_attention_heads, config.kv_channels
-        self.local_heads, head_offset = _local_heads(heads, self.tp_group)
+        self.local_heads, head_offset = local_heads(heads, self.tp_group)
         projection = heads * self.head_dim
         self.linear_qkvg = build_module(
             submodules.linear_qkvg, config.hidden_size, 4 * projection, config=config,
@@ -148,7 +148,7 @@ class LinearSelfAttention(MegatronModule):
         **unused: Any,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """hidden_states [s, b, h] (this rank's tokens in Megatron's CP order) -> (output [s, b, h], bias)."""
-        _check_forward_arguments(key_value_states, inference_context, packed_seq_params)
+        check_forward_arguments(key_value_states, inference_context, packed_seq_params)
         mixed, _ = self.linear_qkvg(hidden_states)  # [s, b, H_local·4·D]
         length, batch = mixed.shape[:2]
         # [s, b, H, 4, D] -> [b, s, H, 4, D]: spindle's ops take batch-first shards
@@ -191,7 +191,7 @@ def head_rms_norm(output: torch.Tensor, norm: RMSNorm, tp_group: torch.distribut
     return normed.to(output.dtype) * weight.to(output.dtype)
 
 
-def _local_heads(heads: int, tp_group: torch.distributed.ProcessGroup,
+def local_heads(heads: int, tp_group: torch.distributed.ProcessGroup,
                  what: str = "num_attention_heads") -> tuple[int, int]:
     """(heads on this tensor-parallel rank, index of its first head)."""
     tp_size = tp_group.size()
@@ -204,7 +204,7 @@ def _local_heads(heads: int, tp_group: torch.distributed.ProcessGroup,
     return local, tp_group.rank() * local
 
 
-def _check_forward_arguments(key_value_states: Any, inference_context: Any, packed_seq_params: Any) -> None:
+def check_forward_arguments(key_value_states: Any, inference_context: Any, packed_seq_params: Any) -> None:
     if key_value_states is not None:
         raise NotImplementedError("LinearSelfAttention is a self-attention: key_value_states must be None")
     if inference_context is not None:

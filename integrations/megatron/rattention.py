@@ -31,7 +31,7 @@ from spindle.parallel.cp import lasp1, lasp2, rattention_branches
 from spindle.runtime.layers import RMSNorm, plus_minus_softmax, single_device_rattention
 
 from .core_attention import MEGATRON_LAYOUT, check_scheme, context_parallel_group
-from .linear_mixer import LINEAR_SCHEMES, _check_forward_arguments, _local_heads, head_rms_norm
+from .linear_mixer import LINEAR_SCHEMES, check_forward_arguments, local_heads, head_rms_norm
 
 
 @dataclass
@@ -74,8 +74,8 @@ class RAttentionSelfAttention(MegatronModule):
         self.tp_group = pg_collection.tp
         self.layer_number, self.window, self.scheme = layer_number, window, scheme
         heads, groups, self.head_dim = config.num_attention_heads, config.num_query_groups, config.kv_channels
-        _local_heads(groups, self.tp_group, "num_query_groups")  # whole query groups per tensor-parallel rank
-        self.local_heads, _ = _local_heads(heads, self.tp_group)
+        local_heads(groups, self.tp_group, "num_query_groups")  # whole query groups per tensor-parallel rank
+        self.local_heads, _ = local_heads(heads, self.tp_group)
         self.local_groups = groups // self.tp_group.size()
         self.linear_qkv = build_module(
             submodules.linear_qkv, config.hidden_size, (heads + 2 * groups) * self.head_dim, config=config,
@@ -106,9 +106,10 @@ class RAttentionSelfAttention(MegatronModule):
         **unused: Any,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """hidden_states [s, b, h] (this rank's tokens in Megatron's CP order) -> (output [s, b, h], bias)."""
-        _check_forward_arguments(key_value_states, inference_context, packed_seq_params)
+        check_forward_arguments(key_value_states, inference_context, packed_seq_params)
         if rotary_pos_emb is None:
-            raise ValueError("RAttentionSelfAttention needs RoPE: build the GPTModel with position_embedding_type='rope'")
+            raise ValueError(
+                "RAttentionSelfAttention needs RoPE: build the GPTModel with position_embedding_type='rope'")
         query_pos, key_pos = rotary_pos_emb if isinstance(rotary_pos_emb, tuple) else (rotary_pos_emb, rotary_pos_emb)
         query, key, value = self._project(hidden_states)  # [s, b, H or G, D]
         local_q = apply_rotary_pos_emb(query, query_pos, config=self.config, cp_group=self.cp_group)
