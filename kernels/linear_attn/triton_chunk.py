@@ -141,7 +141,8 @@ def _sequence_program(cu_seqlens, chunk_offsets, length, heads, num_chunks, VARL
 def _chunk_program(cu_seqlens, chunk_table, length, heads, num_chunks, VARLEN: tl.constexpr):
     """For the chunk-parallel kernels: (head, bos, sequence length, chunk within the sequence, global chunk).
     Dense grid axes 1, 2 = (chunk, batch·heads); varlen axes 1, 2 = (chunk-table slot, heads), where the
-    table row (document, chunk) is (-1, 0) for slots past the last chunk (chunk < 0: no work)."""
+    table row (document, chunk) is (-1, 0) for slots past the last chunk: those programs get a sequence
+    length of 0, so every load and store they make is masked off (no early return needed)."""
     if VARLEN:
         slot = tl.program_id(1).to(tl.int64)
         head = tl.program_id(2).to(tl.int64)
@@ -151,7 +152,8 @@ def _chunk_program(cu_seqlens, chunk_table, length, heads, num_chunks, VARLEN: t
         sequence = tl.maximum(sequence, 0)
         bos = tl.load(cu_seqlens + sequence).to(tl.int64)
         sequence_length = (tl.load(cu_seqlens + sequence + 1).to(tl.int64) - bos).to(tl.int32)
-        chunk = tl.where(valid, chunk, -1)
+        sequence_length = tl.where(valid, sequence_length, 0)
+        chunk = tl.where(valid, chunk, 0)
         global_chunk = slot
     else:
         batch_head = tl.program_id(2).to(tl.int64)
@@ -237,8 +239,6 @@ def _chunk_output_kernel(
     head, bos, sequence_length, chunk, global_chunk = _chunk_program(
         cu_seqlens, chunk_table, length, heads, num_chunks, VARLEN
     )
-    if chunk < 0:
-        return
     start = chunk * BT
     value_columns = value_block * BV + tl.arange(0, BV)
     q_base = q + bos * heads * DK + head * DK
@@ -252,6 +252,8 @@ def _chunk_output_kernel(
         q_tile = _load_tile(q_base, heads * DK, start, sequence_length, key_columns, DK, BT)
         k_tile = _load_tile(k_base, heads * DK, start, sequence_length, key_columns, DK, BT)
         state_offsets, state_mask = _state_tile(key_columns, value_columns, DK, DV)
+        if VARLEN:  # spare chunk-table slots read nothing
+            state_mask = state_mask & (key_columns[:, None] < tl.where(sequence_length > 0, DK, 0))
         state = tl.load(state_base + state_offsets, mask=state_mask, other=0.0)
         inter += tl.dot(q_tile, state.to(q_tile.dtype), input_precision=PRECISION)
         scores += tl.dot(q_tile, tl.trans(k_tile), input_precision=PRECISION)
@@ -327,8 +329,6 @@ def _chunk_dqk_kernel(
     head, bos, sequence_length, chunk, global_chunk = _chunk_program(
         cu_seqlens, chunk_table, length, heads, num_chunks, VARLEN
     )
-    if chunk < 0:
-        return
     start = chunk * BT
     key_columns = key_block * BK + tl.arange(0, BK)
     q_base = q + bos * heads * DK + head * DK
@@ -346,6 +346,8 @@ def _chunk_dqk_kernel(
         v_tile = _load_tile(v_base, heads * DV, start, sequence_length, value_columns, DV, BT)
         do_tile = _load_tile(do_base, heads * DV, start, sequence_length, value_columns, DV, BT)
         state_offsets, state_mask = _state_tile(key_columns, value_columns, DK, DV)
+        if VARLEN:  # spare chunk-table slots read nothing
+            state_mask = state_mask & (key_columns[:, None] < tl.where(sequence_length > 0, DK, 0))
         state = tl.load(state_base + state_offsets, mask=state_mask, other=0.0)
         grad_state = tl.load(grad_state_base + state_offsets, mask=state_mask, other=0.0)
         query_inter += tl.dot(do_tile, tl.trans(state.to(do_tile.dtype)), input_precision=PRECISION)
@@ -386,7 +388,11 @@ def _chunk_dqk_kernel(
             tl.store(pointers, grad_decay, mask=rows < sequence_length)
         else:
             total = tl.sum(tl.where(rows < sequence_length, grad_decay, 0.0), axis=0)
-            tl.store(grad_decay_partial + (key_block * total_chunks + global_chunk) * heads + head, total)
+            pointer = grad_decay_partial + (key_block * total_chunks + global_chunk) * heads + head
+            if VARLEN:  # spare chunk-table slots leave their (zero-initialized) entry alone
+                tl.store(pointer, total, mask=sequence_length > 0)
+            else:
+                tl.store(pointer, total)
 
 
 @_autotune(_configs([dict(BK=64, BV=64), dict(BK=64, BV=128), dict(BK=128, BV=64), dict(BK=32, BV=64)]),
@@ -401,8 +407,6 @@ def _chunk_dv_kernel(
     head, bos, sequence_length, chunk, global_chunk = _chunk_program(
         cu_seqlens, chunk_table, length, heads, num_chunks, VARLEN
     )
-    if chunk < 0:
-        return
     start = chunk * BT
     value_columns = value_block * BV + tl.arange(0, BV)
     q_base = q + bos * heads * DK + head * DK
@@ -415,6 +419,8 @@ def _chunk_dv_kernel(
         q_tile = _load_tile(q_base, heads * DK, start, sequence_length, key_columns, DK, BT)
         k_tile = _load_tile(k_base, heads * DK, start, sequence_length, key_columns, DK, BT)
         state_offsets, state_mask = _state_tile(key_columns, value_columns, DK, DV)
+        if VARLEN:  # spare chunk-table slots read nothing
+            state_mask = state_mask & (key_columns[:, None] < tl.where(sequence_length > 0, DK, 0))
         grad_state = tl.load(grad_state_base + state_offsets, mask=state_mask, other=0.0)
         scores_t += tl.dot(k_tile, tl.trans(q_tile), input_precision=PRECISION)
         inter += tl.dot(k_tile, grad_state.to(k_tile.dtype), input_precision=PRECISION)
