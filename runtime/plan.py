@@ -531,13 +531,33 @@ def allgather_kv_bytes(shape: Shape, layout: Layout) -> float:
     return 2 * layout.micro_batch * layout.seq_len * shape.kv_heads / layout.tp * shape.head_dim * layout.compute_bytes
 
 
+def linear_kernel_keeps_states() -> bool:
+    """Does the Triton linear-attention kernel keep its chunk states for backward? Read off the kernel's
+    own default (``recompute_states``), which the model's layers do not override."""
+    import inspect
+
+    from spindle.kernels import linear_attention
+
+    parameter = inspect.signature(linear_attention).parameters.get("recompute_states")
+    return parameter is not None and parameter.default is False
+
+
+def _linear_kernel_states(kind: str, shape: Shape, layout: Layout) -> float:
+    """fp32 chunk states [B, H, ceil(n / C), d, d] the single-device kernel keeps (under CP the LASP ops
+    call it without autograd and keep only their inputs and incoming states)."""
+    if kind != "L" or layout.cp > 1 or not linear_kernel_keeps_states():
+        return 0.0
+    chunks = -(-layout.local_tokens // LINEAR_CHUNK)
+    return layout.micro_batch * shape.heads / layout.tp * chunks * shape.head_dim**2 * 4
+
+
 def layer_activations(kind: str, shape: Shape, layout: Layout) -> LayerActivations:
     tokens = layout.micro_batch * layout.local_tokens
     comm_saved, comm_transient = _context_parallel_memory(kind, shape, layout)
     # the largest weight gradient is produced in the compute dtype, then accumulated in fp32
     largest_matrix = max(shape.dim * shape.ffn_dim, shape.dim * shape.heads * shape.head_dim) / layout.tp
     return LayerActivations(
-        saved=tokens * _layer_saved_per_token(kind, shape, layout),
+        saved=tokens * _layer_saved_per_token(kind, shape, layout) + _linear_kernel_states(kind, shape, layout),
         checkpoint=tokens * layout.residual_bytes * shape.dim,
         workspace=tokens * _workspace_per_token(kind, shape, layout) + largest_matrix * (layout.compute_bytes + 4),
         comm_saved=comm_saved, comm_transient=comm_transient)

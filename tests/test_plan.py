@@ -122,7 +122,10 @@ class _LinearKernelSaves(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, log_decay):  # type: ignore[override]
-        ctx.save_for_backward(q, k, v, *(() if log_decay is None or log_decay.dim() == 1 else (log_decay,)))
+        batch, length, heads, dim = q.shape
+        kept = [] if not plan.linear_kernel_keeps_states() else [  # fp32 chunk states, one per chunk
+            torch.zeros(batch, heads, -(-length // plan.LINEAR_CHUNK), dim, v.shape[-1], dtype=torch.float32)]
+        ctx.save_for_backward(q, k, v, *(() if log_decay is None or log_decay.dim() == 1 else (log_decay,)), *kept)
         with torch.no_grad():
             return kernels.linear_attention(q, k, v, log_decay=log_decay)[0]
 
@@ -155,8 +158,7 @@ def saved_bytes_of_block(config: Config, kind: str, *, bf16_weights: bool) -> in
     block = model.layers[config.model.layers.index(kind)]
     if kind == "L":
         block.mixer.sequence_op = lambda q, k, v, log_decay=None, scale=None: _LinearKernelSaves.apply(q, k, v, log_decay)
-    else:
-        block.mixer.attention_op = lambda q, k, v, causal=True, scale=None: _FlashSaves.apply(q, k, v)
+    # softmax layers run the real op: its autograd Function saves q, k, v, o and lse on every backend
     weight_dtype = torch.bfloat16 if bf16_weights else torch.float32
     block.to(weight_dtype)
     tokens = config.data.seq_len
@@ -207,10 +209,12 @@ def test_linear_block_bytes_by_hand() -> None:
     # fp32, tp 1, dim 64, 4 heads of 16, ffn 128, per token: block input and mid residual 2·4·64;
     # two norms (1/rms 4 B, normalized 4·64, shared output 4·64); q, k, v 3·4·64; output norm
     # fp32 input 4·64 + 1/rms 4·4 + normalized and output 2·4·64; gate and o·gate 2·4·64; MLP 4·4·128
+    # and, when the kernel keeps them, fp32 chunk states: 4 heads · ceil(1000 / 64) chunks · 16 · 16 · 4 B
     per_token = 2 * 256 + 2 * (4 + 2 * 256) + 3 * 256 + (256 + 16 + 2 * 256) + 2 * 256 + 4 * 4 * 128
+    states = 4 * 16 * 16 * 16 * 4 if plan.linear_kernel_keeps_states() else 0
     config = make_config(layers="L", n_layers=1, precision="fp32", seq_len=1000)
     layer = plan.layer_activations("L", plan.shape_of(config), plan.layout_of(config))
-    assert layer.saved == 1000 * per_token
+    assert layer.saved == 1000 * per_token + states
     assert layer.checkpoint == 1000 * 4 * 64
 
 
@@ -504,13 +508,16 @@ def test_counted_flops_fit_a_real_cpu_step_at_another_length() -> None:
     """The meta-device count, fitted as a + b·T at two lengths, predicts a real CPU step at a third."""
     from torch.utils.flop_counter import FlopCounterMode
 
+    from spindle.kernels.attn.api import force_backend
+
     config = make_config(layers="LLA", n_layers=3, dim=64, heads=4, kv_heads=2, ffn_dim=96, vocab_size=50)
     counted = plan.counted_flops(plan.shape_of(config))
     torch.manual_seed(0)
     model = HybridModel(config.model)
     length = 192
     tokens = torch.randint(0, 50, (1, length))
-    with FlopCounterMode(display=False) as counter:
+    # the math backend: fused CPU attention kernels are opaque to FlopCounterMode
+    with force_backend("math"), FlopCounterMode(display=False) as counter:
         loss, _ = model.loss(tokens, tokens)
         loss.backward()
     measured = counter.get_total_flops() / length
