@@ -134,22 +134,6 @@ class _LinearKernelSaves(torch.autograd.Function):
         raise AssertionError("not used")
 
 
-class _FlashSaves(torch.autograd.Function):
-    """Saves what flash attention saves: q, k, v, the (contiguous) output and fp32 lse [B, H, T]."""
-
-    @staticmethod
-    def forward(ctx, q, k, v):  # type: ignore[override]
-        with torch.no_grad():
-            out = kernels.attention(q, k, v, causal=True).contiguous()
-        lse = torch.zeros(q.shape[0], q.shape[2], q.shape[1], dtype=torch.float32)
-        ctx.save_for_backward(q, k, v, out, lse)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad):  # type: ignore[override]
-        raise AssertionError("not used")
-
-
 def saved_bytes_of_block(config: Config, kind: str, *, bf16_weights: bool) -> int:
     """Bytes of distinct activation storages one block saves for backward (weights and their casts,
     and the shared RoPE tables, excluded)."""
