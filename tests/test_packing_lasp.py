@@ -123,6 +123,12 @@ def _worker(rank: int, world_size: int, group: object, folder: str) -> dict:
                 for kind in DECAYS:
                     errors[f"{scheme}-P{size}-{layout}-{kind}"] = check_case(scheme, members, layout, kind,
                                                                              expected[kind])
+    if world_size == 2:  # offsets without the second row's start: one clear message on every rank
+        tensors, _ = inputs("none")
+        local = [context_parallel.shard(x, group, layout="zigzag") for x in tensors]
+        missing_row = torch.tensor([0, 3, 4, 6, 11, 12, 20, 32, 33, 41, 48], dtype=torch.int32)
+        with pytest.raises(ValueError, match="every row start"):
+            context_parallel.lasp2(*local, group, cu_seqlens=missing_row)
     training = {}
     for name, (model, (dp, cp), linear, layout) in TRAINING[world_size].items():
         config = packed_config(folder, world_size, model, dp, cp, linear, layout)
