@@ -144,12 +144,6 @@ def test_documents_matter() -> None:
     assert float((plain - documents_alone(*tensors)).abs().max()) > 0.1
 
 
-def test_delay_with_documents_is_refused() -> None:
-    tensors, _ = inputs("none")
-    with pytest.raises(NotImplementedError, match="delay=2 together with cu_seqlens"):
-        context_parallel.lasp2(*tensors[:3], None, delay=2, cu_seqlens=cu_seqlens())
-
-
 @pytest.mark.parametrize("world_size", [2, 4], ids=["2-ranks", "4-ranks"])
 def test_lasp_with_packed_documents(prepared: str, world_size: int) -> None:  # noqa: F811
     results = run_distributed(_worker, world_size, prepared, timeout=300)
