@@ -11,7 +11,10 @@ Writes kernels.md, kernels.json and kernels.png (with the command line) into `--
 
 Presets (`--preset`): `32k` = B=4, H=32, d=128, T=32K, bf16 (the issue's first shape), `1m` = B=1, H=10,
 d=64, T=1M, bf16, linear attention only (softmax at 1M tokens takes minutes per call), `tiny` = the CPU
-rehearsal. `--quick` / `--dry-run` = `tiny` with one warm-up and two repeats.
+rehearsal. `--quick` / `--dry-run` = `tiny` with one warm-up and two repeats. Defaults: 3 warm-ups and 10 timed
+runs on a GPU, 2 and 5 on a CPU; the chunked PyTorch linear attention is skipped (a row note) above
+`--torch-max-length` tokens (default 262144: it loops over T/64 chunks in Python). Every provider of a case gets
+the same inputs, and its forward output is compared with the first provider's (`output diff`).
 
 FLOP and byte counts are the nominal, useful work per call for B batches, H query heads (H_kv key/value
 heads), T tokens, head dim d (= Dk = Dv), element size e bytes:
