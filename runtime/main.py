@@ -35,6 +35,7 @@ from spindle.runtime.config import (
 from spindle.runtime.data import build_dataset
 from spindle.runtime.metrics import MetricsWriter
 from spindle.runtime.optim import build_optimizer
+from spindle.runtime.preemption import clear_stop, launching_command, preempted_message, resume_command
 from spindle.runtime.run_dir import record_config
 from spindle.runtime.tracking import start_tracking
 from spindle.parallel.layout import LayoutError, ParallelContext, ParallelDegrees
@@ -111,6 +112,7 @@ def run_training(config: Config, run_dir: Path, context: ParallelContext, resume
                  trust_checkpoint: bool = False) -> dict:
     """Build data, model, optimizer and checkpointer from a resolved config, resume, and train."""
     from spindle.runtime.checkpoint import Checkpointer
+    from spindle.runtime.preemption import SignalCatcher, StopAgreement
 
     deepspeed = config.parallel.dp_engine == "deepspeed"
     dataset = build_dataset(config.data, config.model.vocab_size, config.train.seed)
@@ -137,16 +139,17 @@ def run_training(config: Config, run_dir: Path, context: ParallelContext, resume
     tracker = start_tracking(config.logging, run_dir, to_dict(config), is_main=context.is_main,
                              resuming=resumed is not None)
     metrics = MetricsWriter(run_dir, append=resumed is not None) if context.is_main else None
-    try:
-        trainer = Trainer(config, model, engine, batches, context, run_dir, tracker=tracker, metrics=metrics,
-                          checkpointer=checkpointer)
-        final = trainer.fit(start_step=start_step)
-        if checkpointer is not None:
-            checkpointer.close()
-    finally:
-        tracker.finish()
-        if metrics is not None:
-            metrics.close()
+    with SignalCatcher() as catcher:  # SIGTERM: finish the step, checkpoint, exit 0
+        try:
+            trainer = Trainer(config, model, engine, batches, context, run_dir, tracker=tracker, metrics=metrics,
+                              checkpointer=checkpointer, stop=StopAgreement(run_dir, catcher))
+            final = trainer.fit(start_step=start_step)
+            if checkpointer is not None:
+                checkpointer.close()
+        finally:
+            tracker.finish()
+            if metrics is not None:
+                metrics.close()
     return final
 
 
@@ -189,6 +192,7 @@ def train_entry(config_dict: dict, run_dir: str, resume: str = "auto", *, trust_
     if context.is_main:
         run_path.mkdir(parents=True, exist_ok=True)
         record_config(config, run_path)  # an existing run's config.yaml is never rewritten
+        clear_stop(run_path)  # a stop request of an earlier, preempted attempt
     if dist.is_initialized():
         dist.barrier()  # the run directory exists before any rank writes into it
     return run_training(config, run_path, context, resume, trust_checkpoint=trust_checkpoint)
@@ -247,6 +251,10 @@ def main(argv: list[str] | None = None) -> int:
         if is_main:
             print(f"\nspindle: {interrupted_message(Path(run_dir), arguments.config)}", file=sys.stderr, flush=True)
         return 130
+    if final and final.get("preempted"):
+        if is_main:
+            print(f"spindle: {preempted_message(final, resume_command(launching_command()))}", flush=True)
+        return 0
     if final and is_main:
         print(f"spindle: finished step {final['step']}, loss {final['loss']:.4f}, {final['elapsed_s']:.1f} s; "
               f"metrics in {Path(run_dir) / 'metrics.jsonl'}", flush=True)

@@ -42,6 +42,7 @@ from spindle.runtime.tracking import NullTracker, Tracker
 if TYPE_CHECKING:  # the trainer receives the layout; runtime/ never imports parallel/ at load time
     from spindle.parallel.layout import ParallelContext
     from spindle.runtime.checkpoint import Checkpointer
+    from spindle.runtime.preemption import StopAgreement
 
 Batch = tuple[torch.Tensor, torch.Tensor] | PackedBatch
 """(tokens [B, T], labels [B, T]), or a PackedBatch that adds the documents' cu_seqlens."""
@@ -178,8 +179,10 @@ class Trainer:
     def __init__(self, config: Config, model: nn.Module, optimizer: "torch.optim.Optimizer | OptimizerEngine",
                  batches: BatchProvider, context: ParallelContext, run_dir: str | Path,
                  tracker: Tracker | None = None, metrics: MetricsWriter | None = None,
-                 checkpointer: "Checkpointer | None" = None) -> None:
+                 checkpointer: "Checkpointer | None" = None, stop: "StopAgreement | None" = None) -> None:
         self.config, self.model = config, model
+        self.stop = stop
+        """Preemption: consulted at every step boundary (spindle.runtime.preemption)."""
         self.engine = as_engine(optimizer, model, context)
         self.checkpointer = checkpointer
         self.batches, self.context, self.run_dir = batches, context, Path(run_dir)
@@ -214,11 +217,32 @@ class Trainer:
                     last_record, window_start, window_steps = record, time.perf_counter(), 0
                 progress.advance(step + 1, record)
                 # After the metrics line: a run that dies right after a commit has logged that step.
-                if self.checkpointer is not None:
-                    self.checkpointer.maybe_save(step + 1, data_cursor=(step + 1) * train.global_batch)
+                saved = self.checkpointer is not None and self.checkpointer.maybe_save(
+                    step + 1, data_cursor=(step + 1) * train.global_batch)
+                if step + 1 < train.steps and self.stop is not None and self.stop.should_stop():
+                    now = time.perf_counter()
+                    return self._preempted(step + 1, result, record, saved,
+                                           steps_per_s=window_steps / max(now - window_start, 1e-9),
+                                           elapsed_s=now - started)
+            if self.stop is not None:
+                self.stop.finish()  # the reduction started at the last boundary (not on an error path)
         finally:
             progress.close()
         return last_record
+
+    def _preempted(self, step: int, result: StepResult, record: dict | None, saved: bool, *,
+                   steps_per_s: float, elapsed_s: float) -> dict:
+        """Every rank agreed to stop after ``step``: commit a checkpoint there (unless this step's
+        regular one just started) and return its record, marked ``preempted``."""
+        self.stop.finish()
+        if record is None:  # not a logging step: log it, so metrics.jsonl ends where the checkpoint is
+            record = self._record(step, result, steps_per_s, elapsed_s)
+            self._publish(record)
+        if self.checkpointer is not None:
+            if not saved:
+                self.checkpointer.save(step, data_cursor=step * self.config.train.global_batch)
+            self.checkpointer.wait()
+        return {**record, "preempted": True, "checkpointed": self.checkpointer is not None}
 
     def _record(self, step: int, result: StepResult, steps_per_s: float, elapsed_s: float) -> dict:
         # the one host sync of a logged step (train_step itself makes none); other steps make none

@@ -1,0 +1,94 @@
+"""Faults a job must survive, through the real entry point on real processes.
+
+Preemption: SIGTERM to one torchrun worker (what Slurm or Kubernetes send) mid-run makes both ranks
+finish the step, commit a checkpoint there and exit 0 with "preempted at step N; resume with ...";
+that command continues with exactly the losses of an uninterrupted run.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from spindle.runtime.checkpoint import read_latest, read_manifest, verify_checkpoint
+
+REPOSITORY = Path(__file__).resolve().parents[1]
+TINY = REPOSITORY / "configs" / "tiny.yaml"
+STEPS = 12
+OVERRIDES = [f"train.steps={STEPS}", "logging.log_every=1", "logging.progress=false", "logging.wandb=disabled",
+             "checkpoint.every=0", "parallel.dp=2"]
+
+
+def environment() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def torchrun_command(run_dir: Path, *extra: str) -> list[str]:
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone",
+               "-m", "spindle.runtime.main", str(TINY), "--run-dir", str(run_dir)]
+    for override in OVERRIDES:
+        command += ["--set", override]
+    return command + list(extra)
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return {record["step"]: record["loss"] for record in records}
+
+
+def logged_steps(run_dir: Path) -> int:
+    try:
+        return len((run_dir / "metrics.jsonl").read_text().splitlines())
+    except OSError:
+        return 0
+
+
+def children(pid: int) -> list[int]:
+    found = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        found += [int(child) for child in (task / "children").read_text().split()]
+    return found
+
+
+def test_sigterm_to_one_torchrun_worker_checkpoints_and_resumes_exactly(tmp_path: Path) -> None:
+    reference_dir, preempted_dir = tmp_path / "reference", tmp_path / "preempted"
+    reference = subprocess.run(torchrun_command(reference_dir), cwd=tmp_path, env=environment(),
+                               capture_output=True, text=True, timeout=300)
+    assert reference.returncode == 0, reference.stderr[-3000:]
+
+    launcher = subprocess.Popen(torchrun_command(preempted_dir, "--resume", "never"), cwd=tmp_path,
+                                env=environment(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 240
+    while logged_steps(preempted_dir) < 2 and launcher.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    workers = sorted(children(launcher.pid))
+    assert len(workers) == 2 and launcher.poll() is None, "the run ended before it could be preempted"
+    signalled = time.monotonic()
+    os.kill(workers[-1], signal.SIGTERM)  # one worker only: the other must learn it from the agreement
+    stdout, stderr = launcher.communicate(timeout=120)
+    stopped_s = time.monotonic() - signalled
+    assert launcher.returncode == 0, stderr[-3000:]
+
+    found = re.search(r"preempted at step (\d+); resume with (.+)", stdout)
+    assert found, stdout + stderr[-2000:]
+    step = int(found.group(1))
+    assert 2 <= step < STEPS
+    latest = read_latest(preempted_dir)
+    assert latest is not None and read_manifest(latest)["step"] == step
+    verify_checkpoint(latest)
+    command = shlex.split(found.group(2))
+    assert "--resume" not in command and "--overwrite" not in command
+    assert command[-len(OVERRIDES) * 2:] == torchrun_command(preempted_dir)[-len(OVERRIDES) * 2:]
+    print(f"SIGTERM to rank 1 after {logged_steps(preempted_dir)} logged steps: stopped at step {step}, "
+          f"exit 0 after {stopped_s:.1f} s")
+
+    resumed = subprocess.run(command, cwd=tmp_path, env=environment(), capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resumed at step {step}" in resumed.stdout
+    assert losses(preempted_dir) == losses(reference_dir)  # every step, before and after the preemption
