@@ -24,6 +24,7 @@ call handles both zigzag chunks. States are fp32 (float64 for float64 inputs).
 from __future__ import annotations
 
 import dataclasses
+import weakref
 from typing import Protocol
 
 import torch
@@ -186,13 +187,34 @@ class DocumentChunks:
     mine: list[int]  # this rank's global chunk ids, by slot
     local_offsets: torch.Tensor  # int64 [N + S·B + 2], with empty documents where global ones are elsewhere
 
+    def __post_init__(self) -> None:
+        self.local_first, self.local_last = self.local(self.first), self.local(self.last)
+
     def local(self, values: torch.Tensor) -> torch.Tensor:
         """[C, B] -> this rank's [S·B] (slot-major, as to_slots stacks the chunks)."""
         return values[self.mine].reshape(-1)
 
 
+# id(cu_seqlens) -> {(rank, P, layout, B, m, device): its tables}: every linear layer of a micro-batch gets the
+# same tensor, so the tables are built once; a finalizer drops the entry with the tensor (as softmax.py does)
+_document_tables: dict[int, dict[tuple, DocumentChunks]] = {}
+
+
 def document_chunks(cu_seqlens: torch.Tensor, setup: LinearSetup, batch: int, chunk_length: int,
                     device: torch.device) -> DocumentChunks:
+    """The tables of `cu_seqlens` for this call's geometry, built once per tensor (see _build_document_chunks)."""
+    key = (setup.rank, setup.world_size, setup.layout, batch, chunk_length, torch.device(device))
+    tables = _document_tables.get(id(cu_seqlens))
+    if tables is None:
+        tables = _document_tables[id(cu_seqlens)] = {}
+        weakref.finalize(cu_seqlens, _document_tables.pop, id(cu_seqlens), None)
+    if key not in tables:
+        tables[key] = _build_document_chunks(cu_seqlens, setup, batch, chunk_length, device)
+    return tables[key]
+
+
+def _build_document_chunks(cu_seqlens: torch.Tensor, setup: LinearSetup, batch: int, chunk_length: int,
+                           device: torch.device) -> DocumentChunks:
     """All on the device from the global offsets (searchsorted; no host sync)."""
     offsets = cu_seqlens.to(device=device, dtype=torch.int64)
     chunks = setup.slots * setup.world_size
@@ -221,9 +243,9 @@ def document_decay(decay: LocalDecay | None, documents: DocumentChunks, length: 
     the chunk's first document start, a key counts toward the chunk's state only from its last one on,
     and a chunk with a document start passes no incoming state on (Γ = 0)."""
     positions = torch.arange(length, device=documents.first.device)
-    query_mask = (positions[None, :] < documents.local(documents.first)[:, None]).to(dtype)[..., None]
-    key_mask = (positions[None, :] >= documents.local(documents.last)[:, None]).to(dtype)[..., None]
-    keep = documents.local(documents.keep).to(dtype)[:, None]  # [S·B, 1]
+    query_mask = (positions[None, :] < documents.local_first[:, None]).to(dtype)[..., None]
+    key_mask = (positions[None, :] >= documents.local_last[:, None]).to(dtype)[..., None]
+    keep = (documents.local_first == length).to(dtype)[:, None]  # [S·B, 1]: no document starts in the chunk
     if decay is None:
         return LocalDecay(query_mask, key_mask, keep)
     return LocalDecay(decay.query * query_mask, decay.key * key_mask, decay.transition * keep)
