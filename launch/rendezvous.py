@@ -1,0 +1,79 @@
+"""Loopback rendezvous for the workers of an embedded cluster.
+
+torch's rendezvous store (a TCPStore on rank 0, where ranks exchange addresses before the first
+collective) listens on every interface when torch creates it from MASTER_ADDR/MASTER_PORT, whatever
+the address. On an embedded cluster every rank is on this machine, so rank 0 binds the store's socket
+to 127.0.0.1 itself and hands it to TCPStore (``master_listen_fd``); the other ranks connect there,
+and the process group is built on that store. Ray Train runs this through a TorchConfig whose backend
+replaces its default process-group setup; joined clusters keep Ray Train's own.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+from dataclasses import dataclass
+
+from ray.train.torch import TorchConfig
+from ray.train.torch.config import _TorchBackend
+
+LOOPBACK = "127.0.0.1"
+_listener: socket.socket | None = None
+"""Rank 0's bound socket, alive in the worker process until the store takes it over."""
+
+
+def bind_loopback() -> int:
+    """On rank 0: a listening socket on 127.0.0.1; returns its port."""
+    global _listener
+    _listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    _listener.bind((LOOPBACK, 0))
+    _listener.listen(128)
+    return _listener.getsockname()[1]
+
+
+def set_master(port: int) -> None:
+    """MASTER_ADDR/MASTER_PORT as torchrun would set them (heartbeats name the worker group by them)."""
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = LOOPBACK, str(port)
+
+
+def join_process_group(backend: str, world_rank: int, world_size: int, port: int, timeout_s: int) -> None:
+    """Create (rank 0) or connect to the loopback store, then initialize the default process group."""
+    import torch.distributed as dist
+
+    timeout = datetime.timedelta(seconds=timeout_s)
+    if backend == "nccl" and "TORCH_NCCL_BLOCKING_WAIT" not in os.environ:
+        os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")  # time out instead of hanging
+    if world_rank == 0:
+        store = dist.TCPStore(LOOPBACK, port, world_size, True, timeout, wait_for_workers=False,
+                              master_listen_fd=_listener.fileno())
+    else:
+        store = dist.TCPStore(LOOPBACK, port, world_size, False, timeout)
+    dist.init_process_group(backend, store=store, rank=world_rank, world_size=world_size, timeout=timeout)
+
+
+class _LoopbackTorchBackend(_TorchBackend):
+    """Ray Train's torch backend with the process group built on a loopback store."""
+
+    def on_start(self, worker_group: object, backend_config: TorchConfig) -> None:
+        import ray
+        from ray.train._internal.worker_group import WorkerGroup as V1WorkerGroup
+        from ray.train.torch.config import _set_torch_distributed_env_vars
+
+        backend = backend_config.backend or "gloo"
+        port = worker_group.execute_single(0, bind_loopback)
+        worker_group.execute(set_master, port=port)
+        if not isinstance(worker_group, V1WorkerGroup):  # LOCAL_RANK and friends, as Ray Train sets them
+            worker_group.execute(_set_torch_distributed_env_vars)
+        ray.get([worker_group.execute_single_async(rank, join_process_group, backend=backend, world_rank=rank,
+                                                   world_size=len(worker_group), port=port,
+                                                   timeout_s=backend_config.timeout_s)
+                 for rank in range(len(worker_group))])
+
+
+@dataclass
+class LoopbackTorchConfig(TorchConfig):
+    """TorchConfig for an embedded cluster: every rendezvous socket on 127.0.0.1."""
+
+    @property
+    def backend_cls(self) -> type:
+        return _LoopbackTorchBackend
