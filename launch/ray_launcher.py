@@ -45,7 +45,7 @@ from spindle.launch.placement import (
     with_data_parallel,
     worker_count,
 )
-from spindle.launch.worker import latest_checkpoint_marker, resume_for_attempt, train_worker
+from spindle.launch.worker import PreemptionWatch, latest_checkpoint_marker, resume_for_attempt, train_worker
 from spindle.runtime.config import Config, ConfigError, to_dict, validate
 from spindle.runtime.heartbeat import (
     FLIGHT_RECORDER_ENTRIES,
@@ -57,7 +57,6 @@ from spindle.runtime.heartbeat import (
     last_collectives,
     read_heartbeats,
 )
-from spindle.runtime.preemption import stopping_workers_on_sigterm
 from spindle.runtime.progress import MetricsFollower, ProgressDisplay
 
 
@@ -95,11 +94,10 @@ def run_training(config: Config, run_dir: str | os.PathLike, resume: str = "auto
         for note in plan.notes:
             print(f"spindle: note: {note}", file=sys.stderr, flush=True)
         warn_if_busy(plan)
-        trainer = build_trainer(config, run_dir, resume, plan,
+        trainer = build_trainer(config, run_dir, resume, plan, watch_preemption=address is not None,
                                 trust_checkpoint=trust_checkpoint, loopback=address is None)
         display = ProgressDisplay(config.train.steps, start_step, enabled=config.logging.progress)
-        # SIGTERM (Slurm, Kubernetes): the workers finish the step, commit a checkpoint and return.
-        with MetricsFollower(run_dir, display), stopping_workers_on_sigterm(run_dir):
+        with MetricsFollower(run_dir, display):
             return _fit(trainer, run_dir)
 
 
@@ -135,8 +133,9 @@ def _absolute_paths(config: Config) -> Config:
 
 
 def build_trainer(config: Config, run_dir: Path, resume: str, plan: PlacementPlan, *,
-                  trust_checkpoint: bool = False, loopback: bool = False) -> object:
-    """The TorchTrainer of one spindle job.
+                  watch_preemption: bool = False, trust_checkpoint: bool = False, loopback: bool = False) -> object:
+    """The TorchTrainer of one spindle job. ``watch_preemption``: ask Ray Train every step whether a
+    node is about to be preempted (a barrier of a few ms; pointless on an embedded cluster).
     ``loopback``: an embedded cluster, whose ranks rendezvous on 127.0.0.1 (rendezvous.py)."""
     from ray.train import FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -150,6 +149,7 @@ def build_trainer(config: Config, run_dir: Path, resume: str, plan: PlacementPla
         "run_dir": str(run_dir),
         "resume": resume,
         "latest_at_launch": latest_checkpoint_marker(run_dir),
+        "watch_preemption": watch_preemption and config.checkpoint.every > 0,
         "trust_checkpoint": trust_checkpoint,
     }
     return TorchTrainer(
@@ -203,7 +203,7 @@ def explain_failure(error: Exception, run_dir: Path) -> str:
 
 
 __all__ = [
-    "LaunchError", "CollectiveStallError", "NodeResources", "PlacementPlan", "Heartbeat",
+    "LaunchError", "CollectiveStallError", "NodeResources", "PlacementPlan", "PreemptionWatch", "Heartbeat",
     "run_training", "resolve_address", "check_reachable", "plan_placement", "plan_slots", "decide_gpu",
     "cluster_nodes", "build_trainer", "explain_failure", "latest_checkpoint_marker", "resume_for_attempt",
     "read_heartbeats", "diagnose_stall", "last_collectives",
