@@ -37,19 +37,32 @@ TOLERANCE = 1e-10
 # --------------------------------------------------------------------------- dense float64 formulas
 
 
-def dense_window_attention(q, k, v, window, scale):
-    """softmax over keys i − w < j <= i, GQA by repeating kv heads; [B, T, H, D]."""
+def _same_document(documents, length):
+    """[B or 1, Ti, Tj] bool: query and key in one document (documents: [B, T] ids, or None)."""
+    if documents is None:
+        return torch.ones(1, length, length, dtype=torch.bool)
+    return documents[:, :, None] == documents[:, None, :]
+
+
+def document_ids(cu_seqlens, batch, length):
+    """[B, T] document id of every token from offsets into the B·T flattened tokens."""
+    flat = torch.arange(batch * length).view(batch, length)
+    return torch.searchsorted(cu_seqlens, flat, right=True)
+
+
+def dense_window_attention(q, k, v, window, scale, documents=None):
+    """softmax over keys i − w < j <= i (in one document), GQA by repeating kv heads; [B, T, H, D]."""
     groups = q.shape[2] // k.shape[2]
     k, v = k.repeat_interleave(groups, dim=2), v.repeat_interleave(groups, dim=2)
     length = q.shape[1]
     i = torch.arange(length)[:, None]
     j = torch.arange(length)[None, :]
-    visible = (j <= i) & (j > i - window)
-    scores = (scale * torch.einsum("bihd,bjhd->bhij", q, k)).masked_fill(~visible, float("-inf"))
+    visible = ((j <= i) & (j > i - window))[None] & _same_document(documents, length)  # [B, Ti, Tj]
+    scores = (scale * torch.einsum("bihd,bjhd->bhij", q, k)).masked_fill(~visible[:, None], float("-inf"))
     return torch.einsum("bhij,bjhd->bihd", torch.softmax(scores, dim=-1), v)
 
 
-def dense_delayed_linear_attention(q, k, v, log_decay, scale, delay):
+def dense_delayed_linear_attention(q, k, v, log_decay, scale, delay, documents=None):
     """o_i = scale · Σ_{j <= i − delay} exp(G_{i−delay} − G_j) (q_i·k_j) v_j, G the inclusive cumulative log-decay."""
     batch, length, heads, _ = q.shape
     if log_decay is None:
@@ -61,10 +74,10 @@ def dense_delayed_linear_attention(q, k, v, log_decay, scale, delay):
         cumulative = log_decay.cumsum(dim=1)
     i = torch.arange(length)[:, None]
     j = torch.arange(length)[None, :]
-    visible = j <= i - delay  # [Ti, Tj]
+    visible = (j <= i - delay)[None] & _same_document(documents, length)  # [B, Ti, Tj]
     source = (i - delay).clamp_min(0).expand(length, length)  # the state S_{i−delay}
     exponent = cumulative[:, source[:, 0]][:, :, None, :] - cumulative[:, None, :, :]  # [B, Ti, Tj, H]
-    weights = torch.exp(exponent.masked_fill(~visible[None, :, :, None], float("-inf")))
+    weights = torch.exp(exponent.masked_fill(~visible[:, :, :, None], float("-inf")))
     scores = torch.einsum("bihd,bjhd->bijh", q, k) * weights
     return scale * torch.einsum("bijh,bjhv->bihv", scores, v)
 
@@ -168,6 +181,54 @@ def _branches_case(group, size, layout, window, seed):
         assert_close(f"{label} d{name}", local[name].grad, shard(leaves[name].grad, group, layout=layout), TOLERANCE)
 
 
+def _documents_case(group, size, layout, window, seed):
+    """Packed documents (one-token documents, a long one across chunks and ranks): window_attention,
+    lasp2(delay=, cu_seqlens=) and rattention_branches against the dense formulas with a document mask."""
+    length = 2 * size * 3
+    # row-relative document starts: one-token documents at both ends, a long one across chunks and ranks
+    cuts = [0, 1, 4, length - 1]
+    cu_seqlens = torch.tensor([row * length + cut for row in range(BATCH) for cut in cuts] + [BATCH * length])
+    documents = document_ids(cu_seqlens, BATCH, length)
+    full = random_inputs(seed, {"q": (BATCH, length, HEADS, HEAD_DIM), "k": (BATCH, length, KV_HEADS, HEAD_DIM),
+                                "v": (BATCH, length, KV_HEADS, HEAD_DIM), "do": (BATCH, length, HEADS, HEAD_DIM),
+                                "rq": (BATCH, length, HEADS, 2 * HEAD_DIM),
+                                "rk": (BATCH, length, KV_HEADS, 2 * HEAD_DIM), "dr": (BATCH, length, HEADS, HEAD_DIM)})
+    full["g"] = _decay("token", (BATCH, length, HEADS), seed)
+    names = ("q", "k", "v", "rq", "rk", "g")
+    leaves = {name: full[name].clone().requires_grad_() for name in names}
+    groups = HEADS // KV_HEADS
+    window_expected = dense_window_attention(leaves["q"], leaves["k"], leaves["v"], window, 0.5, documents)
+    residual_expected = dense_delayed_linear_attention(
+        leaves["rq"], leaves["rk"].repeat_interleave(groups, dim=2), leaves["v"].repeat_interleave(groups, dim=2),
+        leaves["g"], 1.0, window, documents)
+    (window_expected * full["do"] + residual_expected * full["dr"]).sum().backward()
+    label = f"documents P={size} {layout} w={window}"
+
+    local = {name: shard(full[name], group, layout=layout).requires_grad_() for name in names}
+    window_out, residual_out = rattention_branches(
+        local["q"], local["k"], local["rq"], local["rk"], local["v"], group, window=window, layout=layout,
+        log_decay=local["g"], local_scale=0.5, cu_seqlens=cu_seqlens)
+    (window_out * shard(full["do"], group, layout=layout) + residual_out * shard(full["dr"], group, layout=layout)
+     ).sum().backward()
+    assert_close(f"{label} branches local", window_out, shard(window_expected, group, layout=layout), TOLERANCE)
+    assert_close(f"{label} branches residual", residual_out, shard(residual_expected, group, layout=layout), TOLERANCE)
+    for name in names:
+        # relative to the whole gradient: with short documents a rank's share may be exactly zero
+        expected, scale = shard(leaves[name].grad, group, layout=layout), leaves[name].grad.norm()
+        assert scale > 0, f"{label}: the d{name} reference is zero; the case tests nothing"
+        error = float((local[name].grad - expected).norm() / scale)
+        assert error <= TOLERANCE, f"{label} branches d{name}: error {error:.3e} relative to the full gradient"
+
+    # the public ops one by one (outputs; their gradients share the code checked above)
+    local = {name: shard(full[name], group, layout=layout) for name in names}
+    output = window_attention(local["q"], local["k"], local["v"], group, window=window, layout=layout, scale=0.5,
+                              cu_seqlens=cu_seqlens)
+    assert_close(f"{label} window_attention", output, shard(window_expected, group, layout=layout), TOLERANCE)
+    delayed = lasp2(local["rq"], local["rk"].repeat_interleave(groups, dim=2), local["v"].repeat_interleave(groups, dim=2),
+                    group, layout=layout, log_decay=local["g"], scale=1.0, delay=window, cu_seqlens=cu_seqlens)
+    assert_close(f"{label} lasp2(delay)", delayed, shard(residual_expected, group, layout=layout), TOLERANCE)
+
+
 def _windows(size, layout):
     """Smaller than, equal to and larger than one chunk of the layout, several chunks, beyond T."""
     chunk = 3 if layout == "zigzag" else 6
@@ -198,6 +259,8 @@ def _equivalence_worker(rank, world_size, world_group):
             for seed, (op, delay, decay_kind) in enumerate(_delay_cases(chunk)):
                 _delay_case(op, group, size, layout, delay, decay_kind, seed)
             _delay_case(lasp2, group, size, layout, 0, "token", 7)
+            for seed, window in enumerate((2, 4)):  # below a zigzag chunk (3), above it, below a contiguous one (6)
+                _documents_case(group, size, layout, window, 20 + seed)
 
 
 def test_window_and_delayed_lasp_match_dense_formulas():

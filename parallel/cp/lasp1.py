@@ -23,7 +23,6 @@ from .linear import (
     DocumentChunks,
     LinearContextParallel,
     LinearSetup,
-    check_no_delay_with_documents,
     document_chunks,
     validate_linear_inputs,
 )
@@ -138,11 +137,11 @@ def lasp1(
     (one pass up the ranks). "zigzag" works too, at twice the serial hops. cu_seqlens (packed
     documents of the GLOBAL batch): as in `lasp2`.
     """
-    check_no_delay_with_documents("lasp1", delay, cu_seqlens)
     if delay:  # o_i = scale · q_i S_(i-delay): the same op on k, v, g shifted by a halo exchange
         from .window import delayed_lasp  # window.py imports this module
 
-        return delayed_lasp(q, k, v, group, delay=delay, lasp=lasp1, layout=layout, log_decay=log_decay, scale=scale)
+        return delayed_lasp(q, k, v, group, delay=delay, lasp=lasp1, layout=layout, log_decay=log_decay, scale=scale,
+                            cu_seqlens=cu_seqlens)
     setup = validate_linear_inputs("lasp1", q, k, v, group, layout, log_decay, scale, cu_seqlens)
     chunk_length = q.shape[1] // setup.slots
     documents = None if cu_seqlens is None else document_chunks(cu_seqlens, setup, q.shape[0], chunk_length, q.device)

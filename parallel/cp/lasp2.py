@@ -25,7 +25,6 @@ from .linear import (
     DocumentChunks,
     LinearContextParallel,
     LinearSetup,
-    check_no_delay_with_documents,
     document_chunks,
     validate_linear_inputs,
 )
@@ -113,17 +112,17 @@ def lasp2(
         cu_seqlens: packed documents, int [N + 1] offsets into the B·T tokens of the GLOBAL (unsharded)
             batch (0, B·T and every row start; identical on every rank): the state restarts at every
             document start, wherever it falls (inside a chunk, on a rank or zigzag seam). Same bytes
-            exchanged; offsets stay on the device. Not combined with delay yet.
+            exchanged; offsets stay on the device. With delay the shift stays inside each document.
 
     Returns:
         o, [B, n, H, Dv] in the dtype of q: equal to spindle.kernels.linear_attention on the
         unsharded tensors, sharded the same way. Differentiable in q, k, v and log_decay.
     """
-    check_no_delay_with_documents("lasp2", delay, cu_seqlens)
     if delay:  # o_i = scale · q_i S_(i-delay): the same op on k, v, g shifted by a halo exchange
         from .window import delayed_lasp  # window.py imports this module
 
-        return delayed_lasp(q, k, v, group, delay=delay, lasp=lasp2, layout=layout, log_decay=log_decay, scale=scale)
+        return delayed_lasp(q, k, v, group, delay=delay, lasp=lasp2, layout=layout, log_decay=log_decay, scale=scale,
+                            cu_seqlens=cu_seqlens)
     setup = validate_linear_inputs("lasp2", q, k, v, group, layout, log_decay, scale, cu_seqlens)
     chunk_length = q.shape[1] // setup.slots
     documents = None if cu_seqlens is None else document_chunks(cu_seqlens, setup, q.shape[0], chunk_length, q.device)
