@@ -61,6 +61,7 @@ def _without_ray(command: str) -> int | None:
 
 
 def _train(arguments: argparse.Namespace) -> int:
+    from spindle.runtime.preemption import preempted_message, resume_command
     from spindle.runtime.run_dir import interrupted_message, prepare_run
 
     run_dir = Path(arguments.run_dir) if arguments.run_dir else default_run_dir(arguments.config)
@@ -86,6 +87,10 @@ def _train(arguments: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print(f"\nspindle: {interrupted_message(run_dir, arguments.config)}", file=sys.stderr, flush=True)
         return INTERRUPTED
+    if final and final.get("preempted"):
+        command = resume_command(["spindle", *sys.argv[1:]])
+        print(f"spindle: {preempted_message(final, command)}", flush=True)
+        return 0
     if final:
         print(f"spindle: finished step {final['step']}, loss {final['loss']:.4f} in {final['elapsed_s']:.1f} s; "
               f"metrics in {run_dir / 'metrics.jsonl'} (plots: spindle report {run_dir})", flush=True)

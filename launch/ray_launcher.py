@@ -14,7 +14,7 @@
          (spindle.runtime.progress)
 
 The run directory and --resume are checked before this runs (spindle.runtime.run_dir). This package's
-cluster.py, rendezvous.py, worker.py and submit.py are the only modules that import ray.
+cluster.py, worker.py and submit.py are the only modules that import ray.
 """
 from __future__ import annotations
 
@@ -45,7 +45,7 @@ from spindle.launch.placement import (
     with_data_parallel,
     worker_count,
 )
-from spindle.launch.worker import PreemptionWatch, latest_checkpoint_marker, resume_for_attempt, train_worker
+from spindle.launch.worker import latest_checkpoint_marker, resume_for_attempt, train_worker
 from spindle.runtime.config import Config, ConfigError, to_dict, validate
 from spindle.runtime.heartbeat import (
     FLIGHT_RECORDER_ENTRIES,
@@ -57,6 +57,7 @@ from spindle.runtime.heartbeat import (
     last_collectives,
     read_heartbeats,
 )
+from spindle.runtime.preemption import stopping_workers_on_sigterm
 from spindle.runtime.progress import MetricsFollower, ProgressDisplay
 
 
@@ -94,10 +95,11 @@ def run_training(config: Config, run_dir: str | os.PathLike, resume: str = "auto
         for note in plan.notes:
             print(f"spindle: note: {note}", file=sys.stderr, flush=True)
         warn_if_busy(plan)
-        trainer = build_trainer(config, run_dir, resume, plan, watch_preemption=address is not None,
-                                trust_checkpoint=trust_checkpoint, loopback=address is None)
+        trainer = build_trainer(config, run_dir, resume, plan,
+                                trust_checkpoint=trust_checkpoint)
         display = ProgressDisplay(config.train.steps, start_step, enabled=config.logging.progress)
-        with MetricsFollower(run_dir, display):
+        # SIGTERM (Slurm, Kubernetes): the workers finish the step, commit a checkpoint and return.
+        with MetricsFollower(run_dir, display), stopping_workers_on_sigterm(run_dir):
             return _fit(trainer, run_dir)
 
 
@@ -133,14 +135,10 @@ def _absolute_paths(config: Config) -> Config:
 
 
 def build_trainer(config: Config, run_dir: Path, resume: str, plan: PlacementPlan, *,
-                  watch_preemption: bool = False, trust_checkpoint: bool = False, loopback: bool = False) -> object:
-    """The TorchTrainer of one spindle job. ``watch_preemption``: ask Ray Train every step whether a
-    node is about to be preempted (a barrier of a few ms; pointless on an embedded cluster).
-    ``loopback``: an embedded cluster, whose ranks rendezvous on 127.0.0.1 (rendezvous.py)."""
+                  trust_checkpoint: bool = False) -> object:
+    """The TorchTrainer of one spindle job."""
     from ray.train import FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
-
-    from spindle.launch.rendezvous import LoopbackTorchConfig
 
     # The driver shows progress from metrics.jsonl; workers have no terminal.
     worker_config = replace(config, logging=replace(config.logging, progress=False))
@@ -149,7 +147,6 @@ def build_trainer(config: Config, run_dir: Path, resume: str, plan: PlacementPla
         "run_dir": str(run_dir),
         "resume": resume,
         "latest_at_launch": latest_checkpoint_marker(run_dir),
-        "watch_preemption": watch_preemption and config.checkpoint.every > 0,
         "trust_checkpoint": trust_checkpoint,
     }
     return TorchTrainer(
@@ -158,8 +155,8 @@ def build_trainer(config: Config, run_dir: Path, resume: str, plan: PlacementPla
         scaling_config=ScalingConfig(num_workers=plan.workers, use_gpu=plan.use_gpu,
                                      resources_per_worker=plan.resources_per_worker,
                                      placement_strategy=plan.strategy),
-        torch_config=(LoopbackTorchConfig if loopback else TorchConfig)(
-            backend="nccl" if plan.use_gpu else "gloo", timeout_s=int(max(1, round(config.launch.collective_timeout_s)))),
+        torch_config=TorchConfig(backend="nccl" if plan.use_gpu else "gloo",
+                                 timeout_s=int(max(1, round(config.launch.collective_timeout_s)))),
         run_config=RunConfig(
             # Ray Train's own state (a storage marker, its checkpoint index) lives in RUN_DIR/.spindle/ray.
             name="ray", storage_path=str(run_dir / LAUNCHER_DIR),
@@ -203,7 +200,7 @@ def explain_failure(error: Exception, run_dir: Path) -> str:
 
 
 __all__ = [
-    "LaunchError", "CollectiveStallError", "NodeResources", "PlacementPlan", "PreemptionWatch", "Heartbeat",
+    "LaunchError", "CollectiveStallError", "NodeResources", "PlacementPlan", "Heartbeat",
     "run_training", "resolve_address", "check_reachable", "plan_placement", "plan_slots", "decide_gpu",
     "cluster_nodes", "build_trainer", "explain_failure", "latest_checkpoint_marker", "resume_for_attempt",
     "read_heartbeats", "diagnose_stall", "last_collectives",

@@ -4,10 +4,11 @@ Every worker calls ``spindle.runtime.main.train_entry`` (the same entry torchrun
 heartbeat of ``spindle.runtime.heartbeat``, so a failed collective is reported with the ranks that
 never entered it. A worker group that starts after a checkpoint was committed during this launch
 resumes from RUN_DIR/checkpoints/latest (``resume="auto"``); otherwise it starts the way the user asked.
+A driver told to stop (SIGTERM) writes RUN_DIR/.spindle/stop, and the trainer on every worker finishes
+its step, commits a checkpoint and returns (spindle.runtime.preemption).
 """
 from __future__ import annotations
 
-import inspect
 import os
 from pathlib import Path
 
@@ -34,25 +35,6 @@ def resume_for_attempt(job: dict) -> str:
     return job["resume"]
 
 
-class PreemptionWatch:
-    """``should_checkpoint(step)`` for the trainer: True once when Ray Train reports that a node of this
-    job is about to be preempted. Every rank must call it at the same steps (Ray makes it a barrier)."""
-
-    def __init__(self) -> None:
-        self.notified = False
-
-    def __call__(self, step: int) -> bool:
-        import ray.train
-
-        info = ray.train.get_preemption_info()
-        if info is None or self.notified:
-            return False
-        self.notified = True
-        print(f"spindle: preemption notice for node(s) {', '.join(info.preempted_node_ids)} (ranks "
-              f"{info.preempted_ranks}); saving a checkpoint at step {step}", flush=True)
-        return True
-
-
 def train_worker(job: dict) -> dict:
     """One Ray Train worker: the per-process trainer, with heartbeats and a readable hang report."""
     import torch.distributed as dist
@@ -62,10 +44,6 @@ def train_worker(job: dict) -> dict:
     rank = dist.get_rank() if dist.is_initialized() else 0
     resume = agreed_resume(job)
     options = {"trust_checkpoint": bool(job.get("trust_checkpoint", False))}
-    # The trainer's hook for a just-in-time checkpoint (called by every rank after every step), once
-    # train_entry offers it.
-    if job["watch_preemption"] and "should_checkpoint" in inspect.signature(train_entry).parameters:
-        options["should_checkpoint"] = PreemptionWatch()
     group_id = f"{os.environ.get('MASTER_ADDR', 'local')}:{os.environ.get('MASTER_PORT', '0')}"
     with reporting_stalls(job["run_dir"], rank, group_id):
         final = train_entry(job["config"], job["run_dir"], resume, **options)

@@ -21,6 +21,7 @@ import shlex
 import signal
 import sys
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from types import FrameType
 
@@ -141,3 +142,25 @@ def preempted_message(record: dict, command: str) -> str:
         return (f"preempted at step {step}; no checkpoint could be saved (parallel.dp_engine = 'deepspeed' has no "
                 f"checkpoints yet), so a rerun starts over: {command}")
     return f"preempted at step {step}; resume with {command}"
+
+
+@contextlib.contextmanager
+def stopping_workers_on_sigterm(run_dir: str | os.PathLike) -> Iterator[None]:
+    """For a driver whose ranks run in other processes (`spindle train` on Ray): SIGTERM writes the
+    stop file, and the workers finish the step, checkpoint and return. Replaces Ray's own handler
+    (which exits at once) for the duration; the stop file is removed afterwards."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handle(signum: int, frame: FrameType | None) -> None:
+        print("spindle: SIGTERM received: the workers finish their step and commit a checkpoint", file=sys.stderr,
+              flush=True)
+        request_stop(run_dir)
+
+    previous = signal.signal(signal.SIGTERM, handle)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        clear_stop(run_dir)
