@@ -98,7 +98,7 @@ def check_ranks_agree(
     if len(values) > _SIGNATURE_LENGTH:
         raise ValueError(f"{caller}: internal: argument signature too long ({len(values)})")
     key = (caller, tuple(values[len(flags):]))
-    if not debug_checks() and key in _agreed.setdefault(group, set()):
+    if not debug_checks() and key in _agreed.get(group, ()):
         # These shapes and options already agreed across this group: skip the gather (and its host
         # sync). A flag raised here is this rank's alone; SPINDLE_DEBUG_CHECKS=1 reports it on every rank.
         for message, flag in flags.items():
@@ -133,7 +133,7 @@ def check_ranks_agree(
         raising = [r for r in range(world_size) if int(gathered[r, index]) != 0]
         if raising:
             raise ValueError(f"{caller}: {message} (on rank(s) {raising})")
-    agreed = _agreed[group]
+    agreed = _agreed.setdefault(group, set())
     if len(agreed) >= _AGREED_LIMIT:  # shapes that change every call (e.g. packed lengths): stay bounded
         agreed.clear()
     agreed.add(key)
