@@ -2,8 +2,8 @@
 
 `results()` spawns once per pytest process and returns, from rank 0:
 - "syncs": host-reading Tensor calls from our code per CP op and per cp=2 training step (sync_guard.py);
-- "validate_calls": signature gathers of one CP op on new shapes, the same shapes, and with
-  SPINDLE_DEBUG_CHECKS=1;
+- "validate_calls": signature gathers of one CP op with SPINDLE_DEBUG_CHECKS=1 on a fresh group, then
+  on new shapes, the same shapes again, and with the switch;
 - "checkpointing": losses, step-1 gradients and mixer forward counts of cp=2 training per
   activation-checkpointing policy;
 - "bench": the rows of `spindle bench cp` for a small case (benchmarks/cp.py's rank worker).
@@ -83,12 +83,13 @@ def run_op(name: str, group, generator: torch.Generator) -> None:
 def _validate_calls(group, generator: torch.Generator) -> list[int]:
     from spindle.parallel import cp
 
+    fresh = torch.distributed.new_group([0, 1])  # a group whose first call runs under the debug switch
     calls = []
-    for debug in ("0", "0", "1"):
+    for debug, on in (("1", fresh), ("0", group), ("0", group), ("1", group)):
         os.environ["SPINDLE_DEBUG_CHECKS"] = debug
         with cp.record_comm() as stats:
             q, k, v = (torch.randn(1, 12, 2, 4, generator=generator) for _ in range(3))
-            cp.ring_attention(q, k, v, group)
+            cp.ring_attention(q, k, v, on)
         calls.append(stats.calls.get("validate", 0))
     os.environ.pop("SPINDLE_DEBUG_CHECKS")
     return calls
