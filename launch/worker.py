@@ -1,7 +1,7 @@
 """The trainer entry on a Ray Train worker, and how a restarted worker group resumes.
 
-Every worker calls ``spindle.runtime.main.train_entry`` (the same entry torchrun uses) inside the
-heartbeat of ``spindle.runtime.heartbeat``, so a failed collective is reported with the ranks that
+Every worker calls ``spindle.runtime.main.train_entry`` (the same entry torchrun uses), which beats
+the heartbeat of ``spindle.runtime.heartbeat``, so a failed collective is reported with the ranks that
 never entered it. A worker group that starts after a checkpoint was committed during this launch
 resumes from RUN_DIR/checkpoints/latest (``resume="auto"``); otherwise it starts the way the user asked.
 A driver told to stop (SIGTERM) writes RUN_DIR/.spindle/stop, and the trainer on every worker finishes
@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from spindle.runtime.heartbeat import reporting_stalls
 
 
 def latest_checkpoint_marker(run_dir: str | os.PathLike) -> str | None:
@@ -37,16 +36,12 @@ def resume_for_attempt(job: dict) -> str:
 
 def train_worker(job: dict) -> dict:
     """One Ray Train worker: the per-process trainer, with heartbeats and a readable hang report."""
-    import torch.distributed as dist
-
     from spindle.runtime.main import train_entry
 
-    rank = dist.get_rank() if dist.is_initialized() else 0
     resume = agreed_resume(job)
     options = {"trust_checkpoint": bool(job.get("trust_checkpoint", False))}
-    group_id = f"{os.environ.get('MASTER_ADDR', 'local')}:{os.environ.get('MASTER_PORT', '0')}"
-    with reporting_stalls(job["run_dir"], rank, group_id):
-        final = train_entry(job["config"], job["run_dir"], resume, **options)
+    # train_entry beats the heartbeat and reports a stalled collective with the ranks behind it.
+    final = train_entry(job["config"], job["run_dir"], resume, **options)
     return dict(final or {})  # Ray Train hands rank 0's return value to the driver
 
 

@@ -33,6 +33,7 @@ from spindle.runtime.config import (
     validate,
 )
 from spindle.runtime.data import build_dataset
+from spindle.runtime.heartbeat import FLIGHT_RECORDER_ENTRIES, CollectiveStallError, reporting_stalls
 from spindle.runtime.metrics import MetricsWriter
 from spindle.runtime.optim import build_optimizer
 from spindle.runtime.preemption import clear_stop, launching_command, preempted_message, resume_command
@@ -184,6 +185,8 @@ def train_entry(config_dict: dict, run_dir: str, resume: str = "auto", *, trust_
     config = resolve(config, world_size)
     device = select_device(config.launch, local_rank)
     degrees = ParallelDegrees.resolve(config.parallel.dp, config.parallel.cp, config.parallel.tp, world_size)
+    # The flight recorder keeps the last collectives each rank entered, for hang reports.
+    os.environ.setdefault("TORCH_FR_BUFFER_SIZE", FLIGHT_RECORDER_ENTRIES)
     init_process_group(world_size, device, config.launch.collective_timeout_s)
     context = ParallelContext.build(degrees, device, cp_layout=config.parallel.cp_layout)
     run_path = Path(run_dir)
@@ -193,9 +196,14 @@ def train_entry(config_dict: dict, run_dir: str, resume: str = "auto", *, trust_
         run_path.mkdir(parents=True, exist_ok=True)
         record_config(config, run_path)  # an existing run's config.yaml is never rewritten
         clear_stop(run_path)  # a stop request of an earlier, preempted attempt
-    if dist.is_initialized():
-        dist.barrier()  # the run directory exists before any rank writes into it
-    return run_training(config, run_path, context, resume, trust_checkpoint=trust_checkpoint)
+    if not dist.is_initialized():
+        return run_training(config, run_path, context, resume, trust_checkpoint=trust_checkpoint)
+    dist.barrier()  # the run directory exists before any rank writes into it
+    # Under torchrun as under Ray: a collective that times out is reported with the ranks that never
+    # entered it (heartbeat files in the run directory, which every rank sees).
+    group_id = f"{os.environ.get('MASTER_ADDR', 'local')}:{os.environ.get('MASTER_PORT', '0')}"
+    with reporting_stalls(run_path, rank, group_id):
+        return run_training(config, run_path, context, resume, trust_checkpoint=trust_checkpoint)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -247,6 +255,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, LayoutError, CheckpointError) as error:
         print(f"spindle: error: {error}", file=sys.stderr)
         return 2
+    except CollectiveStallError as error:  # a hang: which collective, which ranks never entered it
+        print(f"spindle: error: {error}", file=sys.stderr, flush=True)
+        return 1
     except KeyboardInterrupt:
         if is_main:
             print(f"\nspindle: {interrupted_message(Path(run_dir), arguments.config)}", file=sys.stderr, flush=True)

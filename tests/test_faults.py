@@ -92,3 +92,39 @@ def test_sigterm_to_one_torchrun_worker_checkpoints_and_resumes_exactly(tmp_path
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resumed at step {step}" in resumed.stdout
     assert losses(preempted_dir) == losses(reference_dir)  # every step, before and after the preemption
+
+
+def process_state(pid: int) -> str:
+    """"R", "S", "T" (stopped), "Z" (exited, not yet reaped) ...; "gone" once reaped."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "gone"
+
+
+def test_a_torchrun_rank_stuck_before_a_collective_is_named_within_the_timeout(tmp_path: Path) -> None:
+    run_dir, timeout_s = tmp_path / "hang", 8
+    command = torchrun_command(run_dir, "--set", f"launch.collective_timeout_s={timeout_s}", "--set",
+                               "train.steps=400")
+    launcher = subprocess.Popen(command, cwd=tmp_path, env=environment(), stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 240
+    while logged_steps(run_dir) < 2 and launcher.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    workers = sorted(children(launcher.pid))
+    assert len(workers) == 2 and launcher.poll() is None, "the run ended before a rank could be stopped"
+    stuck = workers[1]
+    os.kill(stuck, signal.SIGSTOP)  # rank 1 stops wherever it is: before its next collective
+    stopped = time.monotonic()
+    while process_state(workers[0]) not in ("Z", "gone") and time.monotonic() - stopped < 120:
+        time.sleep(0.1)
+    reported_s = time.monotonic() - stopped
+    os.kill(stuck, signal.SIGKILL)  # a stopped process cannot act on torchrun's SIGTERM
+    stdout, stderr = launcher.communicate(timeout=120)
+    assert launcher.returncode != 0
+    errors = [line for line in stderr.splitlines() if line.startswith("spindle: error:")]
+    assert len(errors) == 1, stderr[-3000:]
+    assert "rank 0:" in errors[0] and "was never entered by rank 1" in errors[0], errors[0]
+    assert re.search(r"collective #\d+ \w+", errors[0]), errors[0]
+    assert reported_s < timeout_s + 30, reported_s
+    print(f"rank 1 SIGSTOPped: rank 0 reported after {reported_s:.1f} s (timeout {timeout_s} s): {errors[0]}")
