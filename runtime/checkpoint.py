@@ -31,6 +31,7 @@ No Ray import here; the ``spindle ckpt`` command lives in ``spindle.launch.ckpt`
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
 import json
 import logging
@@ -462,10 +463,22 @@ class Checkpointer:
         return True
 
     def save(self, step: int, *, data_cursor: int, wandb_run_id: str | None = None) -> None:
-        """Write ``checkpoints/step_<step>/`` and commit it (asynchronously with ``async_save``)."""
+        """Write ``checkpoints/step_<step>/`` and commit it (asynchronously with ``async_save``).
+
+        A write that fails for lack of space or permission raises CheckpointError naming the cause;
+        the partial directory is removed, the last commit and the training state are untouched."""
+        directory = checkpoints_dir(self.run_dir) / step_dir_name(step)
+        try:
+            self._save(step, directory, data_cursor=data_cursor, wandb_run_id=wandb_run_id)
+        except Exception as error:
+            failure = storage_failure(error, directory, self.run_dir, remove_partial=self.rank == 0)
+            if failure is None:
+                raise
+            raise failure from error
+
+    def _save(self, step: int, directory: Path, *, data_cursor: int, wandb_run_id: str | None) -> None:
         self.wait()
         started = time.perf_counter()
-        directory = checkpoints_dir(self.run_dir) / step_dir_name(step)
         self._prepare_directory(directory)
         torch.save(capture_rng_state(), directory / f"rng_rank{self.rank}.pt")
         model_state, optimizer_state = get_state_dict(self.model, self.optimizer)
@@ -621,6 +634,64 @@ def _write_atomically(path: Path, text: str) -> None:
         os.fsync(directory)
     finally:
         os.close(directory)
+
+
+STORAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT})
+FULL_BELOW_BYTES = 1 << 20
+"""A failed write with less free space than this on the run directory's filesystem: the disk is full."""
+
+
+def storage_failure(error: BaseException, directory: Path, run_dir: Path, *,
+                    remove_partial: bool) -> CheckpointError | None:
+    """A clear CheckpointError when saving ``directory`` failed for lack of space or permission (None
+    for any other failure); removes the partial directory when ``remove_partial``."""
+    reason = _storage_reason(error, directory)
+    if reason is None:
+        return None
+    if remove_partial and not (directory / MANIFEST_FILE).exists():
+        shutil.rmtree(directory, ignore_errors=True)  # frees the space the partial save took
+    latest = read_latest(run_dir)
+    kept = (f"the last committed checkpoint {latest} is intact" if latest is not None
+            else "no checkpoint was committed before this one")
+    return CheckpointError(f"could not save the checkpoint {directory}: {reason}. The training state is unchanged "
+                           f"and {kept}; free space on (or make writable) the filesystem of {directory.parent}, "
+                           f"then resume from the last commit (--resume auto).")
+
+
+def _storage_reason(error: BaseException, directory: Path) -> str | None:
+    """The errno's text when the failure kept it; else what the filesystem says (torch's writers can
+    turn ENOSPC into "iostream error")."""
+    for cause in _causes(error):
+        if isinstance(cause, OSError) and cause.errno in STORAGE_ERRNOS:
+            return os.strerror(cause.errno)
+    existing = directory
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    try:
+        stats = os.statvfs(existing)
+    except OSError:
+        return None
+    if stats.f_flag & os.ST_RDONLY:
+        return os.strerror(errno.EROFS)
+    free = stats.f_bavail * stats.f_frsize
+    if free < FULL_BELOW_BYTES:
+        return f"{os.strerror(errno.ENOSPC)} ({free} bytes free)"
+    return None
+
+
+def _causes(error: BaseException) -> list[BaseException]:
+    """The error, its causes and contexts, and the per-rank failures DCP gathered."""
+    found: list[BaseException] = []
+    pending = [error]
+    while pending:
+        current = pending.pop()
+        if current is None or any(current is seen for seen in found):
+            continue
+        found.append(current)
+        pending += [current.__cause__, current.__context__]
+        if isinstance(current, CheckpointException):
+            pending += [failure[0] if isinstance(failure, tuple) else failure for failure in current.failures.values()]
+    return found
 
 
 def _remove_checkpoint(directory: Path) -> None:

@@ -3,9 +3,16 @@
 Preemption: SIGTERM to one torchrun worker (what Slurm or Kubernetes send) mid-run makes both ranks
 finish the step, commit a checkpoint there and exit 0 with "preempted at step N; resume with ...";
 that command continues with exactly the losses of an uninterrupted run.
+
+Hangs: a torchrun rank stopped (SIGSTOP) before its next collective is named, with that collective,
+in one error of the rank that waited, within launch.collective_timeout_s.
+
+Storage: a full disk during a save and a read-only run directory (a small tmpfs the test mounts)
+fail the save with one clear error; the previous commit stays intact and training state untouched.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -16,7 +23,12 @@ import sys
 import time
 from pathlib import Path
 
-from spindle.runtime.checkpoint import read_latest, read_manifest, verify_checkpoint
+import pytest
+import torch
+
+from spindle.launch.ckpt import main as ckpt_main
+from spindle.runtime.checkpoint import Checkpointer, CheckpointError, read_latest, read_manifest, verify_checkpoint
+from spindle.runtime.config import load_config, to_dict
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 TINY = REPOSITORY / "configs" / "tiny.yaml"
@@ -128,3 +140,62 @@ def test_a_torchrun_rank_stuck_before_a_collective_is_named_within_the_timeout(t
     assert re.search(r"collective #\d+ \w+", errors[0]), errors[0]
     assert reported_s < timeout_s + 30, reported_s
     print(f"rank 1 SIGSTOPped: rank 0 reported after {reported_s:.1f} s (timeout {timeout_s} s): {errors[0]}")
+
+
+# ------------------------------------------------------------------------------------- storage faults
+@pytest.fixture
+def small_filesystem(tmp_path: Path):
+    """A 4 MiB tmpfs mounted by the test (root only), unmounted afterwards."""
+    mount_point = tmp_path / "disk"
+    mount_point.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount_point)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here (needs root and mount permission): {mounted.stderr.strip()}")
+    try:
+        yield mount_point
+    finally:
+        subprocess.run(["umount", "-l", str(mount_point)], check=False)
+
+
+def fill(directory: Path) -> Path:
+    """Write zeros until the filesystem is full."""
+    filler = directory / "filler"
+    with open(filler, "wb", buffering=0) as handle, contextlib.suppress(OSError):
+        while True:
+            handle.write(b"\0" * 4096)
+    return filler
+
+
+def test_a_full_disk_and_a_read_only_run_directory_fail_the_save_clearly_and_keep_the_last_commit(
+        small_filesystem: Path) -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Linear(64, 64)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model(torch.randn(4, 64)).square().sum().backward()
+    optimizer.step()
+    run_dir = small_filesystem / "run"
+    config = to_dict(load_config(TINY, []))
+    checkpointer = Checkpointer(run_dir, config, model, optimizer)
+    checkpointer.save(2, data_cursor=16)
+    committed = read_latest(run_dir)
+    before = {name: value.clone() for name, value in model.state_dict().items()}
+
+    filler = fill(small_filesystem)
+    with pytest.raises(CheckpointError, match=r"step_00000004.*No space left on device.*step_00000002.*intact"):
+        checkpointer.save(4, data_cursor=32)
+    assert read_latest(run_dir) == committed and verify_checkpoint(committed)["step"] == 2
+    assert ckpt_main(["verify", str(committed)]) == 0
+    assert not (run_dir / "checkpoints" / "step_00000004").exists()  # the partial save is gone
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, before[name]), name
+
+    filler.unlink()  # space again: training goes on and the next save commits
+    checkpointer.save(4, data_cursor=32)
+    assert read_latest(run_dir).name == "step_00000004"
+
+    subprocess.run(["mount", "-o", "remount,ro", str(small_filesystem)], check=True)
+    with pytest.raises(CheckpointError, match=r"step_00000006.*Read-only file system.*step_00000004.*intact"):
+        checkpointer.save(6, data_cursor=48)
+    assert read_latest(run_dir).name == "step_00000004"
+    assert ckpt_main(["verify", str(run_dir)]) == 0
