@@ -115,7 +115,7 @@ def process_state(pid: int) -> str:
 
 
 def test_a_torchrun_rank_stuck_before_a_collective_is_named_within_the_timeout(tmp_path: Path) -> None:
-    run_dir, timeout_s = tmp_path / "hang", 8
+    run_dir, timeout_s = tmp_path / "hang", 5
     command = torchrun_command(run_dir, "--set", f"launch.collective_timeout_s={timeout_s}", "--set",
                                "train.steps=400")
     launcher = subprocess.Popen(command, cwd=tmp_path, env=environment(), stdout=subprocess.PIPE,
