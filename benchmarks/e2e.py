@@ -1,7 +1,9 @@
 """End-to-end benchmark: training tokens/s, MFU and peak memory against sequence length.
 
 Run as `spindle bench e2e [...]` or `python -m spindle.benchmarks.e2e [...]`. For each model variant
-(linear-only "L", hybrid 1:3 "LLLA", hybrid 1:7 "LLLLLLLA", softmax-only "A"), built from a preset
+(linear-only "L", hybrid 1:3 "LLLA", hybrid 1:7 "LLLLLLLA", softmax-only "A", and the 1:7 RAttention
+"RRRRRRRA" and sliding-window "SSSSSSSA" models at window 512, which have the hybrid's projections and
+so about its parameter count), built from a preset
 (default configs/hybrid-1m-1gpu.yaml) with --set overrides, and each sequence length, it times real
 training steps on one device: forward, backward, clipping and the AdamW step, through the trainer's
 ``train_step`` (runtime/trainer.py), with the preset's activation checkpointing. It compares the
@@ -36,7 +38,10 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-VARIANTS = {"linear": "L", "hybrid-1:3": "LLLA", "hybrid-1:7": "LLLLLLLA", "softmax": "A"}
+VARIANTS = {"linear": "L", "hybrid-1:3": "LLLA", "hybrid-1:7": "LLLLLLLA", "softmax": "A",
+            "rattention-1:7": "RRRRRRRA", "window-1:7": "SSSSSSSA"}
+WINDOW = 512
+"""Sliding window of the R and S variants (RAttention's setting); a quarter of the sequence when shorter."""
 DEFAULT_PRESET = "configs/hybrid-1m-1gpu.yaml"
 GPU_SEQ_LENS = [8192 * 2**i for i in range(8)]  # 8K ... 1M
 CPU_SEQ_LENS = [256, 512, 1024]
@@ -209,7 +214,9 @@ def _run_case_guarded(config, device_name: str, warmup: int, steps: int) -> dict
 def case_config(preset: str, overrides: list[str], pattern: str, seq_len: int):
     from spindle.runtime.config import load_config
 
-    return load_config(preset, [*overrides, *SINGLE_DEVICE, f"model.layers={pattern}", f"data.seq_len={seq_len}"])
+    window = [f"model.window={min(WINDOW, max(1, seq_len // 4))}"] if set(pattern) & set("RS") else []
+    return load_config(preset, [*overrides, *SINGLE_DEVICE, f"model.layers={pattern}", f"data.seq_len={seq_len}",
+                                *window])
 
 
 def _planned_gib(config, device_name: str) -> float:

@@ -822,7 +822,7 @@ def part_e2e(check: Check, part: PartResult) -> None:
     else:
         # one warm-up and one timed step per case: seconds-long steps at long lengths, more lengths in the box
         options = ["--seq-lens", "8192,32768,131072,524288,1048576", "--warmup", "1", "--steps", "1"]
-    command = check.spindle("bench", "e2e", "--models", "linear,hybrid-1:7,softmax", *options,
+    command = check.spindle("bench", "e2e", "--models", "linear,hybrid-1:7,softmax,rattention-1:7", *options,
                             "--budget-s", f"{budget:.0f}", "--output", str(folder / "e2e.md"))
     result = check.run(part, command)
     rows = []
