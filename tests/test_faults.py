@@ -29,6 +29,13 @@ import torch
 from spindle.launch.ckpt import main as ckpt_main
 from spindle.runtime.checkpoint import Checkpointer, CheckpointError, read_latest, read_manifest, verify_checkpoint
 from spindle.runtime.config import load_config, to_dict
+from spindle.runtime.preemption import (
+    STOP_FILE,
+    SignalCatcher,
+    StopAgreement,
+    resume_command,
+    stopping_workers_on_sigterm,
+)
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 TINY = REPOSITORY / "configs" / "tiny.yaml"
@@ -199,3 +206,23 @@ def test_a_full_disk_and_a_read_only_run_directory_fail_the_save_clearly_and_kee
         checkpointer.save(6, data_cursor=48)
     assert read_latest(run_dir).name == "step_00000004"
     assert ckpt_main(["verify", str(run_dir)]) == 0
+
+
+# ------------------------------------------------------------------ preemption under `spindle train`
+def test_sigterm_to_the_ray_driver_asks_the_workers_to_stop_through_the_run_directory(tmp_path: Path) -> None:
+    """The driver's half of preemption on Ray (the workers' half is the trainer's StopAgreement, run
+    above under torchrun): SIGTERM writes the stop file instead of exiting, workers see it, and the
+    file and the previous handler are gone afterwards."""
+    previous = signal.getsignal(signal.SIGTERM)
+    workers_view = StopAgreement(tmp_path, SignalCatcher())  # one process: no gloo group
+    with stopping_workers_on_sigterm(tmp_path):
+        assert not workers_view.should_stop()
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert (tmp_path / STOP_FILE).is_file() and workers_view.should_stop()
+    assert not (tmp_path / STOP_FILE).exists() and signal.getsignal(signal.SIGTERM) is previous
+
+
+def test_the_resume_command_drops_only_resume_and_overwrite() -> None:
+    typed = ["spindle", "train", "c.yaml", "--resume", "never", "--overwrite", "--set", "train.steps=9",
+             "--resume=auto", "--run-dir", "runs/a b"]
+    assert resume_command(typed) == "spindle train c.yaml --set train.steps=9 --run-dir 'runs/a b'"
