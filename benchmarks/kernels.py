@@ -215,6 +215,10 @@ def lightning_attention(case: Case) -> Step:
         raise Unsupported(f"lightning-attn not installed ({error.name})") from None
     if case.decay == "token":
         raise Unsupported("Lightning Attention takes a constant decay per head (use --decay constant)")
+    if case.device.type != "cuda":
+        raise Unsupported("lightning-attn needs CUDA")
+    if 16 % case.dim == 0:  # its interface asserts that the head dim does not divide 16
+        raise Unsupported(f"lightning-attn does not take head dim {case.dim}")
     q, k, v, g = _linear_inputs(case)
     slope = (torch.zeros(case.heads, device=case.device) if g is None else -g).float().view(-1, 1, 1)
 
