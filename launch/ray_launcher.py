@@ -14,7 +14,7 @@
          (spindle.runtime.progress)
 
 The run directory and --resume are checked before this runs (spindle.runtime.run_dir). This package's
-cluster.py, worker.py and submit.py are the only modules that import ray.
+cluster.py, rendezvous.py, worker.py and submit.py are the only modules that import ray.
 """
 from __future__ import annotations
 
@@ -96,7 +96,7 @@ def run_training(config: Config, run_dir: str | os.PathLike, resume: str = "auto
             print(f"spindle: note: {note}", file=sys.stderr, flush=True)
         warn_if_busy(plan)
         trainer = build_trainer(config, run_dir, resume, plan,
-                                trust_checkpoint=trust_checkpoint)
+                                trust_checkpoint=trust_checkpoint, loopback=address is None)
         display = ProgressDisplay(config.train.steps, start_step, enabled=config.logging.progress)
         # SIGTERM (Slurm, Kubernetes): the workers finish the step, commit a checkpoint and return.
         with MetricsFollower(run_dir, display), stopping_workers_on_sigterm(run_dir):
@@ -135,10 +135,13 @@ def _absolute_paths(config: Config) -> Config:
 
 
 def build_trainer(config: Config, run_dir: Path, resume: str, plan: PlacementPlan, *,
-                  trust_checkpoint: bool = False) -> object:
-    """The TorchTrainer of one spindle job."""
+                  trust_checkpoint: bool = False, loopback: bool = False) -> object:
+    """The TorchTrainer of one spindle job.
+    ``loopback``: an embedded cluster, whose ranks rendezvous on 127.0.0.1 (rendezvous.py)."""
     from ray.train import FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
+
+    from spindle.launch.rendezvous import LoopbackTorchConfig
 
     # The driver shows progress from metrics.jsonl; workers have no terminal.
     worker_config = replace(config, logging=replace(config.logging, progress=False))
@@ -155,8 +158,8 @@ def build_trainer(config: Config, run_dir: Path, resume: str, plan: PlacementPla
         scaling_config=ScalingConfig(num_workers=plan.workers, use_gpu=plan.use_gpu,
                                      resources_per_worker=plan.resources_per_worker,
                                      placement_strategy=plan.strategy),
-        torch_config=TorchConfig(backend="nccl" if plan.use_gpu else "gloo",
-                                 timeout_s=int(max(1, round(config.launch.collective_timeout_s)))),
+        torch_config=(LoopbackTorchConfig if loopback else TorchConfig)(
+            backend="nccl" if plan.use_gpu else "gloo", timeout_s=int(max(1, round(config.launch.collective_timeout_s)))),
         run_config=RunConfig(
             # Ray Train's own state (a storage marker, its checkpoint index) lives in RUN_DIR/.spindle/ray.
             name="ray", storage_path=str(run_dir / LAUNCHER_DIR),
