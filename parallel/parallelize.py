@@ -135,7 +135,7 @@ def apply_ac(model: HybridModel, policy: str) -> None:
 
 # --------------------------------------------------------------------------------------------- fsdp
 def apply_fsdp(model: HybridModel, context: ParallelContext, *, bf16: bool) -> None:
-    """FSDP2 over dp x cp (weights are replicated over cp, ALGORITHMS.md §4): one unit per block,
+    """FSDP2 over dp x cp (weights are replicated over cp, docs/algorithms.md §5): one unit per block,
     then the root. FSDP2 averages gradients over dp x cp; the trainer scales each rank's loss by
     ``ParallelContext.gradient_scale`` (= dp·cp) so that average is the gradient of the global-token
     mean. (A divide factor of 1 would say the same, but needs PREMUL_SUM, which gloo lacks.)"""

@@ -8,7 +8,7 @@
 The engine has the same four calls as the trainer's default ``TorchEngine`` (FSDP2 + AdamW), so
 ``train_step`` does not know which one runs. Gradient semantics match FSDP2's: DeepSpeed averages
 gradients over its data-parallel group, which is spindle's flattened dp x cp group (weights are
-replicated over cp, ALGORITHMS.md §4), and the trainer multiplies each rank's loss by
+replicated over cp, docs/algorithms.md §5), and the trainer multiplies each rank's loss by
 ``ParallelContext.gradient_scale`` (= dp·cp) exactly as for FSDP2. The optimizer is the trainer's own
 AdamW (same parameter groups, same update), which ZeRO partitions; the learning rate is still set by
 the trainer every step. Not supported (rejected by config validation): tp > 1, and checkpoints.

@@ -1,6 +1,6 @@
 """Layers of the hybrid decoder: norms, SwiGLU MLP, RoPE, and the token mixers (L, A, R, S).
 
-No distributed code lives here (STYLE.md principle 1). Parallelism is applied from outside:
+No distributed code lives here (docs/design.md, conventions). Parallelism is applied from outside:
 - the token-mixer kernels are reached through instance attributes (``LinearAttention.sequence_op``,
   ``SoftmaxAttention.attention_op``) that context parallelism swaps for its sharded ops;
 - RoPE angles come from the ``positions`` the caller passes (global positions of the local tokens);
@@ -171,7 +171,7 @@ def _feature_map(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
 
 
 def constant_log_decay(heads: int, layer_index: int, n_layers: int) -> torch.Tensor:
-    """Per-head log-decay -s_h of layer l (MiniMax-01, ALGORITHMS.md §1), float32 [heads].
+    """Per-head log-decay -s_h of layer l (MiniMax-01, docs/algorithms.md §1), float32 [heads].
 
     s_h = 2^(-8 (h+1) / H) · (1 - l / (L - 1) + 1e-5): ALiBi-style geometric slopes, strongest in
     the first layer and fading to almost no decay in the last, so deep layers keep long memory.

@@ -3,7 +3,7 @@
     tokens [B, T] -> embedding -> n_layers × DecoderBlock (L or A mixer, SwiGLU MLP)
                   -> final RMSNorm -> hidden [B, T, dim]
 
-The model has no distributed code (STYLE.md principle 1): context parallelism replaces each mixer's
+The model has no distributed code (docs/design.md, conventions): context parallelism replaces each mixer's
 ``sequence_op`` / ``attention_op`` and passes global ``positions``; tensor parallelism shards the
 projections and the per-head decay buffers; see runtime/layers.py for what each layer promises.
 The output projection is applied inside ``loss`` by a chunked cross-entropy kernel, so full logits

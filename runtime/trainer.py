@@ -7,7 +7,7 @@
                       -> metrics.jsonl, wandb, progress bar on rank 0
 
 The loss is the global-token mean: the sum of token losses over the whole global batch divided by
-the number of label tokens in it (ALGORITHMS.md §4), so the same global batch gives the same loss
+the number of label tokens in it (docs/algorithms.md §5), so the same global batch gives the same loss
 and gradients however it is split into ranks and micro-batches.
 
 Everything that depends on where this process sits in a parallel job goes through the

@@ -1,6 +1,6 @@
 """Dense float64 references and helpers shared by the context-parallel tests (tests/test_cp_*.py).
 
-The references are the parallel forms of ALGORITHMS.md §1 and §3, written directly (no chunking, no
+The references are the parallel forms of docs/algorithms.md §1 and §3, written directly (no chunking, no
 communication), so they are independent of every path under test.
 """
 
@@ -10,7 +10,7 @@ import torch
 
 
 def relative_rmse(value: torch.Tensor, reference: torch.Tensor) -> float:
-    """‖value − reference‖₂ / ‖reference‖₂ in float64 (ALGORITHMS.md §5)."""
+    """‖value − reference‖₂ / ‖reference‖₂ in float64 (docs/algorithms.md §7)."""
     value, reference = value.detach().double(), reference.detach().double()
     assert value.shape == reference.shape, f"shape {tuple(value.shape)} != reference {tuple(reference.shape)}"
     assert torch.isfinite(value).all(), "non-finite values"

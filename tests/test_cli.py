@@ -16,7 +16,7 @@ SPINDLE = Path(sys.executable).with_name("spindle")
 
 
 def test_command_set_is_frozen() -> None:
-    # Users and outside tests rely on these (DESIGN.md); changing them is a deliberate decision.
+    # Users and outside tests rely on these (docs/design.md); changing them is a deliberate decision.
     parser = build_parser()
     commands = parser._subparsers._group_actions[0].choices  # argparse keeps subcommands here
     assert set(commands) == {"train", "submit", "plan", "bench", "report", "ckpt", "data"}

@@ -1,4 +1,4 @@
-"""spindle.kernels.linear_attention against an independent float64 dense reference (ALGORITHMS.md §1, §5).
+"""spindle.kernels.linear_attention against an independent float64 dense reference (docs/algorithms.md §1, §7).
 
 The reference below is the parallel form O = scale·((Q Kᵀ) ⊙ D) V plus the initial-state term, written
 without the recurrence; its gradients come from autograd in float64. Every backend is checked for the
@@ -23,7 +23,7 @@ if not torch.cuda.is_available():
 from spindle.kernels import linear_attention
 from spindle.kernels.linear_attn import triton_available
 
-FP32_TOLERANCE = 1e-5  # relative RMSE vs float64, ALGORITHMS.md §5
+FP32_TOLERANCE = 1e-5  # relative RMSE vs float64, docs/algorithms.md §7
 TRITON_ON_CPU = triton_available(torch.device("cpu"))
 needs_triton = pytest.mark.skipif(not TRITON_ON_CPU, reason="needs triton (run with TRITON_INTERPRET=1)")
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -42,7 +42,7 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
 
 
 # ---------------------------------------------------------------------------------------------
-# Independent float64 references of the two mixers (written from ALGORITHMS.md, not from layers.py)
+# Independent float64 references of the two mixers (written from docs/algorithms.md, not from layers.py)
 # ---------------------------------------------------------------------------------------------
 
 

@@ -289,7 +289,7 @@ def test_ulysses_and_data_and_tensor_parallel_volumes() -> None:
 
 
 def test_lasp2_beats_ring_at_long_sequences() -> None:
-    """ALGORITHMS.md §2's example: B 1, H 32, d 128, P 64: 126 MiB per layer forward for LASP-2,
+    """docs/algorithms.md §2's example: B 1, H 32, d 128, P 64: 126 MiB per layer forward for LASP-2,
     7.9 GiB for softmax CP at 2048K tokens with H_kv 8."""
     config = make_config(layers="LA", n_layers=2, dim=4096, heads=32, kv_heads=8, ffn_dim=14336, cp=64,
                          seq_len=2048 * 1024, cp_layout="contiguous", cp_softmax="ring")

@@ -1,4 +1,4 @@
-"""Chunked PyTorch path for linear attention with decay (Lightning Attention-2 form, ALGORITHMS.md §1).
+"""Chunked PyTorch path for linear attention with decay (Lightning Attention-2 form, docs/algorithms.md §1).
 
 The sequence is cut into blocks of `chunk_size` tokens (the tail block is zero-padded with g = 0, so
 padding neither adds to the state nor decays it). Within a block the output is ordinary masked

@@ -1,4 +1,4 @@
-"""Reference recurrence for linear attention with decay (ALGORITHMS.md §1).
+"""Reference recurrence for linear attention with decay (docs/algorithms.md §1).
 
 Token by token: S_t = exp(g_t) S_{t-1} + k_tᵀ v_t ; o_t = scale · q_t S_t.
 Slow (a Python loop over T) and meant as a readable oracle; differentiable through autograd, so it

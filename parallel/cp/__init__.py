@@ -4,7 +4,7 @@ sliding-window attention and delayed linear attention over a halo exchange (RAtt
 
 Every op takes this rank's shard of the sequence (in the given layout) and the CP process group,
 derives rank and world size from that group, is differentiable, and equals the single-device op on
-the unsharded tensors. See DESIGN.md ("Public API") and ALGORITHMS.md §2-§3.
+the unsharded tensors. See docs/design.md ("Public API") and docs/algorithms.md §2-§3.
 """
 
 from .allgather import allgather_attention

@@ -1,4 +1,4 @@
-"""LASP-1: the ring baseline for linear attention (ALGORITHMS.md §2).
+"""LASP-1: the ring baseline for linear attention (docs/algorithms.md §2).
 
 The state walks the chunks in global order: the owner of chunk c receives S_in(c) from the owner of
 chunk c-1, computes S_out(c) = Γ_c·S_in(c) + M_c and hands it to the owner of chunk c+1. Backward

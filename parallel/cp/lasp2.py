@@ -1,6 +1,6 @@
 """LASP-2: context parallelism for linear attention with ONE all-gather of d×d states per direction.
 
-Implemented from the math in ALGORITHMS.md §2, not from the released Linear-MoE code (which drops
+Implemented from the math in docs/algorithms.md §2, not from the released Linear-MoE code (which drops
 the intra term, leaks future tokens, ignores decay and assumes the contiguous layout).
 
 Forward, per rank: local chunk states M_c (and, for per-token decay, transitions Γ_c) -> start an

@@ -24,7 +24,7 @@ def merge_attention_block(
     block's keys). The running pair is kept in fp32 (float64 for float64 inputs); pass out=None,
     lse=None for the first block.
 
-    Why this form (ALGORITHMS.md §3): the textbook merge exp(L_b − L)·O_b overflows when L_b ≫ L.
+    Why this form (docs/algorithms.md §3): the textbook merge exp(L_b − L)·O_b overflows when L_b ≫ L.
     Written with a sigmoid, O ← O − σ(L_b − L)·(O − O_b) and L ← L − logσ(L − L_b) only ever
     evaluate σ and logσ, which are bounded and stable for any finite gap. Rows a block does not see
     (L_b = −inf, or +inf as FlashAttention-2 reports fully masked rows) are normalized to L = −inf,
@@ -64,7 +64,7 @@ def decayed_prefix_chain(states: torch.Tensor, transitions: torch.Tensor | None)
     division by Π Γ (or exp of differences of cumulative log-decays), which underflows to 0/0 for
     strong decay over many chunks; the chain only multiplies by Γ ≤ 1, so it cannot overflow, and N
     is the number of CP chunks (P or 2P), not tokens, so the loop is short. fp32 because the error of
-    a bf16 running state compounds with every chunk (ALGORITHMS.md §1-2).
+    a bf16 running state compounds with every chunk (docs/algorithms.md §1-2).
     """
     incoming = torch.zeros_like(states)
     running = torch.zeros_like(states[0])

@@ -1,6 +1,6 @@
 """Ring attention: K/V travel around the CP ring; each rank merges block results with the LSE merge.
 
-Forward, step t = 0..P-1 (ALGORITHMS.md §3): rank r holds the K/V of rank j = (r - t) mod P; it posts
+Forward, step t = 0..P-1 (docs/algorithms.md §3): rank r holds the K/V of rank j = (r - t) mod P; it posts
 the exchange for step t+1 (double buffering: send the current K/V to r+1, receive the next from r-1),
 computes its blocks against the current K/V, folds them into the running fp32 (O, L), then waits.
 

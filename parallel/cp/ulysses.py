@@ -6,7 +6,7 @@ spindle.kernels.attention -> inverse all-to-all -> [B, n, H, D]. Needs H and H_k
 The exchange goes through DeepSpeed's sequence-parallel layer (deepspeed.sequence.layer.
 DistributedAttention) when DeepSpeed is installed. DeepSpeed is an optional extra of spindle
 (pyproject `[deepspeed]`, and `make setup` tolerates its absence), so this module is the one shim for
-it (STYLE.md principle 10): `all_to_all="torch"` uses our own all_to_all_single-based exchange with
+it (docs/design.md, conventions): `all_to_all="torch"` uses our own all_to_all_single-based exchange with
 the same layout, and tests force both paths.
 
 After the exchange the sequence is in rank order (rank 0's shard, rank 1's, ...); with the zigzag
