@@ -16,7 +16,7 @@ if not torch.cuda.is_available():
     # the Triton-backed LASP check below runs the kernels in the interpreter (also in spawned ranks)
     os.environ.setdefault("TRITON_INTERPRET", "1")
 import torch.distributed as dist
-from cp_reference import assert_close, dense_linear_attention, random_inputs, relative_rmse
+from cp_reference import assert_close, data_calls, dense_linear_attention, random_inputs, relative_rmse
 from distributed_utils import run_distributed, subgroup
 
 from spindle.kernels import linear_attention
@@ -188,7 +188,9 @@ def _check_communication(group, world_size):
         for chunk in (2, 9):  # two sequence lengths: the bytes must not change
             forward, backward = _lasp2_bytes(group, world_size, layout, decay_kind, chunk)
             label = f"P={world_size} {layout} {decay_kind} chunk={chunk}"
-            assert forward.calls == {"validate": 1, "all_gather": 1}, f"{label}: {forward.calls}"
+            # the shape-agreement gather runs at most once per shape set (cached); the data moves once
+            assert forward.calls.get("validate", 0) <= 1, f"{label}: {forward.calls}"
+            assert data_calls(forward) == {"all_gather": 1}, f"{label}: {forward.calls}"
             assert forward.bytes["all_gather"] == state_bytes + transition_bytes, f"{label}: {forward.bytes}"
             assert backward.calls == {"all_gather": 1}, f"{label}: {backward.calls}"
             assert backward.bytes["all_gather"] == state_bytes, f"{label}: {backward.bytes}"

@@ -7,7 +7,7 @@ import itertools
 
 import pytest
 import torch
-from cp_reference import assert_close, dense_attention, random_inputs
+from cp_reference import assert_close, data_calls, dense_attention, random_inputs
 from distributed_utils import run_distributed, subgroup
 
 from spindle.kernels import attention
@@ -103,7 +103,8 @@ def _communication_worker(rank, world_size, world_group):
             k, forward, backward = _recorded(ring_attention, group, size, layout, 4, 2)
             kv_bytes = 2 * k.numel() * k.element_size()
             label = f"ring P={size} {layout}"
-            assert forward.calls == {"validate": 1, "send_recv": size - 1}, f"{label}: {forward.calls}"
+            assert forward.calls.get("validate", 0) <= 1, f"{label}: {forward.calls}"  # cached per shape set
+            assert data_calls(forward) == {"send_recv": size - 1}, f"{label}: {forward.calls}"
             assert forward.bytes["send_recv"] == (size - 1) * kv_bytes, f"{label}: {forward.bytes}"
             assert backward.calls == {"send_recv": 2 * (size - 1)}, f"{label}: {backward.calls}"
             assert backward.bytes["send_recv"] == (size - 1) * (kv_bytes + 2 * k.numel() * 8), label
@@ -111,7 +112,8 @@ def _communication_worker(rank, world_size, world_group):
             for head_groups in (1, 2):
                 k, forward, backward = _recorded(allgather_attention, group, size, layout, 4, 2, head_groups=head_groups)
                 label = f"allgather P={size} {layout} head_groups={head_groups}"
-                assert forward.calls == {"validate": 1, "all_gather": head_groups}, f"{label}: {forward.calls}"
+                assert forward.calls.get("validate", 0) <= 1, f"{label}: {forward.calls}"
+                assert data_calls(forward) == {"all_gather": head_groups}, f"{label}: {forward.calls}"
                 assert forward.bytes["all_gather"] == (size - 1) * kv_bytes, f"{label}: {forward.bytes}"
                 assert backward.calls == {"all_gather": head_groups, "reduce_scatter": head_groups}, label
                 assert backward.bytes["reduce_scatter"] == (size - 1) * 2 * k.numel() * 8, label

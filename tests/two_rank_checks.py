@@ -21,7 +21,7 @@ import torch
 from distributed_utils import run_distributed
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
-CP_OPS = ("lasp2", "lasp1", "ring", "allgather", "ulysses")
+CP_OPS = ("lasp2", "lasp1", "ring", "allgather", "ulysses", "window", "rattention")
 POLICIES = ("none", "full", "linear", "softmax")
 STEPS = 2
 BENCH_ARGS = argparse.Namespace(lengths=[64], methods=["lasp2", "lasp1", "ring", "allgather"], layout="zigzag",
@@ -74,6 +74,11 @@ def run_op(name: str, group, generator: torch.Generator) -> None:
     if name in ("lasp2", "lasp1"):
         decay = torch.nn.functional.logsigmoid(torch.randn(1, 16, 2, generator=generator) + 3).requires_grad_()
         output = getattr(cp, name)(q, k, v, group, log_decay=decay)
+    elif name == "window":
+        output = cp.window_attention(q, k, v, group, window=5)
+    elif name == "rattention":
+        local, residual = cp.rattention_branches(q, k, q * 0.5, k * 0.5, v, group, window=5)
+        output = local + residual
     else:
         output = {"ring": cp.ring_attention, "allgather": cp.allgather_attention,
                   "ulysses": cp.ulysses_attention}[name](q, k, v, group)

@@ -19,6 +19,7 @@ parallel.cp.comm).
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import torch
 import torch.distributed as dist
@@ -76,8 +77,12 @@ def halo_tokens_received(world_size: int, layout: str, chunk_length: int, window
     return forward, backward
 
 
+@functools.lru_cache(maxsize=256)
 def make_halo_plan(world_size: int, layout: str, chunk_length: int, window: int) -> HaloPlan:
-    """The static plan; every rank builds the same one, so sends and receives pair up."""
+    """The static plan; every rank builds the same one, so sends and receives pair up.
+
+    Cached: a step repeats the same shapes, so each plan is built once (it is immutable).
+    """
     check_layout(layout, "make_halo_plan")
     owners = chunk_order(world_size, layout)  # (rank, slot) per global chunk
     pieces = []

@@ -20,7 +20,7 @@ import torch.distributed as dist
 from spindle.kernels.linear_attn import floor_log_decay
 
 from .comm import AllGatherComm
-from .layout import chunk_order, local_chunks
+from .layout import chunk_index, local_chunk_index
 from .linear import (
     DocumentChunks,
     LinearContextParallel,
@@ -42,10 +42,6 @@ class GatheredStateExchange:
         self.documents = documents
         self.setup = setup
         self.chunk_length = chunk_length
-        order = chunk_order(setup.world_size, setup.layout)
-        # flat index rank·slots + slot of every chunk, in global order
-        self.order = [rank * setup.slots + slot for rank, slot in order]
-        self.mine = local_chunks(setup.rank, setup.world_size, setup.layout)
         self.constant_log_decay = log_decay.detach() if setup.decay_kind == "constant" else None
         self.chain_transitions: torch.Tensor | None = None
         self.state_shape: torch.Size | None = None
@@ -53,7 +49,11 @@ class GatheredStateExchange:
     def _global_order(self, gathered: torch.Tensor) -> torch.Tensor:
         """[P, S, ...] -> [N, ...] in global chunk order."""
         flat = gathered.reshape(-1, *gathered.shape[2:])
-        return flat[torch.tensor(self.order, device=flat.device)]
+        return flat[chunk_index(self.setup.world_size, self.setup.layout, flat.device)]
+
+    def _mine(self, chunks: torch.Tensor) -> torch.Tensor:
+        """[N, ...] in global chunk order -> this rank's chunks [S, ...] (cached index, no copy per call)."""
+        return chunks[local_chunk_index(self.setup.rank, self.setup.world_size, self.setup.layout, chunks.device)]
 
     def start_forward(self, states: torch.Tensor, transitions: torch.Tensor | None) -> None:
         self.state_shape = states.shape  # [S, B, H, Dk, Dv]
@@ -76,14 +76,14 @@ class GatheredStateExchange:
             keep = self.documents.keep.to(states.dtype)[..., None]  # [N, B, 1]
             self.chain_transitions = keep if self.chain_transitions is None else self.chain_transitions * keep
         incoming = decayed_prefix_chain(states, self.chain_transitions)
-        return incoming[self.mine]
+        return self._mine(incoming)
 
     def start_backward(self, state_grads: torch.Tensor) -> None:
         self.comm.start(state_grads.contiguous())
 
     def finish_backward(self) -> torch.Tensor:
         ordered = self._global_order(self.comm.wait())  # [N, B, H, Dk, Dv]
-        return decayed_suffix_chain(ordered, self.chain_transitions)[self.mine]
+        return self._mine(decayed_suffix_chain(ordered, self.chain_transitions))
 
 
 def lasp2(
