@@ -98,16 +98,11 @@ def _train(arguments: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
-# commands implemented elsewhere, and the ones still to come
+# commands implemented in other modules
 # ---------------------------------------------------------------------------------------------
-def _dispatch(module_name: str, argv: list[str], what: str) -> int:
+def _dispatch(module_name: str, argv: list[str]) -> int:
     """Hand the remaining arguments to ``module_name.main(argv)``."""
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as error:
-        if error.name and module_name.startswith(error.name):
-            return _error(f"{what} is not available in this installation ({module_name} is missing).")
-        raise
+    module = importlib.import_module(module_name)
     try:
         return int(module.main(argv) or 0)
     except SystemExit as exit_request:  # argparse inside the module: --help or a usage error
@@ -116,10 +111,8 @@ def _dispatch(module_name: str, argv: list[str], what: str) -> int:
 
 def _plan(argv: list[str]) -> int:
     """spindle plan's output, and exit 1 when the config does not fit (0 when it fits, 2 on bad input)."""
-    try:
-        plan = importlib.import_module("spindle.runtime.plan")
-    except ModuleNotFoundError:
-        return _error("spindle plan is not available in this installation (spindle.runtime.plan is missing).")
+    from spindle.runtime import plan
+
     parser = plan.build_parser()
     try:
         arguments = parser.parse_args(argv)
@@ -146,7 +139,7 @@ def _bench(argv: list[str]) -> int:
         given = repr(argv[0]) if argv else "nothing"
         return _error(f"spindle bench needs a benchmark name, got {given}: expected one of "
                       f"{', '.join(BENCHMARKS)} (e.g. spindle bench kernels --help).")
-    return _dispatch(f"spindle.benchmarks.{argv[0]}", argv[1:], f"spindle bench {argv[0]}")
+    return _dispatch(f"spindle.benchmarks.{argv[0]}", argv[1:])
 
 
 def _report(arguments: argparse.Namespace) -> int:
@@ -159,15 +152,15 @@ def _report(arguments: argparse.Namespace) -> int:
 def _submit(argv: list[str]) -> int:
     if not {"-h", "--help"} & set(argv) and (code := _without_ray("spindle submit")) is not None:
         return code
-    return _dispatch("spindle.launch.submit", argv, "spindle submit")
+    return _dispatch("spindle.launch.submit", argv)
 
 
 def _ckpt(argv: list[str]) -> int:
-    return _dispatch("spindle.launch.ckpt", argv, "spindle ckpt")
+    return _dispatch("spindle.launch.ckpt", argv)
 
 
 def _data(argv: list[str]) -> int:
-    return _dispatch("spindle.runtime.prepare", argv, "spindle data")
+    return _dispatch("spindle.runtime.prepare", argv)
 
 
 PASS_THROUGH: dict[str, Callable[[list[str]], int]] = {"plan": _plan, "bench": _bench, "submit": _submit,

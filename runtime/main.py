@@ -109,12 +109,31 @@ def refuse_deepspeed_resume(run_dir: Path, resume: str) -> None:
                           f"with --resume never (or another --run-dir).")
 
 
+def warn_if_plan_does_not_fit(config: Config, world_size: int, gpu: str | None = None) -> bool:
+    """Preflight: print a warning (with the planner's numbers and a layout that fits) when the plan of
+    ``config`` needs more memory per GPU than ``gpu`` has (None: cuda:0; nothing without a GPU).
+
+    A warning, not a refusal: the plan is an estimate, and a run near the limit may still fit.
+    Returns whether it warned."""
+    from spindle.runtime.plan import PlanDoesNotFit, check_fits
+
+    try:
+        check_fits(config, gpu, world_size=world_size)
+    except PlanDoesNotFit as error:
+        print(f"spindle: warning: {error} Training anyway: the plan is an estimate, an out-of-memory error "
+              "would confirm it.", file=sys.stderr, flush=True)
+        return True
+    return False
+
+
 def run_training(config: Config, run_dir: Path, context: ParallelContext, resume: str, *,
                  trust_checkpoint: bool = False) -> dict:
     """Build data, model, optimizer and checkpointer from a resolved config, resume, and train."""
     from spindle.runtime.checkpoint import Checkpointer
     from spindle.runtime.preemption import SignalCatcher, StopAgreement
 
+    if context.is_main and context.device.type == "cuda":
+        warn_if_plan_does_not_fit(config, context.world_size)
     deepspeed = config.parallel.dp_engine == "deepspeed"
     dataset = build_dataset(config.data, config.model.vocab_size, config.train.seed)
     model = build_model(config, context)

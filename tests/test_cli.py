@@ -1,7 +1,6 @@
 """The `spindle` command line: subcommands, exit codes, nothing on disk after a config error."""
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -69,7 +68,7 @@ def test_console_script_exit_code_and_default_run_dir(tmp_path: Path) -> None:
     (["bench", "speed"], "'speed'"),
     (["report", "/no/such/run"], "does not exist"),
 ])
-def test_unavailable_and_bad_commands_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture,
+def test_bad_commands_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture,
                                              arguments: list[str], fragment: str) -> None:
     assert main(arguments) == 2
     assert fragment in capsys.readouterr().err
@@ -81,11 +80,8 @@ def test_unknown_command_is_a_usage_error(capsys: pytest.CaptureFixture) -> None
 
 
 def test_plan_is_dispatched(capsys: pytest.CaptureFixture) -> None:
-    if importlib.util.find_spec("spindle.runtime.plan") is None:
-        assert main(["plan", str(TINY)]) == 2
-        assert "spindle.runtime.plan" in capsys.readouterr().err
-    else:
-        assert main(["plan", "--help"]) == 0
+    assert main(["plan", "--help"]) == 0
+    assert "usage" in capsys.readouterr().out
 
 
 def test_bench_help_exits_zero(capsys: pytest.CaptureFixture) -> None:
@@ -94,8 +90,6 @@ def test_bench_help_exits_zero(capsys: pytest.CaptureFixture) -> None:
 
 
 def test_plan_exit_code_says_whether_the_config_fits(capsys: pytest.CaptureFixture) -> None:
-    if importlib.util.find_spec("spindle.runtime.plan") is None:
-        pytest.skip("spindle plan is not part of this installation")
     preset = REPO / "configs" / "hybrid-1m-1gpu.yaml"  # fits as shipped (tests/test_plan.py); 4M tokens do not
     assert main(["plan", str(preset), "--set", "data.seq_len=4194304"]) == 1
     captured = capsys.readouterr()

@@ -1,7 +1,7 @@
 """The planner (runtime/plan.py): parameter and FLOP counts against the real model, model-state bytes
 per engine and ZeRO stage, per-block activation bytes against the tensors autograd really saves,
 communication volumes (LASP-2 independent of T, ring/all-gather proportional to T), the all-gather
-K/V transient, the presets, the recommendation, check_fits and the `spindle plan` CLI."""
+K/V transient, the presets, the recommendation, check_fits (and the training preflight) and the `spindle plan` CLI."""
 from __future__ import annotations
 
 import dataclasses
@@ -353,6 +353,17 @@ def test_check_fits_raises_with_numbers() -> None:
         plan.check_fits(config, "h100")
     with pytest.raises(ValueError, match="gpu='tpu' is not a known GPU"):
         plan.check_fits(config, "tpu")
+
+
+def test_training_preflight_warns_when_the_plan_does_not_fit(capsys: pytest.CaptureFixture) -> None:
+    from spindle.runtime.main import warn_if_plan_does_not_fit
+
+    config = load_config(PRESETS[1], ["parallel.cp=8", "parallel.dp=1", "parallel.activation_checkpointing=none"])
+    assert warn_if_plan_does_not_fit(config, 8, "h100")
+    warning = capsys.readouterr().err
+    assert warning.startswith("spindle: warning: the plan needs") and "Training anyway" in warning
+    assert not warn_if_plan_does_not_fit(load_config(PRESETS[0]), 1, "h200")
+    assert capsys.readouterr().err == ""
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU behaviour")
