@@ -2,9 +2,10 @@
 
 A checkpoint is a directory ``RUN_DIR/checkpoints/step_<8 digits>/`` holding
 
-- the torch.distributed.checkpoint (DCP) files of the model, the optimizer, the LR scheduler and the
-  train counters (``.metadata`` and ``__<rank>_<n>.distcp``); model and optimizer state are keyed by
-  parameter FQN (``get_state_dict``), which is what lets DCP reshard them onto another dp/cp/tp layout;
+- the torch.distributed.checkpoint (DCP) files of the model, the optimizer and the train counters
+  (``.metadata`` and ``__<rank>_<n>.distcp``; the trainer computes the learning rate from the step, so
+  there is no scheduler state); model and optimizer state are keyed by parameter FQN
+  (``get_state_dict``), which is what lets DCP reshard them onto another dp/cp/tp layout;
 - one ``rng_rank<k>.pt`` per rank (torch CPU/CUDA, python ``random`` and numpy generator states);
 - ``manifest.json``, written last by rank 0: the SHA-256 and size of every file, the parameter shapes,
   the config and layout, and an HMAC tag over all of it under this user's key (``trust.py``).
@@ -20,10 +21,10 @@ Loading verifies the manifest's tag and the files' hashes before anything reads 
 
 The trainer needs four calls::
 
-    checkpointer = Checkpointer(run_dir, config, model, optimizer, scheduler, degrees=context.degrees)
+    checkpointer = Checkpointer(run_dir, config, model, optimizer, degrees=context.degrees)
     resumed = checkpointer.restore(resume)          # None on a fresh start
     ...  # every optimizer step:
-    checkpointer.maybe_save(step, data_cursor=cursor, wandb_run_id=run_id)
+    checkpointer.maybe_save(step, data_cursor=cursor)
     checkpointer.close()                            # waits for an asynchronous save to commit
 
 No Ray import here; the ``spindle ckpt`` command lives in ``spindle.launch.ckpt``.
@@ -402,8 +403,10 @@ class ResumeState:
     """Optimizer steps already taken; training continues with step + 1."""
     data_cursor: int
     """Global index of the next training sample."""
-    wandb_run_id: str | None
     layout_changed: bool
+    """The checkpoint was written on another dp/cp/tp layout (resharded on load, RNG reseeded)."""
+    saved_layout: dict[str, int]
+    """The layout it was written on (dp, cp, tp, world_size)."""
 
 
 @dataclass
@@ -417,7 +420,7 @@ class SaveStats:
 
 
 class Checkpointer:
-    """Saves and restores model, optimizer, scheduler, counters and per-rank RNG of one run.
+    """Saves and restores model, optimizer, counters and per-rank RNG of one run.
 
     Works for plain modules and FSDP2/DTensor-parallel ones alike (``get_state_dict`` keys everything
     by parameter FQN). Collective: every rank of ``process_group`` (default: the world) calls every
@@ -426,14 +429,14 @@ class Checkpointer:
     """
 
     def __init__(self, run_dir: str | os.PathLike, config: Any, model: torch.nn.Module,
-                 optimizer: torch.optim.Optimizer, scheduler: Any | None = None, *,
+                 optimizer: torch.optim.Optimizer, *,
                  degrees: ParallelDegrees | None = None, process_group: dist.ProcessGroup | None = None,
                  trust_checkpoint: bool = False) -> None:
         self.run_dir = Path(run_dir)
         self.trust_checkpoint = trust_checkpoint
         """Load checkpoints whose origin tag does not verify (the user vouches for them)."""
         self.config = _as_dict(config)
-        self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+        self.model, self.optimizer = model, optimizer
         self.degrees = degrees or ParallelDegrees(1, 1, 1)
         section = self.config["checkpoint"]
         self.every, self.keep = int(section["every"]), int(section["keep"])
@@ -455,28 +458,28 @@ class Checkpointer:
 
     # -- saving ---------------------------------------------------------------------------------
 
-    def maybe_save(self, step: int, *, data_cursor: int, wandb_run_id: str | None = None) -> bool:
+    def maybe_save(self, step: int, *, data_cursor: int) -> bool:
         """Save when ``checkpoint.every`` divides ``step``; returns whether a save started."""
         if self.every <= 0 or step % self.every != 0:
             return False
-        self.save(step, data_cursor=data_cursor, wandb_run_id=wandb_run_id)
+        self.save(step, data_cursor=data_cursor)
         return True
 
-    def save(self, step: int, *, data_cursor: int, wandb_run_id: str | None = None) -> None:
+    def save(self, step: int, *, data_cursor: int) -> None:
         """Write ``checkpoints/step_<step>/`` and commit it (asynchronously with ``async_save``).
 
         A write that fails for lack of space or permission raises CheckpointError naming the cause;
         the partial directory is removed, the last commit and the training state are untouched."""
         directory = checkpoints_dir(self.run_dir) / step_dir_name(step)
         try:
-            self._save(step, directory, data_cursor=data_cursor, wandb_run_id=wandb_run_id)
+            self._save(step, directory, data_cursor=data_cursor)
         except Exception as error:
             failure = storage_failure(error, directory, self.run_dir, remove_partial=self.rank == 0)
             if failure is None:
                 raise
             raise failure from error
 
-    def _save(self, step: int, directory: Path, *, data_cursor: int, wandb_run_id: str | None) -> None:
+    def _save(self, step: int, directory: Path, *, data_cursor: int) -> None:
         self.wait()
         started = time.perf_counter()
         self._prepare_directory(directory)
@@ -484,9 +487,7 @@ class Checkpointer:
         model_state, optimizer_state = get_state_dict(self.model, self.optimizer)
         state = {"model": model_state, "optimizer": optimizer_state,
                  "train": {"step": step, "data_cursor": data_cursor}}
-        if self.scheduler is not None:
-            state["scheduler"] = self.scheduler.state_dict()
-        manifest = self._manifest(step, data_cursor, wandb_run_id)
+        manifest = self._manifest(step, data_cursor)
         manifest["shapes"] = {name: list(value.shape) for name, value in model_state.items()
                               if isinstance(value, torch.Tensor)}
         if self.async_save:
@@ -523,9 +524,9 @@ class Checkpointer:
         if self.distributed:
             dist.barrier(group=self.group)
 
-    def _manifest(self, step: int, data_cursor: int, wandb_run_id: str | None) -> dict[str, Any]:
+    def _manifest(self, step: int, data_cursor: int) -> dict[str, Any]:
         return {
-            "format": MANIFEST_FORMAT, "step": step, "data_cursor": data_cursor, "wandb_run_id": wandb_run_id,
+            "format": MANIFEST_FORMAT, "step": step, "data_cursor": data_cursor,
             "layout": _layout_of(self.degrees), "config": self.config,
             "versions": {"torch": torch.__version__, "spindle": spindle.__version__,
                          "python": sys.version.split()[0]},
@@ -580,7 +581,7 @@ class Checkpointer:
         return None if choice[0] is None else self.load(choice[0], verified=True)
 
     def load(self, path: str | os.PathLike, *, verified: bool = False) -> ResumeState:
-        """Load checkpoint ``path`` into the model, optimizer and scheduler (resharding when the layout
+        """Load checkpoint ``path`` into the model and optimizer (resharding when the layout
         differs) and restore, or deterministically reseed, this rank's RNG. ``verified``: ``restore``
         already checked the files' hashes and the origin tag; otherwise this rank checks them first."""
         path = Path(path)
@@ -593,19 +594,15 @@ class Checkpointer:
         model_state, optimizer_state = get_state_dict(self.model, self.optimizer)
         check_shapes(path, model_state, manifest, self.config)
         state = {"model": model_state, "optimizer": optimizer_state, "train": {"step": 0, "data_cursor": 0}}
-        if self.scheduler is not None:
-            state["scheduler"] = self.scheduler.state_dict()
         try:
             dcp.load(state, checkpoint_id=str(path), process_group=self.group, no_dist=not self.distributed)
         except CheckpointException as error:
             raise CheckpointError(
                 f"loading {path} failed: {error}\nThe checkpoint does not hold the state this run expects (was it "
-                f"saved with another optimizer or LR-scheduler setup?); resume with that setup or use --resume "
+                f"saved with another optimizer setup?); resume with that setup or use --resume "
                 f"never.") from error
         set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
                        optim_state_dict=state["optimizer"])
-        if self.scheduler is not None:
-            self.scheduler.load_state_dict(state["scheduler"])
         step = int(state["train"]["step"])
         if layout_changed:
             log.info("layout changed from %s: reseeding RNG from (seed, step, rank)", manifest["layout"])
@@ -613,8 +610,8 @@ class Checkpointer:
         else:
             restore_rng_state(torch.load(path / f"rng_rank{self.rank}.pt", weights_only=True))
         log.info("resumed from %s at step %d", path, step)
-        return ResumeState(path, step, int(state["train"]["data_cursor"]), manifest.get("wandb_run_id"),
-                           layout_changed)
+        return ResumeState(path, step, int(state["train"]["data_cursor"]), layout_changed,
+                           dict(manifest["layout"]))
 
 
 # ----------------------------------------------------------------------------------------------

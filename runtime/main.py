@@ -153,9 +153,13 @@ def run_training(config: Config, run_dir: Path, context: ParallelContext, resume
               f"{config.train.steps} steps of {config.train.global_batch} x {config.data.seq_len} tokens on "
               f"{context.world_size} x {context.device.type} (dp {context.degrees.dp}, cp {context.degrees.cp}, "
               f"tp {context.degrees.tp}, {config.parallel.dp_engine}); run directory {run_dir}"
-              + (f"; resumed at step {start_step} from {resumed.path}" if resumed else ""), flush=True)
+              + (f"; resumed at step {start_step} from {resumed.path}" if resumed else "")
+              + (f" (written on dp {resumed.saved_layout['dp']}, cp {resumed.saved_layout['cp']}, "
+                 f"tp {resumed.saved_layout['tp']}: resharded)" if resumed and resumed.layout_changed else ""),
+              flush=True)
         if resumed is not None:
             truncate_metrics(run_dir, start_step)
+            warn_if_data_moved(resumed.data_cursor, start_step, config.train.global_batch)
     tracker = start_tracking(config.logging, run_dir, to_dict(config), is_main=context.is_main,
                              resuming=resumed is not None)
     metrics = MetricsWriter(run_dir, append=resumed is not None) if context.is_main else None
@@ -171,6 +175,23 @@ def run_training(config: Config, run_dir: Path, context: ParallelContext, resume
             if metrics is not None:
                 metrics.close()
     return final
+
+
+def warn_if_data_moved(data_cursor: int, step: int, global_batch: int) -> bool:
+    """Batches are read by step (samples [step·global_batch, ...)): a checkpoint whose data cursor is not
+    step·global_batch was written with another train.global_batch, so samples get repeated or skipped.
+    Warn (the run is still valid training) and return whether it warned."""
+    continuing = step * global_batch
+    if data_cursor == continuing:
+        return False
+    if continuing > data_cursor:
+        effect = f"samples {data_cursor}..{continuing - 1} are skipped"
+    else:
+        effect = f"samples {continuing}..{data_cursor - 1} are seen twice"
+    print(f"spindle: warning: the checkpoint's next sample is {data_cursor} (step {step}), but with "
+          f"train.global_batch={global_batch} this run continues at sample {continuing}: {effect}. Resume with "
+          "the checkpoint's train.global_batch to keep the data order exact.", file=sys.stderr, flush=True)
+    return True
 
 
 def truncate_metrics(run_dir: Path, step: int) -> None:

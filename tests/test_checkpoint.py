@@ -43,18 +43,14 @@ def make_config(dim: int = 32, every: int = 1, keep: int = 2, async_save: bool =
     return config
 
 
-def build(config: Config, seed: int, with_scheduler: bool = True) -> tuple:
-    """Model, AdamW and (optionally: the trainer itself computes the LR per step) an LR scheduler."""
+def build(config: Config, seed: int) -> tuple:
+    """Model and AdamW (the trainer computes the LR per step: no scheduler state to checkpoint)."""
     torch.manual_seed(seed)
     model = HybridModel(config.model)
-    optimizer = build_optimizer(model, config.train)
-    if not with_scheduler:
-        return model, optimizer, None
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 / (1.0 + step))
-    return model, optimizer, scheduler
+    return model, build_optimizer(model, config.train)
 
 
-def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler=None, batch: int = 2) -> float:
+def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: int = 2) -> float:
     """One step whose data depends on all three global generators, so a wrong RNG restore shows up."""
     tokens = torch.randint(0, VOCAB, (batch, 16))
     tokens = (tokens + random.randrange(VOCAB) + int(np.random.randint(VOCAB))) % VOCAB
@@ -62,8 +58,6 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, schedul
     (loss_sum / count).backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    if scheduler is not None:
-        scheduler.step()
     return loss_sum.item()
 
 
@@ -85,13 +79,13 @@ def assert_same_state(left, right, where: str = "") -> None:
 
 
 def save_steps(run_dir: Path, config: Config, steps: list[int]) -> tuple:
-    model, optimizer, scheduler = build(config, seed=0)
-    checkpointer = Checkpointer(run_dir, config, model, optimizer, scheduler)
+    model, optimizer = build(config, seed=0)
+    checkpointer = Checkpointer(run_dir, config, model, optimizer)
     for step in steps:
-        train_step(model, optimizer, scheduler)
+        train_step(model, optimizer)
         checkpointer.save(step, data_cursor=4 * step)
     checkpointer.close()
-    return model, optimizer, scheduler, checkpointer
+    return model, optimizer, checkpointer
 
 
 def step_dir(run_dir: Path, step: int) -> Path:
@@ -101,28 +95,27 @@ def step_dir(run_dir: Path, step: int) -> Path:
 @pytest.mark.parametrize("async_save", [False, True], ids=["sync", "async"])
 def test_round_trip_is_bit_exact(tmp_path: Path, async_save: bool) -> None:
     config = make_config(async_save=async_save)
-    model, optimizer, scheduler = build(config, seed=0)
+    model, optimizer = build(config, seed=0)
     for _ in range(2):
-        train_step(model, optimizer, scheduler)
-    checkpointer = Checkpointer(tmp_path, config, model, optimizer, scheduler)
+        train_step(model, optimizer)
+    checkpointer = Checkpointer(tmp_path, config, model, optimizer)
     random.seed(11)  # the save must capture these exact streams
     saved_model, saved_optimizer = copy.deepcopy(model.state_dict()), copy.deepcopy(optimizer.state_dict())
-    checkpointer.save(2, data_cursor=8, wandb_run_id="run-abc")
+    checkpointer.save(2, data_cursor=8)
     # Training continues while an asynchronous save is still writing: the checkpoint must hold step 2.
-    reference_losses = [train_step(model, optimizer, scheduler) for _ in range(3)]
+    reference_losses = [train_step(model, optimizer) for _ in range(3)]
     checkpointer.close()
 
-    fresh_model, fresh_optimizer, fresh_scheduler = build(config, seed=1)
-    resumed = Checkpointer(tmp_path, config, fresh_model, fresh_optimizer, fresh_scheduler).restore("auto")
-    assert (resumed.step, resumed.data_cursor, resumed.wandb_run_id) == (2, 8, "run-abc")
+    fresh_model, fresh_optimizer = build(config, seed=1)
+    resumed = Checkpointer(tmp_path, config, fresh_model, fresh_optimizer).restore("auto")
+    assert (resumed.step, resumed.data_cursor) == (2, 8)
     assert not resumed.layout_changed
     assert_same_state(fresh_model.state_dict(), saved_model, "model")
     assert_same_state(fresh_optimizer.state_dict(), saved_optimizer, "optimizer")
-    losses = [train_step(fresh_model, fresh_optimizer, fresh_scheduler) for _ in range(3)]
+    losses = [train_step(fresh_model, fresh_optimizer) for _ in range(3)]
     assert losses == reference_losses
     assert_same_state(fresh_model.state_dict(), model.state_dict(), "model after 3 more steps")
     assert_same_state(fresh_optimizer.state_dict(), optimizer.state_dict(), "optimizer after 3 more steps")
-    assert fresh_scheduler.state_dict() == scheduler.state_dict()
 
 
 def test_manifest_records_the_run(tmp_path: Path) -> None:
@@ -147,13 +140,13 @@ def test_manifest_records_the_run(tmp_path: Path) -> None:
 def test_fault_before_manifest_keeps_previous_checkpoint(tmp_path: Path, monkeypatch, caplog,
                                                          async_save: bool) -> None:
     config = make_config(keep=1, async_save=async_save)
-    model, optimizer, scheduler = build(config, seed=0)
-    checkpointer = Checkpointer(tmp_path, config, model, optimizer, scheduler)
-    train_step(model, optimizer, scheduler)
+    model, optimizer = build(config, seed=0)
+    checkpointer = Checkpointer(tmp_path, config, model, optimizer)
+    train_step(model, optimizer)
     checkpointer.save(1, data_cursor=4)
     checkpointer.wait()
     monkeypatch.setenv(checkpoint.FAULT_ENV, "before_manifest@2")
-    train_step(model, optimizer, scheduler)
+    train_step(model, optimizer)
     with pytest.raises(InjectedCheckpointFault):
         checkpointer.save(2, data_cursor=8)
         checkpointer.wait()  # an asynchronous save fails here, on the training thread
@@ -168,7 +161,7 @@ def test_fault_before_manifest_keeps_previous_checkpoint(tmp_path: Path, monkeyp
     assert [info.step for info in list_checkpoints(tmp_path)] == [1]
 
     # The next good save commits, then prunes both the old checkpoint and the incomplete directory.
-    train_step(model, optimizer, scheduler)
+    train_step(model, optimizer)
     checkpointer.save(3, data_cursor=12)
     checkpointer.close()
     assert sorted(path.name for path in (tmp_path / "checkpoints").iterdir()) == ["latest", "step_00000003"]
@@ -196,8 +189,8 @@ def test_corrupt_shard_is_named_and_auto_resume_falls_back(tmp_path: Path, caplo
     with caplog.at_level(logging.WARNING, logger="spindle.runtime.checkpoint"):
         assert resolve_resume(tmp_path, "auto") == step_dir(tmp_path, 1)
     assert shard.name in caplog.text
-    model, optimizer, scheduler = build(config, seed=1)
-    assert Checkpointer(tmp_path, config, model, optimizer, scheduler).restore("auto").step == 1
+    model, optimizer = build(config, seed=1)
+    assert Checkpointer(tmp_path, config, model, optimizer).restore("auto").step == 1
     flip_bytes(step_dir(tmp_path, 1) / "rng_rank0.pt", offset=10)
     with pytest.raises(CheckpointError, match="every committed checkpoint"):
         resolve_resume(tmp_path, "auto")
@@ -222,10 +215,10 @@ def test_resolve_resume_modes_and_errors(tmp_path: Path) -> None:
 def test_shape_mismatch_names_the_parameter(tmp_path: Path) -> None:
     save_steps(tmp_path, make_config(dim=32), [1])
     wider = make_config(dim=64)
-    model, optimizer, scheduler = build(wider, seed=0)
+    model, optimizer = build(wider, seed=0)
     with pytest.raises(CheckpointError, match=r"embedding\.weight has shape \(32, 32\) in the checkpoint and "
                                               r"\(32, 64\) in this model") as error:
-        Checkpointer(tmp_path, wider, model, optimizer, scheduler).restore("auto")
+        Checkpointer(tmp_path, wider, model, optimizer).restore("auto")
     assert "model.dim: 32 in the checkpoint, 64 now" in str(error.value)
 
 
@@ -315,7 +308,7 @@ def _two_rank_phase(rank: int, world_size: int, group, one_rank_run: str, two_ra
 def test_resharding_between_one_and_two_ranks(tmp_path: Path) -> None:
     one_rank_run, two_rank_run = tmp_path / "one_rank", tmp_path / "two_ranks"
     config = make_config(global_batch=4)
-    model, optimizer, _ = build(config, seed=0, with_scheduler=False)
+    model, optimizer = build(config, seed=0)
     for _ in range(2):
         train_step(model, optimizer, batch=4)
     Checkpointer(one_rank_run, config, model, optimizer).save(2, data_cursor=8)
@@ -327,12 +320,12 @@ def test_resharding_between_one_and_two_ranks(tmp_path: Path) -> None:
     # 2 -> 1 rank: a change of dp needs the same global batch ...
     assert read_manifest(step_dir(two_rank_run, 2))["layout"]["dp"] == 2
     bigger_batch = make_config(global_batch=8)
-    model, optimizer, _ = build(bigger_batch, seed=1, with_scheduler=False)
+    model, optimizer = build(bigger_batch, seed=1)
     with pytest.raises(CheckpointError, match=r"parallel\.dp=2 and train\.global_batch=4.*parallel\.dp=1 "
                                               r"and train\.global_batch=8"):
         Checkpointer(two_rank_run, bigger_batch, model, optimizer).restore("auto")
     # ... and then model and optimizer state come back whole from the shards.
-    model, optimizer, _ = build(config, seed=1, with_scheduler=False)
+    model, optimizer = build(config, seed=1)
     resumed = Checkpointer(two_rank_run, config, model, optimizer).restore("auto")
     assert resumed.step == 2 and resumed.layout_changed
     assert_same_state(full_state(model, optimizer), torch.load(two_rank_run / "reference.pt"), "2 -> 1")
@@ -340,3 +333,13 @@ def test_resharding_between_one_and_two_ranks(tmp_path: Path) -> None:
     drawn = torch.rand(4), random.random(), np.random.rand()
     checkpoint.reseed_rng(config.train.seed, 2, 0)
     assert torch.equal(drawn[0], torch.rand(4)) and drawn[1:] == (random.random(), np.random.rand())
+
+
+def test_resume_with_another_global_batch_warns(capsys: pytest.CaptureFixture) -> None:
+    from spindle.runtime.main import warn_if_data_moved
+
+    assert not warn_if_data_moved(8, 2, 4) and capsys.readouterr().err == ""
+    assert warn_if_data_moved(8, 2, 8)  # batches are read by step: 8..15 would never be trained on
+    assert "samples 8..15 are skipped" in capsys.readouterr().err
+    assert warn_if_data_moved(8, 2, 2)
+    assert "samples 4..7 are seen twice" in capsys.readouterr().err

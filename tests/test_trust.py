@@ -76,9 +76,9 @@ def test_tampered_checkpoint_is_refused_before_anything_is_unpickled(tmp_path: P
     directory, marker = step_dir(run_dir, 1), tmp_path / "code-ran"
     (directory / ".metadata").write_bytes(pickle.dumps(_Payload(marker)))
     _rewrite_manifest(directory)
-    model, optimizer, scheduler = build(config, seed=0)
-    for attempt in (lambda: Checkpointer(run_dir, config, model, optimizer, scheduler).restore("auto"),
-                    lambda: Checkpointer(run_dir, config, model, optimizer, scheduler).load(directory)):
+    model, optimizer = build(config, seed=0)
+    for attempt in (lambda: Checkpointer(run_dir, config, model, optimizer).restore("auto"),
+                    lambda: Checkpointer(run_dir, config, model, optimizer).load(directory)):
         with pytest.raises(CheckpointError, match="tag does not verify.*--trust-checkpoint"):
             attempt()
         assert not marker.exists()
@@ -86,7 +86,7 @@ def test_tampered_checkpoint_is_refused_before_anything_is_unpickled(tmp_path: P
     # Removing the tag does not help either: unsigned is refused the same way.
     _rewrite_manifest(directory, auth=None)
     with pytest.raises(CheckpointError, match="unsigned"):
-        Checkpointer(run_dir, config, model, optimizer, scheduler).restore("auto")
+        Checkpointer(run_dir, config, model, optimizer).restore("auto")
     assert not marker.exists()
 
 
@@ -98,10 +98,10 @@ def test_another_users_checkpoint_needs_trust_checkpoint(tmp_path: Path, own_key
     mine = tmp_path / "mine"
     shutil.copytree(theirs, mine)
     os.environ["SPINDLE_CONFIG_DIR"] = str(own_key)  # back to this user (monkeypatch restores it)
-    model, optimizer, scheduler = build(config, seed=1)
+    model, optimizer = build(config, seed=1)
     with pytest.raises(CheckpointError, match="signed with another key"):
-        Checkpointer(mine, config, model, optimizer, scheduler).restore("auto")
-    resumed = Checkpointer(mine, config, model, optimizer, scheduler, trust_checkpoint=True).restore("auto")
+        Checkpointer(mine, config, model, optimizer).restore("auto")
+    resumed = Checkpointer(mine, config, model, optimizer, trust_checkpoint=True).restore("auto")
     assert resumed.step == 1
     # ckpt verify: integrity and origin are separate verdicts.
     capsys.readouterr()
