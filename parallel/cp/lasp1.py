@@ -15,33 +15,22 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from spindle.kernels.linear_attn import floor_log_decay
-
 from .comm import RingComm
 from .layout import chunk_order
-from .linear import (
-    DocumentChunks,
-    LinearContextParallel,
-    LinearSetup,
-    document_chunks,
-    validate_linear_inputs,
-)
+from .linear import ChunkStateExchange, DocumentChunks, LinearSetup, linear_context_parallel
 from .merge import apply_transition
 
 
-class ChainedStateExchange:
+class ChainedStateExchange(ChunkStateExchange):
     """The LASP-1 scheme: point-to-point hand-over of the running state between chunk owners."""
 
     def __init__(
         self, group: dist.ProcessGroup, setup: LinearSetup, log_decay: torch.Tensor | None, chunk_length: int,
         documents: DocumentChunks | None = None,
     ) -> None:
+        super().__init__(setup, log_decay, chunk_length, documents)
         self.comm = RingComm(group) if setup.world_size > 1 else None
-        self.documents = documents
-        self.setup = setup
-        self.chunk_length = chunk_length
         self.owners = chunk_order(setup.world_size, setup.layout)  # (rank, slot) per global chunk
-        self.constant_log_decay = log_decay.detach() if setup.decay_kind == "constant" else None
         self.transitions: torch.Tensor | None = None  # this rank's Γ per slot: [S, B, H] or [S, 1, H]
         self.states: torch.Tensor | None = None
         self.state_grads: torch.Tensor | None = None
@@ -137,14 +126,5 @@ def lasp1(
     (one pass up the ranks). "zigzag" works too, at twice the serial hops. cu_seqlens (packed
     documents of the GLOBAL batch): as in `lasp2`.
     """
-    if delay:  # o_i = scale · q_i S_(i-delay): the same op on k, v, g shifted by a halo exchange
-        from .window import delayed_lasp  # window.py imports this module
-
-        return delayed_lasp(q, k, v, group, delay=delay, lasp=lasp1, layout=layout, log_decay=log_decay, scale=scale,
-                            cu_seqlens=cu_seqlens)
-    setup = validate_linear_inputs("lasp1", q, k, v, group, layout, log_decay, scale, cu_seqlens)
-    chunk_length = q.shape[1] // setup.slots
-    documents = None if cu_seqlens is None else document_chunks(cu_seqlens, setup, q.shape[0], chunk_length, q.device)
-    # the floored decay, as the local kernels see it (-inf: a reset)
-    exchange = ChainedStateExchange(group, setup, floor_log_decay(log_decay), chunk_length, documents)
-    return LinearContextParallel.apply(q, k, v, log_decay, setup, exchange, documents)
+    return linear_context_parallel(lasp1, ChainedStateExchange, q, k, v, group, layout=layout, log_decay=log_decay,
+                                   scale=scale, delay=delay, cu_seqlens=cu_seqlens)

@@ -17,32 +17,21 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from spindle.kernels.linear_attn import floor_log_decay
-
 from .comm import AllGatherComm
 from .layout import chunk_index, local_chunk_index
-from .linear import (
-    DocumentChunks,
-    LinearContextParallel,
-    LinearSetup,
-    document_chunks,
-    validate_linear_inputs,
-)
+from .linear import ChunkStateExchange, DocumentChunks, LinearSetup, linear_context_parallel
 from .merge import decayed_prefix_chain, decayed_suffix_chain
 
 
-class GatheredStateExchange:
+class GatheredStateExchange(ChunkStateExchange):
     """The LASP-2 scheme: every rank gathers every chunk's state and runs the chain itself."""
 
     def __init__(
         self, group: dist.ProcessGroup, setup: LinearSetup, log_decay: torch.Tensor | None, chunk_length: int,
         documents: DocumentChunks | None = None,
     ) -> None:
+        super().__init__(setup, log_decay, chunk_length, documents)
         self.comm = AllGatherComm(group)
-        self.documents = documents
-        self.setup = setup
-        self.chunk_length = chunk_length
-        self.constant_log_decay = log_decay.detach() if setup.decay_kind == "constant" else None
         self.chain_transitions: torch.Tensor | None = None
         self.state_shape: torch.Size | None = None
 
@@ -118,14 +107,5 @@ def lasp2(
         o, [B, n, H, Dv] in the dtype of q: equal to spindle.kernels.linear_attention on the
         unsharded tensors, sharded the same way. Differentiable in q, k, v and log_decay.
     """
-    if delay:  # o_i = scale · q_i S_(i-delay): the same op on k, v, g shifted by a halo exchange
-        from .window import delayed_lasp  # window.py imports this module
-
-        return delayed_lasp(q, k, v, group, delay=delay, lasp=lasp2, layout=layout, log_decay=log_decay, scale=scale,
-                            cu_seqlens=cu_seqlens)
-    setup = validate_linear_inputs("lasp2", q, k, v, group, layout, log_decay, scale, cu_seqlens)
-    chunk_length = q.shape[1] // setup.slots
-    documents = None if cu_seqlens is None else document_chunks(cu_seqlens, setup, q.shape[0], chunk_length, q.device)
-    # the floored decay, as the local kernels see it (-inf: a reset)
-    exchange = GatheredStateExchange(group, setup, floor_log_decay(log_decay), chunk_length, documents)
-    return LinearContextParallel.apply(q, k, v, log_decay, setup, exchange, documents)
+    return linear_context_parallel(lasp2, GatheredStateExchange, q, k, v, group, layout=layout, log_decay=log_decay,
+                                   scale=scale, delay=delay, cu_seqlens=cu_seqlens)

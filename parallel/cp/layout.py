@@ -103,7 +103,9 @@ def _chunk_index(world_size: int, layout: str, device: torch.device) -> torch.Te
     return torch.tensor(order, dtype=torch.int64, device=device)
 
 
-def local_chunk_index(rank: int, world_size: int, layout: str, device: torch.device | str | None = None) -> torch.Tensor:
+def local_chunk_index(
+    rank: int, world_size: int, layout: str, device: torch.device | str | None = None
+) -> torch.Tensor:
     """int64 [slots]: `local_chunks` as a tensor, built once per (rank, P, layout, device): read-only."""
     return _local_chunk_index(rank, world_size, layout, torch.device(device or "cpu"))
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import weakref
-from typing import Protocol
+from typing import Callable, Protocol
 
 import torch
 import torch.distributed as dist
@@ -61,6 +61,39 @@ class StateExchange(Protocol):
     def start_backward(self, state_grads: torch.Tensor) -> None: ...
 
     def finish_backward(self) -> torch.Tensor: ...
+
+
+class ChunkStateExchange:
+    """What both schemes keep besides their communicator: the setup, the chunk length, the document
+    tables and a constant per-head decay (every rank knows its transitions, so it never travels)."""
+
+    def __init__(self, setup: LinearSetup, log_decay: torch.Tensor | None, chunk_length: int,
+                 documents: DocumentChunks | None) -> None:
+        self.setup = setup
+        self.chunk_length = chunk_length
+        self.documents = documents
+        self.constant_log_decay = log_decay.detach() if setup.decay_kind == "constant" else None
+
+
+def linear_context_parallel(
+    lasp: Callable[..., torch.Tensor],
+    exchange_type: Callable[..., StateExchange],
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: dist.ProcessGroup, *,
+    layout: str, log_decay: torch.Tensor | None, scale: float | None, delay: int, cu_seqlens: torch.Tensor | None,
+) -> torch.Tensor:
+    """The body of `lasp` (lasp2 or lasp1): its scheme is `exchange_type(group, setup, floored decay,
+    chunk length, documents)`; a delay becomes the undelayed op on inputs shifted by a halo exchange."""
+    if delay:  # o_i = scale · q_i S_(i-delay): the same op on k, v, g shifted by a halo exchange
+        from .window import delayed_lasp  # window.py imports lasp2, which imports this module
+
+        return delayed_lasp(q, k, v, group, delay=delay, lasp=lasp, layout=layout, log_decay=log_decay, scale=scale,
+                            cu_seqlens=cu_seqlens)
+    setup = validate_linear_inputs(lasp.__name__, q, k, v, group, layout, log_decay, scale, cu_seqlens)
+    chunk_length = q.shape[1] // setup.slots
+    documents = None if cu_seqlens is None else document_chunks(cu_seqlens, setup, q.shape[0], chunk_length, q.device)
+    # the floored decay, as the local kernels see it (-inf: a reset)
+    exchange = exchange_type(group, setup, floor_log_decay(log_decay), chunk_length, documents)
+    return LinearContextParallel.apply(q, k, v, log_decay, setup, exchange, documents)
 
 
 @dataclasses.dataclass
