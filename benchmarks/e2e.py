@@ -103,55 +103,11 @@ def _apply_checkpointing(model, policy: str) -> None:
     apply_ac(model, policy)
 
 
-class LiveBytes:
-    """Peak bytes of CPU tensor storages alive at once while the context is active: a dispatch mode
-    records each new storage an op returns and drops it when its last reference goes away."""
-
-    def __init__(self) -> None:
-        from torch.utils._python_dispatch import TorchDispatchMode
-
-        tracker = self
-
-        class _Mode(TorchDispatchMode):
-            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-                output = func(*args, **(kwargs or {}))
-                tracker.record(output)
-                return output
-
-        self.mode = _Mode()
-        self.live: dict[int, tuple[object, int]] = {}
-        self.current = 0
-        self.peak = 0
-
-    def record(self, output: object) -> None:
-        import torch
-        from torch.multiprocessing.reductions import StorageWeakRef
-        from torch.utils._pytree import tree_flatten
-
-        for key, (reference, size) in list(self.live.items()):  # frees since the last op
-            if reference.expired():
-                del self.live[key]
-                self.current -= size
-        for tensor in tree_flatten(output)[0]:
-            if isinstance(tensor, torch.Tensor) and tensor.device.type == "cpu":
-                storage = tensor.untyped_storage()
-                if storage._cdata not in self.live:
-                    self.live[storage._cdata] = (StorageWeakRef(storage), storage.nbytes())
-                    self.current += storage.nbytes()
-        self.peak = max(self.peak, self.current)
-
-    def __enter__(self) -> "LiveBytes":
-        self.mode.__enter__()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.mode.__exit__(*exc)
-
-
 def run_case(config, device_name: str, warmup: int, steps: int) -> dict:
     """Time ``steps`` training steps after ``warmup``; peak memory counts from before the model exists."""
     import torch
 
+    from spindle.benchmarks.harness import PeakLiveBytes
     from spindle.runtime.metrics import peak_flops_per_second
     from spindle.runtime.model import HybridModel
     from spindle.runtime.optim import build_optimizer
@@ -172,7 +128,7 @@ def run_case(config, device_name: str, warmup: int, steps: int) -> dict:
     if device.type == "cpu":
         # one untimed step under the storage tracker; its first step also creates the AdamW state
         weights = sum(t.untyped_storage().nbytes() for t in (*model.parameters(), *model.buffers()))
-        with LiveBytes() as tracker:
+        with PeakLiveBytes() as tracker:
             step(batch)
         peak = weights + tracker.peak
     for _ in range(warmup):
