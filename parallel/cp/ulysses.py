@@ -52,30 +52,19 @@ def _deepspeed_distributed_attention(local_attention, group: dist.ProcessGroup):
     return DistributedAttention(local_attention, group, scatter_idx=2, gather_idx=1)
 
 
-class _SequenceToHeads(torch.autograd.Function):
-    """[B, n, H, D] -> [B, P·n, H/P, D] (sequence in rank order); backward is the inverse exchange."""
+class _Exchange(torch.autograd.Function):
+    """One all-to-all re-layout (`_sequence_to_heads` or `_heads_to_sequence`); backward is the other.
+
+    [B, n, H, D] <-> [B, P·n, H/P, D] (sequence in rank order)."""
 
     @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _sequence_to_heads(x, group)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _heads_to_sequence(grad, ctx.group), None
-
-
-class _HeadsToSequence(torch.autograd.Function):
-    """[B, P·n, H/P, D] -> [B, n, H, D]; backward is the inverse exchange."""
-
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _heads_to_sequence(x, group)
+    def forward(ctx, x, group, exchange, inverse):
+        ctx.group, ctx.inverse = group, inverse
+        return exchange(x, group)
 
     @staticmethod
     def backward(ctx, grad):
-        return _sequence_to_heads(grad, ctx.group), None
+        return ctx.inverse(grad, ctx.group), None, None, None
 
 
 def _sequence_to_heads(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
@@ -172,8 +161,8 @@ def ulysses_attention(
         return output if layout == "contiguous" else output.index_select(1, inverse)
 
     if not use_deepspeed:
-        query, key, value = (_SequenceToHeads.apply(x, group) for x in (q, k, v))
-        return _HeadsToSequence.apply(local_attention(query, key, value), group)
+        query, key, value = (_Exchange.apply(x, group, _sequence_to_heads, _heads_to_sequence) for x in (q, k, v))
+        return _Exchange.apply(local_attention(query, key, value), group, _heads_to_sequence, _sequence_to_heads)
 
     for x in (q, k, v):
         record_all_to_all(x, world_size)
