@@ -28,10 +28,13 @@ def test_rank_agreement_checked_once_per_shape() -> None:
 
 
 def test_index_tensors_are_cached_per_device() -> None:
-    from spindle.parallel.cp import layout
+    from spindle.parallel.cp import halo, layout
 
     first = layout.chunk_index(3, "zigzag")
     assert first is layout.chunk_index(3, "zigzag", "cpu") and first.tolist() == [0, 2, 4, 5, 3, 1]
+    mine = layout.local_chunk_index(1, 3, "zigzag")
+    assert mine is layout.local_chunk_index(1, 3, "zigzag", "cpu") and mine.tolist() == [1, 4]
+    assert halo.make_halo_plan(3, "zigzag", 4, 5) is halo.make_halo_plan(3, "zigzag", 4, 5)  # plans are immutable
     index = layout.gathered_to_global_index(12, 2, "zigzag")
     assert index is layout.gathered_to_global_index(12, 2, "zigzag")
     # rank 0 holds positions 0-2 and 9-11, rank 1 positions 3-8: the inverse permutation restores order
