@@ -748,10 +748,16 @@ def part_kernels(check: Check, part: PartResult) -> None:
             except ValueError:
                 pass
         plots = sorted(folder.glob("*.png"))
+        copied = None
         if plots and len(part.details.get("plots", [])) < MAX_KERNEL_PLOTS:
-            name = f"kernels-{label}.png"
-            shutil.copyfile(plots[0], check.out / name)
-            part.details.setdefault("plots", []).append(name)
+            copied = f"kernels-{label}.png"
+            shutil.copyfile(plots[0], check.out / copied)
+            part.details.setdefault("plots", []).append(copied)
+        # the tables link their plot by its name in the run's folder: point them at the copy, or drop the link
+        for plot in plots:
+            link = re.compile(r"!\[[^\]]*\]\(" + re.escape(plot.name) + r"\)")
+            run["tables"] = [link.sub(lambda match: match.group(0).replace(plot.name, copied) if copied and plot == plots[0]
+                                      else "", table) for table in run["tables"]]
         runs.append(run)
         if result.timed_out:
             failures.append(f"{label}: stopped at its {share:.0f} s share of the time box")

@@ -31,6 +31,7 @@ No Ray import here; the ``spindle ckpt`` command lives in ``spindle.launch.ckpt`
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import hashlib
@@ -39,7 +40,9 @@ import logging
 import os
 import random
 import shutil
+import signal
 import sys
+import threading
 import time
 import warnings
 import zlib
@@ -472,7 +475,8 @@ class Checkpointer:
         the partial directory is removed, the last commit and the training state are untouched."""
         directory = checkpoints_dir(self.run_dir) / step_dir_name(step)
         try:
-            self._save(step, directory, data_cursor=data_cursor)
+            with _interrupt_after():
+                self._save(step, directory, data_cursor=data_cursor)
         except Exception as error:
             failure = storage_failure(error, directory, self.run_dir, remove_partial=self.rank == 0)
             if failure is None:
@@ -617,6 +621,26 @@ class Checkpointer:
 # ----------------------------------------------------------------------------------------------
 # Files on disk
 # ----------------------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def _interrupt_after():
+    """Hold Ctrl-C (SIGINT) until the block ends, then raise KeyboardInterrupt.
+
+    A KeyboardInterrupt inside torch.distributed.checkpoint surfaces as a CheckpointException (a
+    traceback instead of the "interrupted; the last committed checkpoint is ..." message) and can
+    leave a half-written step directory: a save that has started is worth the second it takes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
+    if received:
+        raise KeyboardInterrupt
+
 
 def _write_atomically(path: Path, text: str) -> None:
     """Readers see the old file or the whole new one: write a temporary file, fsync, os.replace."""
