@@ -270,8 +270,9 @@ class LinearAttention(nn.Module):
         return self.out_proj(o * gate)
 
 
-class SoftmaxAttention(nn.Module):
-    """Causal grouped-query softmax attention with RoPE, through ``attention_op``."""
+class GroupedQueryProjections(nn.Module):
+    """The q/k/v/out projections that A, S and R mixers share (grouped-query: kv_heads divides heads;
+    head counts are read from tensor sizes at run time, so tensor parallelism can shard them)."""
 
     def __init__(self, dim: int, heads: int, kv_heads: int) -> None:
         super().__init__()
@@ -280,12 +281,27 @@ class SoftmaxAttention(nn.Module):
         self.k_proj = nn.Linear(dim, kv_heads * self.head_dim, bias=False)
         self.v_proj = nn.Linear(dim, kv_heads * self.head_dim, bias=False)
         self.out_proj = nn.Linear(heads * self.head_dim, dim, bias=False)
-        self.attention_op: Callable[..., torch.Tensor] = kernels.attention
 
     def reset_parameters(self, init_std: float, output_std: float) -> None:
         for projection in (self.q_proj, self.k_proj, self.v_proj):
             nn.init.normal_(projection.weight, std=init_std)
         nn.init.normal_(self.out_proj.weight, std=output_std)
+
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x: [B, T, dim] -> q [B, T, H, hd], k and v [B, T, H_kv, hd]."""
+        batch, length, _ = x.shape
+        q = self.q_proj(x).view(batch, length, -1, self.head_dim)  # [B, T, H, hd]
+        k = self.k_proj(x).view(batch, length, -1, self.head_dim)  # [B, T, H_kv, hd]
+        v = self.v_proj(x).view(batch, length, -1, self.head_dim)  # [B, T, H_kv, hd]
+        return q, k, v
+
+
+class SoftmaxAttention(GroupedQueryProjections):
+    """Causal grouped-query softmax attention with RoPE, through ``attention_op``."""
+
+    def __init__(self, dim: int, heads: int, kv_heads: int) -> None:
+        super().__init__(dim, heads, kv_heads)
+        self.attention_op: Callable[..., torch.Tensor] = kernels.attention
 
     def forward(self, x: torch.Tensor, rotary: Rotary | None = None,
                 cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
@@ -294,9 +310,7 @@ class SoftmaxAttention(nn.Module):
         if rotary is None:
             raise ValueError("SoftmaxAttention needs the RoPE tables of the tokens' positions")
         batch, length, _ = x.shape
-        q = self.q_proj(x).view(batch, length, -1, self.head_dim)  # [B, T, H, hd]
-        k = self.k_proj(x).view(batch, length, -1, self.head_dim)  # [B, T, H_kv, hd]
-        v = self.v_proj(x).view(batch, length, -1, self.head_dim)  # [B, T, H_kv, hd]
+        q, k, v = self.project(x)
         q, k = apply_rotary(q, rotary), apply_rotary(k, rotary)
         documents = {}
         if cu_seqlens is not None:
@@ -345,24 +359,7 @@ def _documents(operation: Callable[..., object], cu_seqlens: torch.Tensor | None
     return {"cu_seqlens": cu_seqlens}
 
 
-def _grouped_projections(module: nn.Module, dim: int, heads: int, kv_heads: int) -> None:
-    """q/k/v/out projections of a grouped-query mixer (head counts read from tensor sizes at run time)."""
-    module.head_dim = dim // heads
-    module.q_proj = nn.Linear(dim, heads * module.head_dim, bias=False)
-    module.k_proj = nn.Linear(dim, kv_heads * module.head_dim, bias=False)
-    module.v_proj = nn.Linear(dim, kv_heads * module.head_dim, bias=False)
-    module.out_proj = nn.Linear(heads * module.head_dim, dim, bias=False)
-
-
-def _project(module: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    batch, length, _ = x.shape
-    q = module.q_proj(x).view(batch, length, -1, module.head_dim)  # [B, T, H, hd]
-    k = module.k_proj(x).view(batch, length, -1, module.head_dim)  # [B, T, H_kv, hd]
-    v = module.v_proj(x).view(batch, length, -1, module.head_dim)  # [B, T, H_kv, hd]
-    return q, k, v
-
-
-class SlidingWindowAttention(nn.Module):
+class SlidingWindowAttention(GroupedQueryProjections):
     """``S`` layers: causal GQA softmax attention with RoPE over the last ``window`` keys only.
 
     Query i sees keys i − window < j <= i. ``attention_op`` is kernels.attention (single device) or
@@ -370,15 +367,9 @@ class SlidingWindowAttention(nn.Module):
     """
 
     def __init__(self, dim: int, heads: int, kv_heads: int, *, window: int) -> None:
-        super().__init__()
-        _grouped_projections(self, dim, heads, kv_heads)
+        super().__init__(dim, heads, kv_heads)
         self.window = window
         self.attention_op: Callable[..., torch.Tensor] = functools.partial(kernels.attention, causal=True)
-
-    def reset_parameters(self, init_std: float, output_std: float) -> None:
-        for projection in (self.q_proj, self.k_proj, self.v_proj):
-            nn.init.normal_(projection.weight, std=init_std)
-        nn.init.normal_(self.out_proj.weight, std=output_std)
 
     def forward(self, x: torch.Tensor, rotary: Rotary | None = None,
                 cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
@@ -386,14 +377,14 @@ class SlidingWindowAttention(nn.Module):
         (packed documents, over the global batch) keeps the window inside each document."""
         if rotary is None:
             raise ValueError("SlidingWindowAttention needs the RoPE tables of the tokens' positions")
-        q, k, v = _project(self, x)
+        q, k, v = self.project(x)
         q, k = apply_rotary(q, rotary), apply_rotary(k, rotary)
         documents = _documents(self.attention_op, cu_seqlens)
         o = self.attention_op(q, k, v, window=self.window, scale=self.head_dim ** -0.5, **documents)  # [B, T, H, hd]
         return self.out_proj(o.reshape(*x.shape[:2], -1))
 
 
-class RAttention(nn.Module):
+class RAttention(GroupedQueryProjections):
     """``R`` layers (RAttention): sliding-window softmax attention plus linear attention over the
     tokens that have left the window (docs/rattention.md).
 
@@ -408,17 +399,14 @@ class RAttention(nn.Module):
     """
 
     def __init__(self, dim: int, heads: int, kv_heads: int, *, window: int, norm_eps: float) -> None:
-        super().__init__()
-        _grouped_projections(self, dim, heads, kv_heads)
+        super().__init__(dim, heads, kv_heads)
         self.window = window
         self.local_norm = RMSNorm(self.head_dim, norm_eps)
         self.residual_norm = RMSNorm(self.head_dim, norm_eps)
         self.branch_op: Callable[..., tuple[torch.Tensor, torch.Tensor]] = single_device_rattention
 
     def reset_parameters(self, init_std: float, output_std: float) -> None:
-        for projection in (self.q_proj, self.k_proj, self.v_proj):
-            nn.init.normal_(projection.weight, std=init_std)
-        nn.init.normal_(self.out_proj.weight, std=output_std)
+        super().reset_parameters(init_std, output_std)
         self.local_norm.reset_parameters()
         self.residual_norm.reset_parameters()
 
@@ -428,7 +416,7 @@ class RAttention(nn.Module):
         (packed documents, over the global batch) keeps both branches inside each document."""
         if rotary is None:
             raise ValueError("RAttention needs the RoPE tables of the tokens' positions")
-        q, k, v = _project(self, x)
+        q, k, v = self.project(x)
         local, residual = self.branch_op(
             apply_rotary(q, rotary), apply_rotary(k, rotary), plus_minus_softmax(q), plus_minus_softmax(k), v,
             window=self.window, local_scale=self.head_dim ** -0.5, residual_scale=1.0,
