@@ -385,27 +385,36 @@ def _triton_backward(grad_output, grad_final_state, r: LinearAttentionResiduals)
 
 
 class LinearAttentionFunction(torch.autograd.Function):
-    """Autograd wrapper of linear_attention_fwd / linear_attention_bwd (the triton backend)."""
+    """Autograd wrapper of linear_attention_fwd / linear_attention_bwd (the triton backend).
+
+    The residual tensors go through ctx.save_for_backward, so saved-tensor hooks (offloading, the
+    planner's activation count) see exactly what the kernel keeps; the rest stays on ctx.
+    """
 
     @staticmethod
     def forward(ctx, q, k, v, log_decay, initial_state, scale, chunk_size, recompute_states, cu_seqlens=None):
         output, final_state, residuals = _forward(
             q, k, v, log_decay, scale, initial_state, True, "triton", chunk_size, recompute_states, cu_seqlens
         )
-        ctx.residuals = residuals
+        ctx.save_for_backward(*(getattr(residuals, name) for name in _SAVED_RESIDUALS))
+        ctx.settings = dataclasses.replace(residuals, **dict.fromkeys(_SAVED_RESIDUALS))  # no tensors
         ctx.initial_dtype = None if initial_state is None else initial_state.dtype
         ctx.set_materialize_grads(False)  # None for an unused output instead of a zero tensor
         return output, final_state
 
     @staticmethod
     def backward(ctx, grad_output, grad_final_state):
+        residuals = dataclasses.replace(ctx.settings, **dict(zip(_SAVED_RESIDUALS, ctx.saved_tensors)))
         grad_q, grad_k, grad_v, grad_decay, grad_initial = linear_attention_bwd(
-            grad_output, grad_final_state, ctx.residuals
+            grad_output, grad_final_state, residuals
         )
         if grad_initial is not None:
             grad_initial = grad_initial.to(ctx.initial_dtype)
-        ctx.residuals = None
         return grad_q, grad_k, grad_v, grad_decay, grad_initial, None, None, None, None
+
+
+# the tensor fields of LinearAttentionResiduals on the triton path (graph is the torch / naive paths' only)
+_SAVED_RESIDUALS = ("q", "k", "v", "log_decay", "initial_state", "states", "cu_seqlens")
 
 
 # --------------------------------------------------------------------------------------------- public op
