@@ -162,7 +162,18 @@ class LoggingConfig:
 @dataclass
 class LaunchConfig:
     max_failures: int = 0
-    """Restarts after a worker dies before the job fails (Ray launcher)."""
+    """Restarts after a worker or a whole node dies before the job fails (Ray launcher); each restart
+    continues from the last committed checkpoint. 0: the first failure ends the job with an error
+    naming the lost host and its ranks, and the command that resumes."""
+    min_workers: int = 0
+    """Fewest workers (dp * cp * tp) a restart may continue on when a lost node left too little room for
+    the full job: dp shrinks (cp and tp stay; the checkpoint reshards onto the new layout and the global
+    batch stays, so the loss curve continues). A multiple of cp * tp, at most the job's workers;
+    0 (default) means the full job, i.e. never shrink."""
+    capacity_timeout_s: float = 600.0
+    """How long a restart waits for the cluster to have room again (for the full job, or for
+    ``min_workers``) before failing with an error; a message says what it waits for meanwhile. 0 fails
+    at once."""
     use_gpu: str = "auto"
     """"auto" (GPUs when the cluster has them), "true" or "false"."""
     cpus_per_worker: int = 1
@@ -445,6 +456,8 @@ def _check_ranges(config: Config) -> None:
         ("checkpoint.every", config.checkpoint.every, 0), ("checkpoint.keep", config.checkpoint.keep, 1),
         ("logging.log_every", config.logging.log_every, 1), ("launch.max_failures", config.launch.max_failures, 0),
         ("launch.cpus_per_worker", config.launch.cpus_per_worker, 1),
+        ("launch.min_workers", config.launch.min_workers, 0),
+        ("launch.capacity_timeout_s", config.launch.capacity_timeout_s, 0),
     ]:
         _check_at_least(key, value, minimum)
     for key, value in [("model.rope_theta", model.rope_theta), ("model.norm_eps", model.norm_eps),
@@ -514,7 +527,28 @@ def _check_parallel(config: Config, world_size: int | None) -> None:
                 f"parallel.dp * parallel.cp * parallel.tp = {parallel.dp} * {parallel.cp} * {parallel.tp} does not "
                 f"match the world size {world_size}: the product must equal the number of processes "
                 f"(or set parallel.dp = -1 with cp * tp dividing {world_size}).")
+    _check_min_workers(config, world_size)
     _check_dp_engine(config, world_size)
+
+
+def _check_min_workers(config: Config, world_size: int | None) -> None:
+    """launch.min_workers: whole cp * tp groups (only dp shrinks), and no more than the job has."""
+    minimum, parallel = config.launch.min_workers, config.parallel
+    if minimum == 0:
+        return
+    group = parallel.cp * parallel.tp
+    if minimum % group:
+        raise ConfigError(
+            f"launch.min_workers = {minimum} is not a multiple of parallel.cp * parallel.tp = {group}: a restart "
+            f"on fewer workers drops whole data-parallel groups (cp and tp stay), so use a multiple of {group} "
+            f"(e.g. {max(group, minimum - minimum % group)}), or 0 for the full job.")
+    workers = parallel.dp * group if parallel.dp != -1 else world_size
+    if workers is not None and minimum > workers:
+        raise ConfigError(
+            f"launch.min_workers = {minimum} is more than the job's {workers} worker(s) (parallel.dp * parallel.cp "
+            f"* parallel.tp = {parallel.dp if parallel.dp != -1 else workers // group} * {parallel.cp} * "
+            f"{parallel.tp}): use a value up to {workers} (the fewest workers a restart may continue on), or 0 "
+            f"for the full job.")
 
 
 def _check_dp_engine(config: Config, world_size: int | None) -> None:

@@ -167,6 +167,12 @@ BAD_INPUTS = [
      ["model.kv_heads = 2", "parallel.cp = 4", "ulysses"]),
     ({"train": {"global_batch": 6}, "parallel": {"dp": 4}}, (), ["train.global_batch = 6", "parallel.dp = 4"]),
     ({"train": {"global_batch": 8, "micro_batch": 3}}, (), ["train.micro_batch = 3", "8"]),
+    ({"parallel": {"dp": 2, "cp": 2}, "launch": {"min_workers": 3}}, (),
+     ["launch.min_workers = 3", "multiple of parallel.cp * parallel.tp = 2", "e.g. 2"]),
+    ({"parallel": {"dp": 2, "cp": 2}, "launch": {"min_workers": 6}}, (),
+     ["launch.min_workers = 6", "job's 4 worker(s)", "up to 4"]),
+    ({"launch": {"min_workers": -1}}, (), ["launch.min_workers", "-1", ">= 0"]),
+    ({"launch": {"capacity_timeout_s": -5}}, (), ["launch.capacity_timeout_s", "-5", ">= 0"]),
     # pattern letters and scheme names
     ({"model": {"layers": "LLXA"}}, (), ["model.layers", "'LLXA'", "'L'", "'A'", "'X'"]),
     ({"model": {"layers": ""}}, (), ["model.layers", "''", "'L'", "'A'"]),
