@@ -13,9 +13,10 @@ Backward: dM_c = scale · Σ_i exp(G_i) q_iᵀ do_i (the gradient of S_in throug
 outputs) is exchanged, the scheme returns T_c = ∂L/∂(final state of chunk c), and the local gradients
 are those of <o, do> + <Γ_c·S_in + M_c, T_c> with S_in held fixed. That sum covers every path by
 which q, k, v and the decay reach the loss, including the decay's effect on later ranks (through
-Γ_c and M_c). The local kernel runs through linear_attention_fwd / linear_attention_bwd; the
-other terms have closed-form gradients (chain_gradients). A scheme is an object with start_forward / finish_forward / start_backward /
-finish_backward, so the communication of LASP-2 overlaps the local kernel work in both directions.
+Γ_c and M_c). The local kernel is the public differentiable op (its gradients come from autograd);
+the other terms have closed-form gradients (query_side_gradients, key_side_gradients). A scheme is an
+object with start_forward / finish_forward / start_backward / finish_backward, so the communication of
+LASP-2 overlaps the local kernel work in both directions.
 
 The chunks of one rank are stacked along the batch ("slots", see layout.to_slots), so one kernel
 call handles both zigzag chunks. States are fp32 (float64 for float64 inputs).
@@ -31,14 +32,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from spindle.kernels.linear_attn import (
-    LOG_DECAY_FLOOR,
-    check_log_decay_values,
-    floor_log_decay,
-    linear_attention,
-    linear_attention_bwd,
-    linear_attention_fwd,
-)
+from spindle.kernels.linear_attn import check_log_decay_values, floor_log_decay, linear_attention
 
 from .comm import check_ranks_agree, group_rank_and_size
 from .layout import check_layout, chunk_order, chunks_per_rank, from_slots, local_chunks, to_slots
@@ -73,6 +67,8 @@ class ChunkStateExchange:
         self.chunk_length = chunk_length
         self.documents = documents
         self.constant_log_decay = log_decay.detach() if setup.decay_kind == "constant" else None
+        # S_in of this rank's chunks, from the backward's start (AddIncomingStates) to its finish (SendLocalStates)
+        self.incoming: torch.Tensor | None = None
 
 
 def linear_context_parallel(
@@ -91,9 +87,16 @@ def linear_context_parallel(
     setup = validate_linear_inputs(lasp.__name__, q, k, v, group, layout, log_decay, scale, cu_seqlens)
     chunk_length = q.shape[1] // setup.slots
     documents = None if cu_seqlens is None else document_chunks(cu_seqlens, setup, q.shape[0], chunk_length, q.device)
-    # the floored decay, as the local kernels see it (-inf: a reset)
-    exchange = exchange_type(group, setup, floor_log_decay(log_decay), chunk_length, documents)
-    return LinearContextParallel.apply(q, k, v, log_decay, setup, exchange, documents)
+    # the floored decay, as the local kernels see it (-inf: a reset); the clamp passes no gradient below it
+    floored = floor_log_decay(to_slots(log_decay, setup.slots) if setup.decay_kind == "token" else log_decay)
+    exchange = exchange_type(group, setup, floored, chunk_length, documents)
+    qs, ks, vs = (to_slots(x, setup.slots) for x in (q, k, v))  # [S·B, m, H, D]
+    sent = SendLocalStates.apply(ks, vs, floored, setup, exchange, documents)
+    # the intra-rank work overlaps the state exchange
+    local = linear_attention(qs, ks, vs, log_decay=floored, scale=setup.scale,
+                             **({} if documents is None else {"cu_seqlens": documents.local_offsets}))[0]
+    output = AddIncomingStates.apply(qs, floored, local, sent, setup, exchange, documents)
+    return from_slots(output, setup.slots)
 
 
 @dataclasses.dataclass
@@ -341,36 +344,70 @@ def state_gradients(q: torch.Tensor, d_output: torch.Tensor, decay: LocalDecay |
     return torch.einsum("bthk,bthv->bhkv", queries, d_output.to(dtype))
 
 
-def chain_gradients(q, k, v, d_output, decay: LocalDecay | None, kind: str, incoming, final_grads, scale: float):
-    """Gradients of <inter_output, do> + <Γ·S_in + M, T> with S_in held fixed (closed forms).
+def query_side_gradients(q, d_output, decay: LocalDecay | None, kind: str, incoming, scale: float):
+    """Gradients of <inter_output, do> with S_in held fixed: (dq, dg | None) in the state dtype.
 
-    Returns (dq, dk, dv, dg) in the state dtype; dg is [SB, m, H] (per token), [H] (constant) or None:
-        dq_i = scale·e^{G_i} do_i S_inᵀ        dk_i = w_i v_i Tᵀ        dv_i = w_i k_i T      (w_i = e^{Σ_{u>i} g_u})
-        dg_t = Σ_{i≥t} scale·e^{G_i}⟨q_i S_in, do_i⟩ + Σ_{i<t} w_i⟨k_i T, v_i⟩ + Γ⟨S_in, T⟩
-    Each sum has terms of one kind; no two large terms cancel (the fp32 drift of long chunks).
+        dq_i = scale·e^{G_i} do_i S_inᵀ        dg_t = Σ_{i≥t} scale·e^{G_i}⟨q_i S_in, do_i⟩
+
+    dg is [SB, m, H] (per token), [H] (constant) or None. Each sum has terms of one kind, so no two large
+    terms cancel (the fp32 drift of long chunks).
     """
     dtype = incoming.dtype
-    q, k, v, d_output = (x.to(dtype) for x in (q, k, v, d_output))
+    q, d_output = q.to(dtype), d_output.to(dtype)
     grad_q = scale * torch.einsum("bthv,bhkv->bthk", d_output, incoming)
-    key_side = torch.einsum("bthv,bhkv->bthk", v, final_grads)  # v_i Tᵀ
-    value_side = torch.einsum("bthk,bhkv->bthv", k, final_grads)  # k_i T
     if decay is None:
-        return grad_q, key_side, value_side, None
+        return grad_q, None
     grad_q = grad_q * decay.query[..., None]
-    grad_k, grad_v = key_side * decay.key[..., None], value_side * decay.key[..., None]
     if kind == "none":  # the factors are document masks only
-        return grad_q, grad_k, grad_v, None
-    query_terms = scale * decay.query * (torch.einsum("bthk,bhkv->bthv", q, incoming) * d_output).sum(-1)
-    key_terms = (k * grad_k).sum(-1)  # w_i⟨k_i T, v_i⟩
-    grad_decay = query_terms.flip(1).cumsum(1).flip(1)  # Σ_{i≥t}
-    grad_decay = grad_decay + F.pad(key_terms.cumsum(1)[:, :-1], (0, 0, 1, 0))  # Σ_{i<t}
-    grad_decay = grad_decay + (decay.transition * (incoming * final_grads).sum((-1, -2)))[:, None]
-    if kind == "constant":
-        grad_decay = grad_decay.sum((0, 1))
-    return grad_q, grad_k, grad_v, grad_decay
+        return grad_q, None
+    terms = scale * decay.query * (torch.einsum("bthk,bhkv->bthv", q, incoming) * d_output).sum(-1)
+    return grad_q, _per_decay(terms.flip(1).cumsum(1).flip(1), kind)  # Σ_{i≥t}
 
 
-# --------------------------------------------------------------------------- the autograd Function
+def key_side_gradients(k, v, decay: LocalDecay | None, kind: str, incoming, final_grads):
+    """Gradients of <Γ·S_in + M, T> with S_in held fixed: (dk, dv, dg | None) in the state dtype.
+
+        dk_i = w_i v_i Tᵀ        dv_i = w_i k_i T        dg_t = Σ_{i<t} w_i⟨k_i T, v_i⟩ + Γ⟨S_in, T⟩
+
+    with w_i = e^{Σ_{u>i} g_u}; dg as in query_side_gradients.
+    """
+    dtype = final_grads.dtype
+    k, v = k.to(dtype), v.to(dtype)
+    grad_k = torch.einsum("bthv,bhkv->bthk", v, final_grads)  # v_i Tᵀ
+    grad_v = torch.einsum("bthk,bhkv->bthv", k, final_grads)  # k_i T
+    if decay is None:
+        return grad_k, grad_v, None
+    grad_k, grad_v = grad_k * decay.key[..., None], grad_v * decay.key[..., None]
+    if kind == "none":
+        return grad_k, grad_v, None
+    terms = F.pad((k * grad_k).sum(-1).cumsum(1)[:, :-1], (0, 0, 1, 0))  # Σ_{i<t} w_i⟨k_i T, v_i⟩
+    terms = terms + (decay.transition * (incoming * final_grads).sum((-1, -2)))[:, None]
+    return grad_k, grad_v, _per_decay(terms, kind)
+
+
+def _per_decay(per_token: torch.Tensor, kind: str) -> torch.Tensor:
+    """[SB, m, H] -> the gradient of the decay as given: itself (per token) or summed to [H] (constant)."""
+    return per_token.sum((0, 1)) if kind == "constant" else per_token
+
+
+def chunk_decay(log_decay: torch.Tensor | None, setup: LinearSetup, length: int, dtype: torch.dtype,
+                documents: DocumentChunks | None) -> LocalDecay | None:
+    """The decay factors of this rank's slot-stacked chunks, with the document cuts (cheap: recomputed
+    in backward instead of kept)."""
+    decay = local_decay(log_decay, setup.decay_kind, length, dtype)
+    return decay if documents is None else document_decay(decay, documents, length, dtype)
+
+
+# --------------------------------------------------------------------------- the autograd Functions
+#
+# o = local kernel (zero incoming state) + inter term. The local kernel is the public differentiable op,
+# so its residuals are ordinary saved tensors of the step's autograd graph: under torch.utils.checkpoint
+# the recompute restores them with everything else and the layer's forward runs twice, not three times
+# (a nested autograd replay inside a custom backward would trigger a second recompute). The two
+# Functions around it own the communication: SendLocalStates starts the state exchange before the
+# kernel runs, AddIncomingStates finishes it after; in backward AddIncomingStates starts the exchange
+# of dM, the kernel's backward runs (autograd runs the later-created nodes first), and SendLocalStates
+# finishes it. The empty tensor SendLocalStates returns orders the two in both directions.
 
 
 def _slot_view(x: torch.Tensor, slots: int) -> torch.Tensor:
@@ -378,95 +415,52 @@ def _slot_view(x: torch.Tensor, slots: int) -> torch.Tensor:
     return x.reshape(slots, x.shape[0] // slots, *x.shape[1:])
 
 
-class LinearContextParallel(torch.autograd.Function):
-    """Linear attention over a CP group; the scheme's `exchange` object does all communication.
-
-    The local kernel runs through linear_attention_fwd / linear_attention_bwd (no autograd replay); the
-    incoming-state and outgoing-state terms have closed-form gradients (chain_gradients).
-    """
+class SendLocalStates(torch.autograd.Function):
+    """Local chunk states M (and Γ) into the scheme's exchange; backward: the gradients of <Γ·S_in + M, T>."""
 
     @staticmethod
-    def forward(ctx, q, k, v, log_decay, setup: LinearSetup, exchange: StateExchange,
-                documents: DocumentChunks | None = None):
-        slots, kind = setup.slots, setup.decay_kind
-        qs, ks, vs = (to_slots(x, slots) for x in (q, k, v))  # [S·B, m, H, D]
-        floored = floor_log_decay(to_slots(log_decay, slots) if kind == "token" else log_decay)
-        decay = local_decay(floored, kind, qs.shape[1], accumulation_dtype(q.dtype))
-        if documents is not None:
-            decay = document_decay(decay, documents, qs.shape[1], accumulation_dtype(q.dtype))
-        states = local_states(ks, vs, decay)
-        gamma = decay.transition if kind == "token" else None
-        exchange.start_forward(_slot_view(states, slots), None if gamma is None else _slot_view(gamma, slots))
-        # the intra-rank work overlaps the state exchange
-        if documents is None:
-            output, _, residuals = linear_attention_fwd(qs, ks, vs, log_decay=floored, scale=setup.scale)
-        else:
-            output, residuals = document_forward(qs, ks, vs, floored, setup.scale, documents.local_offsets)
-        incoming = exchange.finish_forward().reshape(states.shape)  # [S·B, H, Dk, Dv]
-        output = output + inter_output(qs, decay, incoming, setup.scale).to(output.dtype)
-        ctx.save_for_backward(log_decay, incoming)
-        ctx.setup, ctx.exchange, ctx.residuals, ctx.decay = setup, exchange, residuals, decay
-        return from_slots(output, slots)
+    def forward(ctx, k, v, log_decay, setup: LinearSetup, exchange: StateExchange, documents: DocumentChunks | None):
+        decay = chunk_decay(log_decay, setup, k.shape[1], accumulation_dtype(k.dtype), documents)
+        gamma = decay.transition if setup.decay_kind == "token" else None
+        exchange.start_forward(_slot_view(local_states(k, v, decay), setup.slots),
+                               None if gamma is None else _slot_view(gamma, setup.slots))
+        ctx.save_for_backward(k, v, log_decay)
+        ctx.setup, ctx.exchange, ctx.documents = setup, exchange, documents
+        return k.new_empty(0)
+
+    @staticmethod
+    def backward(ctx, _):
+        k, v, log_decay = ctx.saved_tensors
+        setup, exchange = ctx.setup, ctx.exchange
+        incoming, exchange.incoming = exchange.incoming, None  # handed over by AddIncomingStates.backward
+        final_grads = exchange.finish_backward().reshape(incoming.shape)
+        decay = chunk_decay(log_decay, setup, k.shape[1], incoming.dtype, ctx.documents)
+        grad_k, grad_v, grad_decay = key_side_gradients(k, v, decay, setup.decay_kind, incoming, final_grads)
+        grad_decay = None if grad_decay is None else grad_decay.to(log_decay.dtype)
+        return grad_k.to(k.dtype), grad_v.to(v.dtype), grad_decay, None, None, None
+
+
+class AddIncomingStates(torch.autograd.Function):
+    """local_output + scale·(q ⊙ e^{G_i}) S_in once the exchange delivers S_in; backward: starts the
+    exchange of dM and returns the gradients of the inter term with S_in held fixed."""
+
+    @staticmethod
+    def forward(ctx, q, log_decay, local_output, sent, setup: LinearSetup, exchange: StateExchange,
+                documents: DocumentChunks | None):
+        incoming = exchange.finish_forward().reshape(q.shape[0], q.shape[2], q.shape[3], local_output.shape[-1])
+        decay = chunk_decay(log_decay, setup, q.shape[1], incoming.dtype, documents)
+        ctx.save_for_backward(q, log_decay, incoming)
+        ctx.setup, ctx.exchange, ctx.documents = setup, exchange, documents
+        return local_output + inter_output(q, decay, incoming, setup.scale).to(local_output.dtype)
 
     @staticmethod
     def backward(ctx, d_output):
-        log_decay, incoming = ctx.saved_tensors
-        setup, exchange, residuals, decay = ctx.setup, ctx.exchange, ctx.residuals, ctx.decay
-        slots, kind = setup.slots, setup.decay_kind
-        d_output = to_slots(d_output, slots).contiguous()
-        qs, ks, vs = residuals.q, residuals.k, residuals.v
-        exchange.start_backward(_slot_view(state_gradients(qs, d_output, decay, setup.scale), slots))
-        # overlapped with the exchange: the local kernel's gradients (zero incoming state)
-        if isinstance(residuals, DocumentResiduals):
-            grad_q, grad_k, grad_v, grad_decay = document_backward(d_output, residuals)
-        else:
-            grad_q, grad_k, grad_v, grad_decay, _ = linear_attention_bwd(d_output, None, residuals)
-        final_grads = exchange.finish_backward().reshape(incoming.shape)
-        extra = chain_gradients(qs, ks, vs, d_output, decay, kind, incoming, final_grads, setup.scale)
-        grads = [_add(local, chained) for local, chained in zip((grad_q, grad_k, grad_v, grad_decay), extra)]
-        dq, dk, dv = (from_slots(g, slots) for g in grads[:3])
-        d_decay = None
-        if log_decay is not None:
-            d_decay = grads[3] if kind == "constant" else from_slots(grads[3], slots)
-            # the floor passes no gradient below it
-            d_decay = torch.where(log_decay >= LOG_DECAY_FLOOR, d_decay, 0.0).to(log_decay.dtype)
-        ctx.residuals = ctx.decay = None
-        return dq, dk, dv, d_decay, None, None, None
-
-
-@dataclasses.dataclass
-class DocumentResiduals:
-    """The local kernel over this rank's document pieces: its autograd graph over detached leaves."""
-
-    q: torch.Tensor
-    k: torch.Tensor
-    v: torch.Tensor
-    log_decay: torch.Tensor | None
-    output: torch.Tensor
-
-
-def document_forward(q, k, v, log_decay, scale: float, local_offsets: torch.Tensor):
-    """The single-device op with cu_seqlens over the slot-stacked chunks (zero state per piece): (o, residuals).
-
-    linear_attention_fwd has no cu_seqlens, so the public op runs on leaves and its graph is kept."""
-    with torch.enable_grad():
-        leaves = [None if x is None else x.detach().requires_grad_() for x in (q, k, v, log_decay)]
-        output, _ = linear_attention(*leaves[:3], log_decay=leaves[3], scale=scale, cu_seqlens=local_offsets)
-    return output.detach(), DocumentResiduals(*leaves, output)
-
-
-def document_backward(d_output: torch.Tensor, residuals: DocumentResiduals):
-    """(dq, dk, dv, dlog_decay | None) of document_forward."""
-    leaves = [x for x in (residuals.q, residuals.k, residuals.v, residuals.log_decay) if x is not None]
-    grads = torch.autograd.grad(residuals.output, leaves, d_output.to(residuals.output.dtype), allow_unused=True)
-    grads = [torch.zeros_like(leaf) if grad is None else grad for leaf, grad in zip(leaves, grads)]
-    return (*grads[:3], grads[3] if len(grads) > 3 else None)
-
-
-def _add(local: torch.Tensor | None, chained: torch.Tensor | None) -> torch.Tensor | None:
-    """local (the kernel's dtype) + chained (state dtype), summed in the wider of the two."""
-    if local is None:
-        return chained
-    if chained is None:
-        return local
-    return (local.to(chained.dtype) + chained).to(local.dtype)
+        q, log_decay, incoming = ctx.saved_tensors
+        setup = ctx.setup
+        decay = chunk_decay(log_decay, setup, q.shape[1], incoming.dtype, ctx.documents)
+        if ctx.needs_input_grad[3]:  # k, v or the decay need the final-state gradients T of every rank
+            ctx.exchange.incoming = incoming
+            ctx.exchange.start_backward(_slot_view(state_gradients(q, d_output, decay, setup.scale), setup.slots))
+        grad_q, grad_decay = query_side_gradients(q, d_output, decay, setup.decay_kind, incoming, setup.scale)
+        grad_decay = None if grad_decay is None else grad_decay.to(log_decay.dtype)
+        return grad_q.to(q.dtype), grad_decay, d_output, d_output.new_zeros(0), None, None, None
