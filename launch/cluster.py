@@ -5,10 +5,15 @@ workers, object manager, dashboard and its agents, metrics export, runtime-env a
 127.0.0.1 only, and its authentication token lives in a file only this user can read (0600), which
 is deleted when the session ends. Messages name this cluster's own session directory, not
 /tmp/ray/session_latest (which may belong to another Ray instance on the same host).
+
+After a failure the driver asks which hosts of the job are gone: every rank records its Ray node under
+RUN_DIR/.spindle/nodes/ when it starts, and the driver probes those nodes' raylets (a lost host stops
+answering seconds before Ray's own health checks declare it dead).
 """
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import secrets
@@ -17,12 +22,14 @@ import socket
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 from urllib.parse import urlparse
 
 from spindle.launch.errors import LaunchError, last_line
 from spindle.launch.placement import NodeResources, PlacementPlan, format_resources
+from spindle.runtime.heartbeat import LAUNCHER_DIR
 
 log = logging.getLogger(__name__)
 
@@ -245,3 +252,83 @@ def warn_if_busy(plan: PlacementPlan) -> None:
     if short:
         print(f"spindle: waiting for resources held by other jobs: needs {format_resources(short)}, free now "
               f"{format_resources({name: available.get(name, 0) for name in short})}", file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Where the ranks run, and which of those hosts are gone (a lost node)
+# ---------------------------------------------------------------------------------------------
+WORKER_NODES_DIR = LAUNCHER_DIR / "nodes"
+"""Relative to the run directory: one record per rank of the current worker group, naming its Ray node."""
+RAYLET_PROBE_TIMEOUT_S = 2.0
+
+
+@dataclass(frozen=True)
+class WorkerHost:
+    """A Ray node that ran ranks of the job."""
+
+    node_id: str
+    address: str
+    hostname: str
+    ranks: tuple[int, ...]
+
+    def describe(self) -> str:
+        return f"{self.address} (Ray node {self.node_id[:12]}, hostname {self.hostname})"
+
+    def ranks_text(self) -> str:
+        return f"{'rank' if len(self.ranks) == 1 else 'ranks'} {', '.join(map(str, self.ranks))}"
+
+
+def record_worker_node(run_dir: str | os.PathLike, rank: int) -> None:
+    """On a worker: write which Ray node this rank runs on (the driver reads it after a failure)."""
+    import ray
+
+    path = Path(run_dir) / WORKER_NODES_DIR / f"rank_{rank:05d}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    record = {"rank": rank, "node_id": ray.get_runtime_context().get_node_id(),
+              "address": ray.util.get_node_ip_address(), "hostname": socket.gethostname(), "pid": os.getpid()}
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_text(json.dumps(record), encoding="utf-8")
+    os.replace(temporary, path)  # the driver never reads half a record
+
+
+def clear_worker_nodes(run_dir: str | os.PathLike) -> None:
+    """Forget the records of an earlier worker group (a smaller group leaves no stale ranks behind)."""
+    shutil.rmtree(Path(run_dir) / WORKER_NODES_DIR, ignore_errors=True)
+
+
+def worker_hosts(run_dir: str | os.PathLike) -> list[WorkerHost]:
+    """The hosts of the current worker group, from the records its ranks wrote, in rank order."""
+    by_node: dict[str, list[dict]] = {}
+    for path in sorted((Path(run_dir) / WORKER_NODES_DIR).glob("rank_*.json")):
+        with contextlib.suppress(OSError, ValueError):
+            record = json.loads(path.read_text(encoding="utf-8"))
+            by_node.setdefault(record["node_id"], []).append(record)
+    return [WorkerHost(node_id, records[0]["address"], records[0]["hostname"],
+                       tuple(sorted(record["rank"] for record in records)))
+            for node_id, records in sorted(by_node.items(), key=lambda item: min(r["rank"] for r in item[1]))]
+
+
+def node_states(node_ids: list[str]) -> dict[str, str]:
+    """Per node: "alive" (the GCS lists it and its raylet answers), "unreachable" (the GCS still lists it,
+    its raylet does not answer: Ray has not noticed the loss yet) or "dead" (the GCS says so)."""
+    import ray
+
+    nodes = {node["NodeID"]: node for node in ray.nodes()}
+    states = {}
+    for node_id in node_ids:
+        node = nodes.get(node_id)
+        if node is None or not node.get("Alive"):
+            states[node_id] = "dead"
+        else:
+            answers = _answers(node.get("NodeManagerAddress", ""), int(node.get("NodeManagerPort") or 0))
+            states[node_id] = "alive" if answers else "unreachable"
+    return states
+
+
+def _answers(host: str, port: int) -> bool:
+    """A raylet whose host lost power refuses the connection, one behind a cut link lets it time out."""
+    try:
+        with socket.create_connection((host, port), timeout=RAYLET_PROBE_TIMEOUT_S):
+            return True
+    except OSError:
+        return False

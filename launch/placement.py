@@ -8,7 +8,7 @@ import os
 from dataclasses import dataclass, replace
 
 from spindle.launch.errors import LaunchError
-from spindle.runtime.config import Config, ConfigError
+from spindle.runtime.config import Config, ConfigError, validate
 
 
 @dataclass(frozen=True)
@@ -171,3 +171,19 @@ def worker_count(config: Config) -> int | None:
     """dp*cp*tp, or None while parallel.dp = -1 is not resolved."""
     parallel = config.parallel
     return None if parallel.dp == -1 else parallel.dp * parallel.cp * parallel.tp
+
+
+def restart_data_parallel(config: Config, capacity: int) -> int | None:
+    """The dp a restart after a lost node runs with on ``capacity`` worker slots: the job's own dp when
+    it fits, else the largest smaller dp that ``launch.min_workers`` allows (cp and tp stay) and the
+    batch settings accept; None when nothing fits (the restart waits for capacity)."""
+    parallel, minimum = config.parallel, config.launch.min_workers
+    group = parallel.cp * parallel.tp
+    smallest = minimum // group if minimum else parallel.dp
+    for dp in range(min(parallel.dp, capacity // group), max(smallest, 1) - 1, -1):
+        try:
+            validate(replace(config, parallel=replace(parallel, dp=dp)), world_size=dp * group)
+        except ConfigError:  # e.g. train.global_batch not divisible by this dp
+            continue
+        return dp
+    return None
