@@ -1,14 +1,15 @@
 """Dense float64 references and helpers shared by the context-parallel tests (tests/test_cp_*.py).
 
 The references are the parallel forms of docs/algorithms.md §1 and §3, written directly (no chunking, no
-communication), so they are independent of every path under test. `SpawnedCase` / `spawned_case_results`
-run a module's parametrized distributed cases in one spawn (starting processes dominates a small case's
-cost) while each case keeps its own test id and its own pass or fail.
+communication), so they are independent of every path under test. `SpawnedCase`, `register_cases` and the
+`case_results` fixture run the CP modules' parametrized distributed cases in one spawn (starting processes
+dominates a small case's cost) while each case keeps its own test id and its own pass or fail.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import traceback
 from collections.abc import Callable
 
 import pytest
@@ -17,8 +18,8 @@ import torch.distributed as dist
 from distributed_utils import run_distributed, subgroup
 from numerics import assert_close, nan_poisoned_allocations, relative_error
 
-__all__ = ["SpawnedCase", "assert_close", "data_calls", "dense_attention", "dense_linear_attention",
-           "random_inputs", "relative_rmse", "spawned_case_results", "assert_case_passed"]
+__all__ = ["SpawnedCase", "assert_case_passed", "assert_close", "case_results", "data_calls", "dense_attention",
+           "dense_linear_attention", "random_inputs", "register_cases", "relative_rmse"]
 
 relative_rmse = relative_error  # the name the CP tests use
 
@@ -67,16 +68,35 @@ def data_calls(stats) -> dict[str, int]:
 @dataclasses.dataclass(frozen=True)
 class SpawnedCase:
     """One distributed check: `check(group, **options)` on a CP group of `size` ranks returns None when it
-    passes or a message naming what failed. It returns instead of raising so that every rank finishes its
-    collectives; an exception (not a comparison) fails the whole spawn with the rank's traceback."""
+    passes or a message naming what failed. It returns instead of raising, after all its collectives, so
+    that the ranks stay in step; an exception is recorded as that case's failure, with its traceback."""
 
     size: int
     check: Callable[..., str | None]
     options: dict = dataclasses.field(default_factory=dict)
 
 
-def _run_cases(rank: int, world_size: int, world_group, cases: list[tuple[str, SpawnedCase]]) -> dict:
-    results: dict[str, str | None] = {}
+CaseKey = tuple[str, str]  # (test module, case id)
+_REGISTERED: dict[str, dict[str, SpawnedCase]] = {}
+_PREPARE: dict[str, Callable[[], None]] = {}
+_RESULTS: dict[CaseKey, str | None] = {}
+
+
+def register_cases(module: str, cases: dict[str, SpawnedCase], prepare: Callable[[], None] | None = None):
+    """Declares distributed cases of a test module (returns them, for its parametrize; ids unique within the
+    module). `prepare` runs in the test process before the spawn (e.g. a build the ranks then only load)."""
+    owned = _REGISTERED.setdefault(module, {})
+    clashes = sorted(set(owned) & set(cases))
+    if clashes:
+        raise ValueError(f"{module}: case ids registered twice: {clashes}")
+    owned.update(cases)
+    if prepare is not None:
+        _PREPARE[module] = prepare
+    return cases
+
+
+def _run_cases(rank: int, world_size: int, world_group, cases: list[tuple[CaseKey, SpawnedCase]]) -> dict:
+    results: dict[CaseKey, str | None] = {}
     with nan_poisoned_allocations():  # receive buffers and outputs start NaN: an unwritten element fails
         for size in sorted({case.size for _, case in cases}):
             group = subgroup(size)  # collective: every rank calls it for every size, in the same order
@@ -84,35 +104,51 @@ def _run_cases(rank: int, world_size: int, world_group, cases: list[tuple[str, S
             # global ranks); on two cores the other groups would only repeat the same work
             if group is None or world_size - 1 not in dist.get_process_group_ranks(group):
                 continue
-            for case_id, case in cases:
+            for key, case in cases:
                 if case.size != size:
                     continue
                 try:
-                    results[case_id] = case.check(group, **case.options)
-                except AssertionError as error:  # a check that asserts inline; the ranks stay in step
-                    results[case_id] = f"AssertionError: {error}"
+                    results[key] = case.check(group, **case.options)
+                except (Exception, pytest.fail.Exception):  # the case fails, with where; the others still run
+                    results[key] = traceback.format_exc(limit=-8)
     return results
 
 
-def spawned_case_results(request: pytest.FixtureRequest, cases: dict[str, SpawnedCase]) -> dict[str, str | None]:
-    """Runs, in one spawn of as many ranks as the largest selected case needs, every case of `cases` that
-    this session selected (a test of the requesting module parametrized as `case`), and returns per case
-    id None or the failure messages of the ranks that failed it. Under `-k` only the selected cases run."""
-    selected = set()
-    for item in request.session.items:
+def _selected_keys(session: pytest.Session) -> list[CaseKey]:
+    keys = []
+    for item in session.items:
         callspec = getattr(item, "callspec", None)
-        if callspec is not None and item.module is request.module and "case" in callspec.params:
-            selected.add(callspec.params["case"])
-    chosen = [(case_id, case) for case_id, case in cases.items() if case_id in selected]
-    if not chosen:
-        return {}
-    per_rank = run_distributed(_run_cases, max(case.size for _, case in chosen), chosen)
-    failures: dict[str, list[str]] = {case_id: [] for case_id, _ in chosen}
-    for rank, results in enumerate(per_rank):
-        for case_id, message in results.items():
-            if message is not None:
-                failures[case_id].append(f"rank {rank}: {message}")
-    return {case_id: "\n".join(messages) or None for case_id, messages in failures.items()}
+        module = getattr(item, "module", None)
+        if callspec is not None and module is not None and module.__name__ in _REGISTERED and "case" in callspec.params:
+            keys.append((module.__name__, callspec.params["case"]))
+    return keys
+
+
+@pytest.fixture(scope="module")
+def case_results(request: pytest.FixtureRequest) -> dict[str, str | None]:
+    """None or the failure messages per case id of the requesting module's registered cases.
+
+    The first request runs every selected case of every registered module (tests/test_cp_*.py) in one
+    spawn of as many gloo ranks as the largest case needs: starting four processes on two cores costs more
+    than most cases. Under -k only the selected cases run. Import this fixture into a test module to use it."""
+    pending = [key for key in _selected_keys(request.session) if key not in _RESULTS]
+    if pending:
+        chosen = [(key, _REGISTERED[key[0]][key[1]]) for key in dict.fromkeys(pending)]
+        for module in dict.fromkeys(module for module, _ in pending):
+            if module in _PREPARE:
+                _PREPARE[module]()
+        per_rank = run_distributed(_run_cases, max(case.size for _, case in chosen), chosen, timeout=SPAWN_TIMEOUT_S)
+        failures: dict[CaseKey, list[str]] = {key: [] for key, _ in chosen}
+        for rank, results in enumerate(per_rank):
+            for key, message in results.items():
+                if message is not None:
+                    failures[key].append(f"rank {rank}: {message}")
+        _RESULTS.update({key: "\n".join(messages) or None for key, messages in failures.items()})
+    module = request.module.__name__
+    return {case_id: message for (owner, case_id), message in _RESULTS.items() if owner == module}
+
+
+SPAWN_TIMEOUT_S = 600.0  # every CP case of the suite in one spawn, on two busy cores
 
 
 def assert_case_passed(results: dict[str, str | None], case: str) -> None:

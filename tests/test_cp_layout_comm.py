@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.distributed as dist
-from cp_reference import assert_close, dense_attention
-from distributed_utils import run_distributed, subgroup
+from cp_reference import SpawnedCase, assert_case_passed, assert_close, case_results, dense_attention, register_cases
+from numerics import assert_tensors_close
 
 from spindle.kernels import attention
 from spindle.parallel.cp import (
@@ -58,14 +58,15 @@ def _split_attention(q, k, v, pieces, scale):
     return out, lse
 
 
-def test_lse_merge_equals_full_softmax_even_with_huge_scores():
+@pytest.mark.parametrize("scale", [0.5, 400.0], ids=["moderate-scores", "huge-scores"])
+def test_lse_merge_equals_full_softmax_even_with_huge_scores(scale: float) -> None:
+    """At scale 400 the scores reach ~1e3: exp would overflow in a naive merge."""
     generator = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, 5, 2, 4, generator=generator, dtype=torch.float64) for _ in range(3))
-    for scale in (0.5, 400.0):  # 400: scores ~ 1e3, exp would overflow in a naive merge
-        out, lse = _split_attention(q, k, v, 3, scale)
-        expected, expected_lse = attention(q, k, v, causal=False, scale=scale, return_lse=True, backend="math")
-        assert_close(f"merged output scale={scale}", out, dense_attention(q, k, v, False, scale), 1e-12)
-        assert_close(f"merged lse scale={scale}", lse, expected_lse, 1e-12)
+    out, lse = _split_attention(q, k, v, 3, scale)
+    expected, expected_lse = attention(q, k, v, causal=False, scale=scale, return_lse=True, backend="math")
+    assert_tensors_close({"output": out, "lse": lse},
+                         {"output": dense_attention(q, k, v, False, scale), "lse": expected_lse}, 1e-12)
 
 
 def test_lse_merge_skips_fully_masked_rows():
@@ -109,36 +110,27 @@ def test_decayed_chains_match_the_closed_form_and_are_adjoint():
     assert_close("no decay", decayed_prefix_chain(states, None)[3], states[:3].sum(0), 1e-14)
 
 
-# --------------------------------------------------------------------------- distributed (one spawn)
+# --------------------------------------------------------------------------- distributed (one spawn for every CP test)
 
 
-def _layout_worker(rank, world_size, world_group):
-    for size in (1, 2, 3, 4):
-        group = subgroup(size)
-        if group is None:
-            continue
-        _check_layouts(group, size)
-        if size > 1:
-            _check_comm_objects(group, size)
-
-
-def _check_layouts(group, size):
+def _check_layouts(group, layout):
+    """shard / unshard round trips along every dim; positions and labels follow the token permutation."""
+    size = dist.get_world_size(group)
     generator = torch.Generator().manual_seed(size)
     x = torch.randn(4 * size, 4 * size, 3, 2 * size, generator=generator)
-    for layout in ("zigzag", "contiguous"):
-        for dim in (1, 3, -1, 0):
-            local = shard(x, group, layout=layout, dim=dim)
-            assert local.shape[dim] == x.shape[dim] // size
-            assert torch.equal(unshard(local, group, layout=layout, dim=dim), x), (layout, dim)
-        positions = local_positions(x.shape[1], group, layout=layout)
-        assert torch.equal(shard(x, group, layout=layout), x.index_select(1, positions))
-        labels = torch.arange(x.shape[1])  # labels follow the same permutation as the tokens
-        assert torch.equal(shard(labels, group, layout=layout, dim=0), positions)
+    for dim in (1, 3, -1, 0):
+        local = shard(x, group, layout=layout, dim=dim)
+        assert local.shape[dim] == x.shape[dim] // size, dim
+        assert torch.equal(unshard(local, group, layout=layout, dim=dim), x), dim
+    positions = local_positions(x.shape[1], group, layout=layout)
+    assert torch.equal(shard(x, group, layout=layout), x.index_select(1, positions))
+    labels = torch.arange(x.shape[1])  # labels follow the same permutation as the tokens
+    assert torch.equal(shard(labels, group, layout=layout, dim=0), positions)
 
 
-def _check_comm_objects(group, size):
-    rank = dist.get_rank(group)
-    # ring: each rank receives its predecessor's tensor; received bytes are counted once per hop
+def _check_ring(group):
+    """Each rank receives its predecessor's tensor; received bytes are counted once per hop; misuse raises."""
+    rank, size = dist.get_rank(group), dist.get_world_size(group)
     ring = RingComm(group)
     mine = torch.full((3,), float(rank))
     with record_comm() as stats:
@@ -157,7 +149,11 @@ def _check_comm_objects(group, size):
     with pytest.raises(RuntimeError, match="in flight"):
         ring.commit()
     ring.wait()
-    # all-gather
+
+
+def _check_all_gather(group):
+    rank, size = dist.get_rank(group), dist.get_world_size(group)
+    mine = torch.full((3,), float(rank))
     gather = AllGatherComm(group)
     with pytest.raises(RuntimeError, match="nothing in flight"):
         gather.wait()
@@ -165,13 +161,33 @@ def _check_comm_objects(group, size):
     with pytest.raises(RuntimeError, match="already in flight"):
         gather.start(mine)
     assert gather.wait()[:, 0].tolist() == [float(r) for r in range(size)]
-    # reduce-scatter and all-to-all
+
+
+def _check_reduce_scatter_and_all_to_all(group):
+    rank, size = dist.get_rank(group), dist.get_world_size(group)
     rows = torch.arange(size, dtype=torch.float64)[:, None] * 10 + rank  # row p for rank p
     expected_sum = [p * 10.0 * size + sum(range(size)) for p in range(size)]
     assert reduce_scatter(rows, group).tolist() == [expected_sum[rank]]
     assert all_to_all(rows, group)[:, 0].tolist() == [rank * 10.0 + p for p in range(size)]
 
 
+def _distributed_cases() -> dict[str, SpawnedCase]:
+    cases = {}
+    for size in (1, 2, 3, 4):
+        for layout in ("zigzag", "contiguous"):
+            cases[f"layouts-P{size}-{layout}"] = SpawnedCase(size, _check_layouts, dict(layout=layout))
+        if size > 1:
+            cases[f"ring-comm-P{size}"] = SpawnedCase(size, _check_ring)
+            cases[f"all-gather-comm-P{size}"] = SpawnedCase(size, _check_all_gather)
+            cases[f"reduce-scatter-all-to-all-P{size}"] = SpawnedCase(size, _check_reduce_scatter_and_all_to_all)
+    return cases
+
+
+DISTRIBUTED_CASES = register_cases(__name__, _distributed_cases())
+
+
 @pytest.mark.slow
-def test_layouts_and_comm_objects():
-    run_distributed(_layout_worker, 4)
+@pytest.mark.parametrize("case", list(DISTRIBUTED_CASES))
+def test_layouts_and_comm_objects(case: str, case_results: dict[str, str | None]) -> None:
+    """On CP groups of 1-4 gloo ranks (all cases of the CP tests share one spawn, with NaN-poisoned buffers)."""
+    assert_case_passed(case_results, case)

@@ -25,7 +25,8 @@ from cp_reference import (
     dense_linear_attention,
     random_inputs,
     relative_rmse,
-    spawned_case_results,
+    case_results,
+    register_cases,
 )
 from numerics import TOLERANCE, check_tensors
 
@@ -121,13 +122,7 @@ def _equivalence_cases() -> dict[str, SpawnedCase]:
     return cases
 
 
-EQUIVALENCE_CASES = _equivalence_cases()
-
-
-@pytest.fixture(scope="module")
-def case_results(request: pytest.FixtureRequest) -> dict[str, str | None]:
-    """Every selected case of this module, run in one spawn of 4 gloo ranks (or fewer under -k)."""
-    return spawned_case_results(request, {**EQUIVALENCE_CASES, **COMMUNICATION_CASES})
+EQUIVALENCE_CASES = register_cases(__name__, _equivalence_cases())
 
 
 @pytest.mark.parametrize("case", list(EQUIVALENCE_CASES))
@@ -248,7 +243,7 @@ def _communication_cases() -> dict[str, SpawnedCase]:
     return cases
 
 
-COMMUNICATION_CASES = _communication_cases()
+COMMUNICATION_CASES = register_cases(__name__, _communication_cases())
 
 
 @pytest.mark.parametrize("case", list(COMMUNICATION_CASES))
