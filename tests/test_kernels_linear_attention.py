@@ -20,18 +20,31 @@ if not torch.cuda.is_available():
     # (spindle imports triton lazily). On a GPU machine the kernels compile for the GPU instead.
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+from numerics import (
+    HALF_PRECISION_TOLERANCE,
+    TOLERANCE,
+    assert_tensors_close,
+    nan_poisoned_allocations,
+    outputs_and_gradients,
+    relative_error,
+    tensor_errors,
+)
+
 from spindle.kernels import linear_attention
 from spindle.kernels.linear_attn import triton_available
 
-FP32_TOLERANCE = 1e-5  # relative RMSE vs float64, docs/algorithms.md §7
+FP32_TOLERANCE = TOLERANCE[torch.float32]  # relative error vs float64, docs/algorithms.md §7
 TRITON_ON_CPU = triton_available(torch.device("cpu"))
 needs_triton = pytest.mark.skipif(not TRITON_ON_CPU, reason="needs triton (run with TRITON_INTERPRET=1)")
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
-def relative_rmse(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    expected = expected.double()
-    return ((actual.double() - expected).norm() / expected.norm().clamp_min(1e-300)).item()
+@pytest.fixture(autouse=True)
+def nan_poisoned():
+    """Every buffer allocated with torch.empty & co. starts NaN-filled (the Triton path allocates its outputs,
+    states and gradients that way): an element a kernel fails to write shows up as NaN."""
+    with nan_poisoned_allocations():
+        yield
 
 
 def dense_reference(q, k, v, log_decay, scale, initial_state):
@@ -78,49 +91,43 @@ def make_inputs(batch, length, heads, key_dim, value_dim, decay, seed=0):
     return dict(q=q, k=k, v=v, log_decay=log_decay, initial_state=initial_state), grad_output, grad_final
 
 
+def reference_function(scale):
+    """The dense float64 form as a function of named leaves, returning the named outputs."""
+
+    def reference(q, k, v, log_decay, initial_state):
+        output, final = dense_reference(q, k, v, log_decay, scale, initial_state)
+        return {"output": output, "final_state": final}
+
+    return reference
+
+
+def kernel_function(backend, **options):
+    """linear_attention with `backend` as a function of named leaves, returning the named outputs."""
+
+    def kernel(q, k, v, log_decay, initial_state):
+        output, final = linear_attention(q, k, v, log_decay=log_decay, initial_state=initial_state,
+                                         output_final_state=True, backend=backend, **options)
+        return {"output": output, "final_state": final}
+
+    return kernel
+
+
 def run_with_gradients(function, inputs, grad_output, grad_final, dtype):
-    """Runs function on copies of inputs cast to dtype; returns output, final state and every input gradient."""
-    leaves = {}
-    for name, value in inputs.items():
-        if value is None:
-            leaves[name] = None
-            continue
-        # states and gates stay fp32 next to half-precision q, k, v (as a model computes them)
-        keep_fp32 = name in ("initial_state", "log_decay") and dtype != torch.float64
-        cast = value.to(torch.float32 if keep_fp32 else dtype)
-        leaves[name] = cast.detach().requires_grad_()
-    output, final = function(**leaves)
-    loss = (output.double() * grad_output).sum() + (final.double() * grad_final).sum()
-    loss.backward()
-    results = {"output": output, "final_state": final}
-    for name, leaf in leaves.items():
-        if leaf is not None:
-            results["grad_" + name] = leaf.grad
-    return results
+    """function on copies of inputs cast to dtype: output, final state and every input gradient, by name.
+    States and gates stay fp32 next to half-precision q, k, v (as a model computes them)."""
+    kept = {} if dtype == torch.float64 else {"initial_state": torch.float32, "log_decay": torch.float32}
+    return outputs_and_gradients(function, inputs, {"output": grad_output, "final_state": grad_final}, dtype, kept)
 
 
 def check_against_reference(backend, shape, decay, dtype=torch.float32, tolerance=FP32_TOLERANCE, **kwargs):
+    """Output, final state and the gradients of q, k, v, log_decay and initial_state, each within
+    `tolerance` (relative error) of the float64 dense form."""
     inputs, grad_output, grad_final = make_inputs(*shape, decay)
-    scale = shape[3] ** -0.5
-
-    def reference(**leaves):
-        return dense_reference(leaves["q"], leaves["k"], leaves["v"], leaves["log_decay"], scale, leaves["initial_state"])
-
-    def candidate(**leaves):
-        return linear_attention(
-            leaves["q"], leaves["k"], leaves["v"], log_decay=leaves["log_decay"],
-            initial_state=leaves["initial_state"], output_final_state=True, backend=backend, **kwargs,
-        )
-
-    expected = run_with_gradients(reference, inputs, grad_output, grad_final, torch.float64)
-    actual = run_with_gradients(candidate, inputs, grad_output, grad_final, dtype)
+    expected = run_with_gradients(reference_function(shape[3] ** -0.5), inputs, grad_output, grad_final, torch.float64)
+    actual = run_with_gradients(kernel_function(backend, **kwargs), inputs, grad_output, grad_final, dtype)
     assert actual["output"].dtype == dtype
     assert actual["final_state"].dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
-    assert set(actual) == set(expected)
-    for name, reference_value in expected.items():
-        assert not torch.isnan(actual[name]).any(), f"{backend}: NaN in {name}"
-        error = relative_rmse(actual[name], reference_value)
-        assert error <= tolerance, f"{backend} {decay} {shape}: {name} relative RMSE {error:.2e} > {tolerance:.0e}"
+    assert_tensors_close(actual, expected, tolerance, f"{backend} {decay} {shape}")
 
 
 @pytest.mark.parametrize("length", [1, 17, 65, 130])
@@ -145,20 +152,6 @@ def test_torch_backend_float64_is_exact():
     check_against_reference("torch", (1, 130, 2, 16, 16), "token", dtype=torch.float64, tolerance=1e-12)
 
 
-@pytest.fixture
-def nan_poisoned(monkeypatch):
-    """Every Triton output buffer starts NaN-filled (the hot path allocates with torch.empty): an element a
-    kernel fails to write shows up as NaN."""
-    if not TRITON_ON_CPU:
-        return
-    from spindle.kernels.linear_attn import triton_chunk
-
-    def poisoned(shape, dtype, device):
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-
-    monkeypatch.setattr(triton_chunk, "_allocate", poisoned)
-
-
 @needs_triton
 @pytest.mark.parametrize(
     "length, decay, key_dim, value_dim",
@@ -167,7 +160,7 @@ def nan_poisoned(monkeypatch):
      (21, "constant", 80, 80), (19, "token", 256, 16), (18, "none", 16, 256)],
     ids=lambda value: str(value),
 )
-def test_triton_matches_reference(length, decay, key_dim, value_dim, monkeypatch, nan_poisoned):
+def test_triton_matches_reference(length, decay, key_dim, value_dim, monkeypatch):
     from spindle.kernels.linear_attn import triton_chunk
 
     # 16-token chunks, so that these short sequences span several chunks and a masked tail
@@ -176,18 +169,18 @@ def test_triton_matches_reference(length, decay, key_dim, value_dim, monkeypatch
 
 
 @needs_triton
-def test_triton_recomputed_states_match_reference(nan_poisoned):
+def test_triton_recomputed_states_match_reference():
     """recompute_states=True: the backward recomputes the chunk states instead of keeping them."""
     check_against_reference("triton", (2, 35, 1, 32, 16), "token", chunk_size=16, recompute_states=True)
 
 
 @needs_triton
-def test_triton_default_chunk_awkward_length(nan_poisoned):
+def test_triton_default_chunk_awkward_length():
     check_against_reference("triton", (1, 130, 1, 16, 16), "token")
 
 
 @needs_triton
-def test_triton_leaves_no_nan_and_needs_no_state(nan_poisoned):
+def test_triton_leaves_no_nan_and_needs_no_state():
     """Outputs and gradients start NaN-filled inside the kernel path; none may survive (tail length 23)."""
     q, k, v = (torch.randn(1, 23, 1, 16, requires_grad=True) for _ in range(3))
     output, final = linear_attention(q, k, v, output_final_state=False, backend="triton")
@@ -207,8 +200,8 @@ def test_state_passing_equals_one_call(backend):
     second, last_state = linear_attention(
         q[:, 19:], k[:, 19:], v[:, 19:], log_decay=g[:, 19:], initial_state=state, output_final_state=True, backend=backend
     )
-    assert relative_rmse(torch.cat([first, second], 1), full) < FP32_TOLERANCE
-    assert relative_rmse(last_state, full_state) < FP32_TOLERANCE
+    assert_tensors_close({"output": torch.cat([first, second], 1), "final_state": last_state},
+                         {"output": full, "final_state": full_state}, FP32_TOLERANCE, backend)
 
 
 def test_empty_sequence_passes_state_through():
@@ -227,7 +220,7 @@ def test_constant_decay_gradient_reaches_head_tensor():
     reference, _ = linear_attention(q, k, v, log_decay=per_token, backend="naive")
     reference.square().sum().backward()
     assert decay.grad.shape == (3,)
-    assert relative_rmse(decay.grad, per_token.grad.sum((0, 1))) < FP32_TOLERANCE
+    assert relative_error(decay.grad, per_token.grad.sum((0, 1))) < FP32_TOLERANCE
 
 
 @pytest.mark.parametrize(
@@ -278,34 +271,23 @@ def test_triton_rejects_unsupported_head_dim():
 def test_triton_bf16_on_gpu(decay, head_dim):
     """bf16 at a realistic shape: error <= 5e-3 and <= 2x the plain PyTorch bf16 computation's error."""
     inputs, grad_output, grad_final = make_inputs(2, 2048, 4, head_dim, head_dim, decay)
-    scale = head_dim ** -0.5
     cuda = {name: (value.cuda() if value is not None else None) for name, value in inputs.items()}
-    grad_output, grad_final = grad_output.cuda(), grad_final.cuda()
-
-    def reference(**leaves):
-        return dense_reference(leaves["q"], leaves["k"], leaves["v"], leaves["log_decay"], scale, leaves["initial_state"])
-
-    def kernel(**leaves):
-        return linear_attention(leaves["q"], leaves["k"], leaves["v"], log_decay=leaves["log_decay"],
-                                initial_state=leaves["initial_state"], output_final_state=True, backend="triton")
-
-    expected = run_with_gradients(reference, cuda, grad_output, grad_final, torch.float64)
-    assert_half_precision_quality(kernel, reference, cuda, grad_output, grad_final, torch.bfloat16, expected)
+    assert_half_precision_quality(cuda, grad_output.cuda(), grad_final.cuda(), head_dim**-0.5, torch.bfloat16)
 
 
-def assert_half_precision_quality(kernel, reference, inputs, grad_output, grad_final, dtype, expected):
-    """Error <= 5e-3 and <= 2x that of the plain PyTorch evaluation of the parallel form in `dtype`."""
+def assert_half_precision_quality(inputs, grad_output, grad_final, scale, dtype):
+    """The Triton kernel in `dtype`: output, final state and every input gradient within 5e-3 of float64 and
+    within 2x the error of the plain PyTorch evaluation of the parallel form in `dtype`, tensor by tensor."""
+    reference = reference_function(scale)
 
     def plain(**leaves):
-        half = {name: (value.to(dtype) if value is not None else None) for name, value in leaves.items()}
-        return reference(**half)
+        return reference(**{name: (value.to(dtype) if value is not None else None) for name, value in leaves.items()})
 
-    actual = run_with_gradients(kernel, inputs, grad_output, grad_final, dtype)
+    expected = run_with_gradients(reference, inputs, grad_output, grad_final, torch.float64)
+    actual = run_with_gradients(kernel_function("triton"), inputs, grad_output, grad_final, dtype)
     baseline = run_with_gradients(plain, inputs, grad_output, grad_final, dtype)
-    for name, reference_value in expected.items():
-        error = relative_rmse(actual[name], reference_value)
-        baseline_error = relative_rmse(baseline[name], reference_value)
-        assert error <= 5e-3 and error <= 2 * baseline_error, f"{name}: {error:.2e} vs plain {dtype} {baseline_error:.2e}"
+    limits = {name: min(HALF_PRECISION_TOLERANCE, 2 * error) for name, error in tensor_errors(baseline, expected).items()}
+    assert_tensors_close(actual, expected, limits, f"triton {dtype} (limits: 2x plain {dtype}, at most 5e-3)")
 
 
 @needs_triton
@@ -317,17 +299,7 @@ def test_triton_float16_on_interpreter(monkeypatch):
 
     monkeypatch.setattr(triton_chunk, "DEFAULT_CHUNK_SIZE", 16)
     inputs, grad_output, grad_final = make_inputs(1, 40, 2, 32, 32, "token")
-    scale = 32**-0.5
-
-    def reference(**leaves):
-        return dense_reference(leaves["q"], leaves["k"], leaves["v"], leaves["log_decay"], scale, leaves["initial_state"])
-
-    def kernel(**leaves):
-        return linear_attention(leaves["q"], leaves["k"], leaves["v"], log_decay=leaves["log_decay"],
-                                initial_state=leaves["initial_state"], output_final_state=True, backend="triton")
-
-    expected = run_with_gradients(reference, inputs, grad_output, grad_final, torch.float64)
-    assert_half_precision_quality(kernel, reference, inputs, grad_output, grad_final, torch.float16, expected)
+    assert_half_precision_quality(inputs, grad_output, grad_final, 32**-0.5, torch.float16)
 
 
 # ------------------------------------------------------------------------------ chunk-parallel launch grids
@@ -382,7 +354,7 @@ if TRITON_ON_CPU:
 
 
 @pytest.mark.parametrize("backend, decay, with_final_gradient", SPLIT_CASES, ids=lambda value: str(value))
-def test_split_forward_backward_match_reference(backend, decay, with_final_gradient, nan_poisoned):
+def test_split_forward_backward_match_reference(backend, decay, with_final_gradient):
     """linear_attention_fwd / linear_attention_bwd (what LASP calls) against the float64 dense reference."""
     from spindle.kernels.linear_attn import linear_attention_bwd, linear_attention_fwd
 
@@ -391,11 +363,7 @@ def test_split_forward_backward_match_reference(backend, decay, with_final_gradi
     if not with_final_gradient:
         grad_final = torch.zeros_like(grad_final)
     scale = 0.3
-
-    def reference(**leaves):
-        return dense_reference(leaves["q"], leaves["k"], leaves["v"], leaves["log_decay"], scale, leaves["initial_state"])
-
-    expected = run_with_gradients(reference, inputs, grad_output, grad_final, torch.float64)
+    expected = run_with_gradients(reference_function(scale), inputs, grad_output, grad_final, torch.float64)
     dtype = torch.float32 if backend == "triton" else torch.float64
     cast = {name: value.to(dtype) for name, value in inputs.items()}
     output, final, residuals = linear_attention_fwd(
@@ -405,10 +373,7 @@ def test_split_forward_backward_match_reference(backend, decay, with_final_gradi
     grads = linear_attention_bwd(grad_output.to(dtype), grad_final.to(dtype) if with_final_gradient else None, residuals)
     names = ["grad_q", "grad_k", "grad_v", "grad_log_decay", "grad_initial_state"]
     actual = {"output": output, "final_state": final, **dict(zip(names, grads))}
-    tolerance = FP32_TOLERANCE if dtype == torch.float32 else 1e-12
-    for name, value in expected.items():
-        assert actual[name].shape == value.shape, name
-        assert relative_rmse(actual[name], value) <= tolerance, f"{backend} {name}: {relative_rmse(actual[name], value):.2e}"
+    assert_tensors_close(actual, expected, FP32_TOLERANCE if dtype == torch.float32 else 1e-12, backend)
 
 
 # ------------------------------------------------------------------------------ backend switch
@@ -482,13 +447,13 @@ def test_minus_inf_log_decay_is_a_reset(backend, kind):
         assert (log_decay.grad[:, 21] == 0).all()
         fresh, fresh_final = linear_attention(q[:, 21:], k[:, 21:], v[:, 21:], log_decay=log_decay.detach()[:, 21:],
                                               output_final_state=True, backend="naive")
-        assert relative_rmse(output[:, 21:].detach(), fresh) <= tolerance
-        assert relative_rmse(final, fresh_final) <= tolerance
+        assert_tensors_close({"output after the reset": output[:, 21:], "final_state": final},
+                             {"output after the reset": fresh, "final_state": fresh_final}, tolerance, backend)
     else:
         assert log_decay.grad[1] == 0
         # head 1 forgets everything: each output sees only its own key
         own = (q[:, :, 1] * k[:, :, 1]).sum(-1, keepdim=True) * v[:, :, 1] * 16**-0.5
-        assert relative_rmse(output[:, :, 1].detach(), own) <= tolerance
+        assert relative_error(output[:, :, 1], own) <= tolerance
 
 
 @pytest.mark.parametrize("backend", _available_backends())
