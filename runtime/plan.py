@@ -268,6 +268,8 @@ class Layout:
     offload_optimizer: bool
     compute_bytes: int
     """Bytes per activation element: 2 under bf16 autocast, 4 in fp32."""
+    device_type: str = "cuda"
+    """The device whose kernels the plan assumes (kernel_backends): "cuda" or "cpu"."""
 
     @property
     def world_size(self) -> int:
@@ -299,8 +301,11 @@ class Layout:
         return 2 if self.cp_layout == "zigzag" and self.cp > 1 else 1
 
 
-def layout_of(config: Config, world_size: int | None = None) -> Layout:
-    """Degrees and batch split of a validated config; ``world_size`` resolves parallel.dp = -1."""
+def layout_of(config: Config, world_size: int | None = None, device_type: str = "cuda") -> Layout:
+    """Degrees and batch split of a validated config; ``world_size`` resolves parallel.dp = -1;
+    ``device_type`` ("cuda" or "cpu") picks the kernels whose saved tensors the plan counts."""
+    if device_type not in ("cuda", "cpu"):
+        raise ValueError(f"device_type={device_type!r}: expected 'cuda' or 'cpu'.")
     parallel = config.parallel
     if parallel.dp == -1 and world_size is None:
         raise ValueError("parallel.dp = -1 infers dp from the number of GPUs, which the plan needs: pass it "
@@ -314,7 +319,7 @@ def layout_of(config: Config, world_size: int | None = None) -> Layout:
         cp_layout=parallel.cp_layout, cp_linear=parallel.cp_linear, cp_softmax=parallel.cp_softmax,
         dp_engine=parallel.dp_engine, zero_stage=parallel.zero_stage,
         offload_optimizer=parallel.offload_optimizer,
-        compute_bytes=4 if config.train.precision == "fp32" else 2)
+        compute_bytes=4 if config.train.precision == "fp32" else 2, device_type=device_type)
 
 
 def checkpointed(kind: str, policy: str) -> bool:
@@ -408,63 +413,157 @@ class LayerActivations:
     """Context-parallel buffers alive during the layer's forward or backward only."""
 
 
-def _norm_saved(dim: int, layout: Layout, readers: int) -> float:
-    """Per token, what RMSNorm (computed in fp32) and the matmuls reading it keep: its fp32 input
-    (the residual itself, or an fp32 copy of a bf16 residual), 1/rms (4 B), the normalized tensor (in
-    the residual's dtype), and the output the ``readers`` matmuls save: under autocast over fp32
-    weights each makes its own bf16 cast, otherwise they share the output."""
-    x_bytes = layout.residual_bytes
-    if readers == 0:
-        output = 0
-    elif layout.autocast and x_bytes == 4:
-        output = readers * 2 * dim
-    else:
-        output = x_bytes * dim
-    return 4 * dim + 4 + x_bytes * dim + output
+# Activation bytes are read off the model: one block of each kind runs forward on fake tensors (values-less
+# tensors on the CPU device, FakeTensorMode, so autocast applies as in training) with the target device's
+# kernel backends forced; the kernels allocate and keep exactly what they keep on that device and compute
+# nothing (kernels/shapes.py). Saved-tensor hooks collect what autograd keeps; distinct storages are summed,
+# weights and their autocast copies (counted as model state) and the shared RoPE tables (counted once) left
+# out. Two lengths give the bytes as constant + per_token · T, exact at multiples of the chunk size.
+SAVED_LENGTHS = (2 * LINEAR_CHUNK, 4 * LINEAR_CHUNK)
+_SAVED_CACHE: dict = {}
 
 
-def _mixer_saved_per_token(kind: str, shape: Shape, layout: Layout) -> float:
-    """Per token, tensors the token mixer keeps for backward (q/k/v/o as the GPU kernels save them)."""
-    e, tp = layout.compute_bytes, layout.tp
-    hidden, heads = shape.heads * shape.head_dim / tp, shape.heads / tp
-    if kind in "ARS":
-        kv = 2 * shape.kv_heads * shape.head_dim / tp
-        # rotated q, k and v, the output o (also out_proj's input), fp32 log-sum-exp
-        saved = (hidden + kv) * e + hidden * e + 4 * heads
-        if kind == "R":
-            saved += _rattention_residual_saved(hidden, kv / 2, heads, e)
-        return saved
-    saved = 3 * hidden * e  # q, k, v as the kernel keeps them
-    if shape.feature_map != "identity":
-        saved += 2 * hidden * e  # q, k before the feature map
-    if shape.decay == "data":
-        # fp32 gate logits, logsigmoid's buffer, the log-decay the kernel keeps; the gate runs outside
-        # autocast in the weights' dtype, so with fp32 weights it keeps the fp32 norm output as well
-        saved += 3 * 4 * heads + (4 * shape.dim if layout.autocast and not layout.bf16_parameters else 0)
-    saved += 4 * hidden + 4 * heads + 2 * hidden * e  # output RMSNorm: fp32 input, 1/rms, normalized, output
-    gate = 2 if shape.output_gate == "silu" else 1
-    saved += gate * hidden * e + hidden * e  # gate activation(s), o·gate (out_proj's input)
-    return saved
+@dataclass(frozen=True)
+class SavedBytes:
+    """Bytes one block (or the final norm) keeps for backward, for a micro-batch of one sequence."""
+
+    constant: float
+    """Independent of T (e.g. a constant per-head decay)."""
+    per_token: float
+
+    def at(self, batch: int, tokens: int) -> float:
+        return self.constant + batch * tokens * self.per_token
 
 
-def _rattention_residual_saved(hidden: float, kv_hidden: float, heads: float, e: int) -> float:
-    """Per token, what R's linear branch adds (docs/rattention.md): φ(q) and φ(k) (2·D features each),
-    k and v repeated over the query heads for the kernel, its output, the two branch norms (fp32
-    input, 1/rms, normalized) and their sum (out_proj's input)."""
-    features = 2 * hidden + 2 * kv_hidden + 2 * hidden + hidden
-    norms = 2 * (4 * hidden + 4 * heads + hidden * e)
-    return features * e + hidden * e + norms + hidden * e
+def kernel_backends(shape: Shape, layout: Layout) -> tuple[str, str | None]:
+    """(linear-attention, softmax-attention) backends the layout's device runs, as their "auto" picks them:
+    CUDA: the Triton kernel for head dims 16-256 (else the torch path) and flash-attn for bf16; CPU: the
+    torch path. Otherwise softmax attention is None, "auto" on the (CPU) fake tensors: sdpa_cpu, or math
+    for windows; for fp32 on a GPU that stands for the memory-efficient kernel (o and lse alike) and math."""
+    if layout.device_type == "cpu":
+        return "torch", None
+    linear = "triton" if 16 <= shape.head_dim <= 256 else "torch"
+    return linear, ("flash_attn" if layout.autocast else None)
 
 
-def _layer_saved_per_token(kind: str, shape: Shape, layout: Layout) -> float:
-    """Per token, everything a non-checkpointed block keeps: the mixer half and the MLP half, each
-    with its norm (which holds the block input and the mid-block residual, or fp32 copies of them)."""
-    dim, ffn = shape.dim, shape.ffn_dim / layout.tp
-    readers = 3 if kind in "ARS" else 4  # q, k, v (and the output gate) read the mixer norm's output
-    mixer = _norm_saved(dim, layout, readers) + _mixer_saved_per_token(kind, shape, layout)
-    # MLP: norm (gate and up read it), gate output, silu(gate), up, their product (down's input)
-    mlp = _norm_saved(dim, layout, 2) + 4 * ffn * layout.compute_bytes
-    return mixer + mlp
+def saved_tensor_bytes(run, module, shared=()) -> int:
+    """Bytes of the distinct storages autograd saves while ``run()`` executes, leaving out ``module``'s
+    parameters, tensors derived from one parameter alone (autocast's weight copies, transposes) and the
+    ``shared`` tensors. Works on real and on fake tensors."""
+    import torch
+
+    parameters = {id(parameter) for parameter in module.parameters()}
+    excluded = {_storage_key(tensor) for tensor in (*module.parameters(), *shared)}
+    kept: list = []  # keeps every saved tensor alive, so no storage is reused while counting
+
+    def pack(tensor):
+        kept.append(tensor)
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        run()
+    storages = {_storage_key(tensor): tensor.untyped_storage().nbytes() for tensor in kept
+                if _storage_key(tensor) not in excluded and not _from_one_parameter(tensor, parameters)}
+    return sum(storages.values())
+
+
+def _storage_key(tensor) -> int:
+    return tensor.untyped_storage()._cdata  # the storage's identity, also for fake and meta tensors
+
+
+def _from_one_parameter(tensor, parameters: set[int]) -> bool:
+    """A cast or view of a parameter: the autograd chain from ``tensor`` has one input per step and ends at
+    a parameter's accumulator."""
+    node = tensor.grad_fn
+    while node is not None:
+        variable = getattr(node, "variable", None)  # AccumulateGrad
+        if variable is not None:
+            return id(variable) in parameters
+        inputs = [edge for edge, _ in node.next_functions if edge is not None]
+        if len(inputs) != 1:
+            return False
+        node = inputs[0]
+    return False
+
+
+def block_saved_bytes(kind: str, shape: Shape, layout: Layout, *, recomputed: bool = False) -> SavedBytes:
+    """What one block of ``kind`` keeps for backward on one rank (tp-sharded), per kernel_backends; with
+    ``recomputed`` (activation checkpointing) what torch.utils.checkpoint keeps instead. ``kind`` "norm":
+    the final norm."""
+    if shape.model is None:
+        raise ValueError("block_saved_bytes: the Shape has no model config; build it with shape_of(config)")
+    backends = kernel_backends(shape, layout)
+    key = (repr(shape.model), kind, layout.tp, layout.autocast, layout.bf16_parameters, backends)
+    if key not in _SAVED_CACHE:
+        _SAVED_CACHE[key] = _measure_block(shape.model, kind, layout, backends)
+    return _SAVED_CACHE[key][recomputed]
+
+
+def _measure_block(model_config: ModelConfig, kind: str, layout: Layout,
+                   backends: tuple[str, str | None]) -> tuple[SavedBytes, SavedBytes]:
+    """(kept, kept under activation checkpointing), each fitted over SAVED_LENGTHS; one fake model."""
+    import contextlib
+
+    import torch
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from spindle.kernels import attn, linear_attn
+    from spindle.runtime.model import HybridModel
+
+    linear, attention = backends
+    dtype = torch.bfloat16 if layout.bf16_parameters else torch.float32
+    with FakeTensorMode(), contextlib.ExitStack() as stack:
+        model = HybridModel(dataclasses.replace(model_config, layers="L" if kind == "norm" else kind, n_layers=1))
+        module = model.norm if kind == "norm" else model.layers[0]
+        _shard_for_tensor_parallel(module, layout.tp)
+        if layout.bf16_parameters:
+            _cast_parameters(module, torch.bfloat16)
+        stack.enter_context(linear_attn.force_backend(linear))
+        if attention is not None:
+            stack.enter_context(attn.force_backend(attention))
+        stack.enter_context(torch.autocast("cpu", dtype=torch.bfloat16, enabled=layout.autocast))
+        fits = []
+        for recomputed in (False, True):
+            module.recompute = recomputed  # DecoderBlock: through torch.utils.checkpoint
+            samples = []
+            for length in SAVED_LENGTHS:
+                x = torch.empty(1, length, model_config.dim, dtype=dtype, requires_grad=True)
+                rotary = model.rotary(torch.arange(length), dtype)
+                run = (lambda: module(x)) if kind == "norm" else (lambda: module(x, rotary))
+                samples.append(saved_tensor_bytes(run, module, rotary))
+            (t1, t2), (bytes1, bytes2) = SAVED_LENGTHS, samples
+            per_token = (bytes2 - bytes1) / (t2 - t1)
+            fits.append(SavedBytes(bytes1 - per_token * t1, per_token))
+    return fits[0], fits[1]
+
+
+def _shard_for_tensor_parallel(module, tp: int) -> None:
+    """This rank's shard of a block, as parallel/parallelize.py's plans leave it: q/k/v/gate/decay and the
+    MLP's gate/up column-wise, the output projections row-wise, the per-head decay slopes by head."""
+    if tp == 1 or not hasattr(module, "mixer"):
+        return
+    from torch import nn
+
+    mixer, mlp = module.mixer, module.mlp
+    columns = [getattr(mixer, name, None) for name in ("q_proj", "k_proj", "v_proj", "gate_proj", "decay_proj")]
+    for linear, axis in [(c, 0) for c in columns + [mlp.gate_proj, mlp.up_proj] if c is not None] + [
+            (mixer.out_proj, 1), (mlp.down_proj, 1)]:
+        sizes = list(linear.weight.shape)
+        sizes[axis] //= tp
+        linear.weight = nn.Parameter(linear.weight.new_empty(sizes))
+        if axis == 0 and linear.bias is not None:
+            linear.bias = nn.Parameter(linear.bias.new_empty(sizes[0]))
+    if getattr(mixer, "log_decay_slopes", None) is not None:
+        mixer.log_decay_slopes = mixer.log_decay_slopes.chunk(tp)[0].clone()
+
+
+def _cast_parameters(module, dtype) -> None:
+    """FSDP2's bf16 MixedPrecisionPolicy: the forward sees the parameters (not the buffers) in ``dtype``."""
+    from torch import nn
+
+    for owner in module.modules():
+        for name, parameter in list(owner.named_parameters(recurse=False)):
+            setattr(owner, name, nn.Parameter(parameter.detach().to(dtype)))
 
 
 def _workspace_per_token(kind: str, shape: Shape, layout: Layout) -> float:
@@ -531,34 +630,15 @@ def allgather_kv_bytes(shape: Shape, layout: Layout) -> float:
     return 2 * layout.micro_batch * layout.seq_len * shape.kv_heads / layout.tp * shape.head_dim * layout.compute_bytes
 
 
-def linear_kernel_keeps_states() -> bool:
-    """Does the Triton linear-attention kernel keep its chunk states for backward? Read off the kernel's
-    own default (``recompute_states``), which the model's layers do not override."""
-    import inspect
-
-    from spindle.kernels import linear_attention
-
-    parameter = inspect.signature(linear_attention).parameters.get("recompute_states")
-    return parameter is not None and parameter.default is False
-
-
-def _linear_kernel_states(kind: str, shape: Shape, layout: Layout) -> float:
-    """fp32 chunk states [B, H, ceil(n / C), d, d] the single-device kernel keeps (under CP the LASP ops
-    call it without autograd and keep only their inputs and incoming states)."""
-    if kind != "L" or layout.cp > 1 or not linear_kernel_keeps_states():
-        return 0.0
-    chunks = -(-layout.local_tokens // LINEAR_CHUNK)
-    return layout.micro_batch * shape.heads / layout.tp * chunks * shape.head_dim**2 * 4
-
-
 def layer_activations(kind: str, shape: Shape, layout: Layout) -> LayerActivations:
     tokens = layout.micro_batch * layout.local_tokens
     comm_saved, comm_transient = _context_parallel_memory(kind, shape, layout)
     # the largest weight gradient is produced in the compute dtype, then accumulated in fp32
     largest_matrix = max(shape.dim * shape.ffn_dim, shape.dim * shape.heads * shape.head_dim) / layout.tp
+    batch, length = layout.micro_batch, layout.local_tokens
     return LayerActivations(
-        saved=tokens * _layer_saved_per_token(kind, shape, layout) + _linear_kernel_states(kind, shape, layout),
-        checkpoint=tokens * layout.residual_bytes * shape.dim,
+        saved=block_saved_bytes(kind, shape, layout).at(batch, length),
+        checkpoint=block_saved_bytes(kind, shape, layout, recomputed=True).at(batch, length),
         workspace=tokens * _workspace_per_token(kind, shape, layout) + largest_matrix * (layout.compute_bytes + 4),
         comm_saved=comm_saved, comm_transient=comm_transient)
 
@@ -590,7 +670,7 @@ def activation_memory(shape: Shape, layout: Layout) -> ActivationMemory:
     if shape.softmax_layers + shape.window_layers:
         saved += tokens * shape.head_dim * 4  # RoPE cos and sin tables, fp32, shared by all layers
     # final norm (its input, internals; its output is not saved) and the loss's fp32 d(hidden), d(weight)
-    final_norm = tokens * _norm_saved(shape.dim, layout, 0)
+    final_norm = block_saved_bytes("norm", shape, layout).at(layout.micro_batch, layout.local_tokens)
     loss = final_norm + tokens * shape.dim * 4 + shape.vocab_size * shape.dim * 4
     chunk = min(LOSS_CHUNK_TOKENS, tokens) * shape.vocab_size * 8  # fp32 logits + fp32 softmax gradient
     uses_allgather = shape.softmax_layers and layout.cp > 1 and layout.cp_softmax == "allgather"
@@ -1108,15 +1188,16 @@ class Plan:
 
 def make_plan(config: Config, gpu: str | GpuSpec = "h200", *,
               inter_node_gbps: float = DEFAULT_INTER_NODE_GBPS, world_size: int | None = None,
-              efficiency: float = DEFAULT_EFFICIENCY) -> Plan:
-    """Memory, communication, FLOPs and step time of a validated config on ``gpu``."""
+              efficiency: float = DEFAULT_EFFICIENCY, device_type: str = "cuda") -> Plan:
+    """Memory, communication, FLOPs and step time of a validated config on ``gpu``; ``device_type`` "cpu"
+    counts the activations of the CPU kernels instead of the GPU ones (a CPU run's peak)."""
     spec = gpu_spec(gpu)
     if not 0 < efficiency <= 1:
         raise ValueError(f"efficiency={efficiency!r} must be in (0, 1]: the fraction of peak FLOP/s reached.")
     if not inter_node_gbps > 0:
         raise ValueError(f"inter_node_gbps={inter_node_gbps!r} must be positive (GB/s per GPU between nodes).")
     network = network_for(spec, inter_node_gbps)
-    shape, layout = shape_of(config), layout_of(config, world_size)
+    shape, layout = shape_of(config), layout_of(config, world_size, device_type)
     return Plan(gpu=spec, network=network, shape=shape, layout=layout,
                 parameters=parameter_counts(shape).total, memory=memory_plan(shape, layout, spec),
                 communication=communication(shape, layout), flops=flops(shape, layout),

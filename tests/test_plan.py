@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -17,7 +18,13 @@ from spindle.runtime import plan
 from spindle.runtime.config import Config, DataConfig, ModelConfig, ParallelConfig, TrainConfig, load_config
 from spindle.runtime.model import HybridModel
 
+if not torch.cuda.is_available():
+    # the Triton kernels' saved tensors are checked in the interpreter; must precede the first `import triton`
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 REPO = Path(__file__).resolve().parents[1]
+needs_triton = pytest.mark.skipif(not kernels.linear_attn.triton_available(torch.device("cpu")),
+                                  reason="needs triton (run with TRITON_INTERPRET=1)")
 PRESETS = [REPO / "configs" / "hybrid-1m-1gpu.yaml", REPO / "configs" / "linear-llama3-8b-2m-64gpu.yaml"]
 
 
@@ -116,40 +123,23 @@ def test_autocast_weight_copies_only_without_bf16_parameters() -> None:
 # ---------------------------------------------------------------------------------------------
 # Activations: the per-block byte counts equal what autograd saves
 # ---------------------------------------------------------------------------------------------
-class _LinearKernelSaves(torch.autograd.Function):
-    """Saves what the GPU linear-attention kernel saves (q, k, v, and g when given); the output comes
-    from the real op. The CPU chunked path keeps more internals, which the plan does not model."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, log_decay):  # type: ignore[override]
-        batch, length, heads, dim = q.shape
-        kept = [] if not plan.linear_kernel_keeps_states() else [  # fp32 chunk states, one per chunk
-            torch.zeros(batch, heads, -(-length // plan.LINEAR_CHUNK), dim, v.shape[-1], dtype=torch.float32)]
-        ctx.save_for_backward(q, k, v, *(() if log_decay is None or log_decay.dim() == 1 else (log_decay,)), *kept)
-        with torch.no_grad():
-            return kernels.linear_attention(q, k, v, log_decay=log_decay)[0]
-
-    @staticmethod
-    def backward(ctx, grad):  # type: ignore[override]
-        raise AssertionError("not used")
-
-
-def saved_bytes_of_block(config: Config, kind: str, *, bf16_weights: bool) -> int:
-    """Bytes of distinct activation storages one block saves for backward (weights and their casts,
-    and the shared RoPE tables, excluded)."""
+def real_saved_bytes(config: Config, kind: str, *, bf16_weights: bool, recompute: bool = False,
+                     linear_backend: str = "auto") -> int:
+    """Bytes of the distinct storages one block saves for backward in a real CPU forward (real tensors, the
+    kernels themselves), counted without the planner's help: the parameters' storages, bf16 tensors of a
+    weight's shape (autocast's weight copies) and the shared RoPE tables are left out."""
     torch.manual_seed(0)
     model = HybridModel(config.model)
     block = model.layers[config.model.layers.index(kind)]
-    if kind == "L":
-        block.mixer.sequence_op = lambda q, k, v, log_decay=None, scale=None: _LinearKernelSaves.apply(q, k, v, log_decay)
-    # softmax layers run the real op: its autograd Function saves q, k, v, o and lse on every backend
-    weight_dtype = torch.bfloat16 if bf16_weights else torch.float32
-    block.to(weight_dtype)
-    tokens = config.data.seq_len
-    x = torch.randn(1, tokens, config.model.dim, dtype=weight_dtype, requires_grad=True)
-    rotary = model.rotary(torch.arange(tokens), torch.float32)
-    excluded = {t.untyped_storage().data_ptr() for t in rotary}
-    # weights are saved as (transposed) views of the parameters or as bf16 casts of the same shapes
+    dtype = torch.bfloat16 if bf16_weights else torch.float32
+    for owner in block.modules():  # FSDP2's bf16 policy: parameters in bf16, buffers as they are
+        for name, parameter in list(owner.named_parameters(recurse=False)):
+            setattr(owner, name, torch.nn.Parameter(parameter.detach().to(dtype)))
+    block.recompute = recompute
+    length = config.data.seq_len
+    x = torch.randn(1, length, config.model.dim, dtype=dtype, requires_grad=True)
+    rotary = model.rotary(torch.arange(length), dtype)
+    excluded = {t.untyped_storage().data_ptr() for t in (*rotary, *block.parameters())}
     weight_shapes = {tuple(p.shape) for p in block.parameters()} | {tuple(p.shape)[::-1] for p in block.parameters()}
     kept: list[torch.Tensor] = []  # keeps every saved tensor alive, so no storage is reused mid-count
 
@@ -158,48 +148,75 @@ def saved_bytes_of_block(config: Config, kind: str, *, bf16_weights: bool) -> in
         return tensor
 
     autocast = config.train.precision == "bf16"
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+    with kernels.linear_attn.force_backend(linear_backend), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
             block(x, rotary)
     storages = {}
     for tensor in kept:
-        if tensor.untyped_storage().data_ptr() in excluded or tuple(tensor.shape) in weight_shapes:
+        weight_copy = autocast and tensor.dtype == torch.bfloat16 and tuple(tensor.shape) in weight_shapes
+        if tensor.untyped_storage().data_ptr() in excluded or weight_copy:
             continue
         storages[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
     return sum(storages.values())
 
 
-# decay and feature map only change linear layers
-BLOCK_CASES = [("L", {}), ("A", {}), ("L", {"decay": "data", "feature_map": "silu"}),
-               ("L", {"decay": "none", "output_gate": "silu"})]
-
-
-@pytest.mark.parametrize("precision,replicas", [("fp32", 1), ("bf16", 1), ("bf16", 2)],
-                         ids=["fp32", "autocast-fp32-weights", "fsdp-bf16-weights"])
-@pytest.mark.parametrize("kind,variant", BLOCK_CASES, ids=["L", "A", "L-data-silu", "L-silu-gate"])
-def test_block_activation_bytes_equal_saved_tensors(precision: str, replicas: int, kind: str, variant: dict) -> None:
-    # 37 tokens and widths 64/96 keep activation shapes distinct from weight shapes
-    config = make_config(layers="LA", n_layers=2, dim=64, heads=4, kv_heads=2, ffn_dim=96, seq_len=37,
+def block_config(kind_variant: dict, precision: str, replicas: int, seq_len: int) -> Config:
+    # widths 64/96 keep activation shapes distinct from weight shapes; window 16 for R and S
+    config = make_config(layers="LARS", n_layers=4, dim=64, heads=4, kv_heads=2, ffn_dim=96, seq_len=seq_len,
                          precision=precision, dp=replicas, global_batch=replicas)
-    config = dataclasses.replace(config, model=dataclasses.replace(config.model, **variant))
-    layout = plan.layout_of(config)
-    assert layout.bf16_parameters == (replicas > 1)
-    measured = saved_bytes_of_block(config, kind, bf16_weights=layout.bf16_parameters)
+    return dataclasses.replace(config, model=dataclasses.replace(config.model, window=16, **kind_variant))
+
+
+# decay and feature map only change linear layers
+BLOCK_CASES = {"L": ("L", {}), "A": ("A", {}), "R": ("R", {}), "S": ("S", {}),
+               "L-data-silu": ("L", {"decay": "data", "feature_map": "silu"}),
+               "L-silu-gate": ("L", {"decay": "none", "output_gate": "silu"})}
+PRECISIONS = {"fp32": ("fp32", 1), "autocast-fp32-weights": ("bf16", 1), "fsdp-bf16-weights": ("bf16", 2)}
+
+
+# every precision for L and A; the variants and window layers once each (the same code paths)
+CPU_CASES = [(case, precision) for case in ("L", "A") for precision in PRECISIONS] + [
+    ("L-data-silu", "autocast-fp32-weights"), ("L-silu-gate", "fp32"), ("R", "autocast-fp32-weights"),
+    ("S", "fsdp-bf16-weights")]
+
+
+@pytest.mark.parametrize("case,precision", CPU_CASES, ids=[f"{case}-{precision}" for case, precision in CPU_CASES])
+def test_block_bytes_equal_a_real_cpu_forward(case: str, precision: str) -> None:
+    """The planner's bytes for the CPU kernels (fake tensors, backends forced) equal what a real CPU forward
+    of the block saves, without and with activation checkpointing; 192 tokens: three chunks of 64."""
+    kind, variant = BLOCK_CASES[case]
+    config = block_config(variant, *PRECISIONS[precision], seq_len=192)
+    layout = plan.layout_of(config, device_type="cpu")
+    layer = plan.layer_activations(kind, plan.shape_of(config), layout)
+    assert layer.saved == real_saved_bytes(config, kind, bf16_weights=layout.bf16_parameters)
+    assert layer.checkpoint == real_saved_bytes(config, kind, bf16_weights=layout.bf16_parameters, recompute=True)
+
+
+@needs_triton
+@pytest.mark.parametrize("case", ["L", "L-data-silu", "R"])
+def test_block_bytes_equal_the_triton_kernels_forward(case: str) -> None:
+    """The planner's bytes for the GPU kernels equal what the real Triton linear-attention kernels save, run
+    under TRITON_INTERPRET=1 at 128 tokens (two chunks); softmax attention saves q, k, v, o and lse on every
+    backend, so the CPU one stands in for flash-attn here."""
+    kind, variant = BLOCK_CASES[case]
+    config = block_config(variant, "fp32", 1, seq_len=128)
+    layout = plan.layout_of(config, device_type="cuda")
+    assert plan.kernel_backends(plan.shape_of(config), layout)[0] == "triton"
     planned = plan.layer_activations(kind, plan.shape_of(config), layout).saved
-    assert measured == planned
+    assert planned == real_saved_bytes(config, kind, bf16_weights=False, linear_backend="triton")
 
 
 def test_linear_block_bytes_by_hand() -> None:
     # fp32, tp 1, dim 64, 4 heads of 16, ffn 128, per token: block input and mid residual 2·4·64;
     # two norms (1/rms 4 B, normalized 4·64, shared output 4·64); q, k, v 3·4·64; output norm
-    # fp32 input 4·64 + 1/rms 4·4 + normalized and output 2·4·64; gate and o·gate 2·4·64; MLP 4·4·128
-    # and, when the kernel keeps them, fp32 chunk states: 4 heads · ceil(1000 / 64) chunks · 16 · 16 · 4 B
+    # fp32 input 4·64 + 1/rms 4·4 + normalized and output 2·4·64; gate and o·gate 2·4·64; MLP 4·4·128;
+    # the Triton kernel's fp32 chunk states: 4 heads · 1024 / 64 chunks · 16 · 16 · 4 B; its [H] decay 4·4 B
     per_token = 2 * 256 + 2 * (4 + 2 * 256) + 3 * 256 + (256 + 16 + 2 * 256) + 2 * 256 + 4 * 4 * 128
-    states = 4 * 16 * 16 * 16 * 4 if plan.linear_kernel_keeps_states() else 0
-    config = make_config(layers="L", n_layers=1, precision="fp32", seq_len=1000)
+    states, decay = 4 * 16 * 16 * 16 * 4, 4 * 4
+    config = make_config(layers="L", n_layers=1, precision="fp32", seq_len=1024)
     layer = plan.layer_activations("L", plan.shape_of(config), plan.layout_of(config))
-    assert layer.saved == 1000 * per_token + states
-    assert layer.checkpoint == 1000 * 4 * 64
+    assert layer.saved == 1024 * per_token + states + decay
+    assert layer.checkpoint == 1024 * 4 * 64
 
 
 def test_checkpointing_keeps_only_block_inputs() -> None:
@@ -220,13 +237,12 @@ def test_checkpointing_keeps_only_block_inputs() -> None:
 
 
 def test_activations_are_linear_in_sequence_length() -> None:
-    """Flash-style kernels: nothing O(T²) is kept, softmax layers included."""
+    """Flash-style kernels: nothing O(T²) is kept, softmax layers included (the constant: [H] decays)."""
     for layers in ("A", "LLLA"):
-        short = plan.activation_memory(plan.shape_of(make_config(layers=layers)),
-                                       plan.layout_of(make_config(layers=layers, seq_len=4096)))
-        long = plan.activation_memory(plan.shape_of(make_config(layers=layers)),
-                                      plan.layout_of(make_config(layers=layers, seq_len=8192)))
-        assert long.saved == 2 * short.saved
+        saved = [plan.activation_memory(plan.shape_of(make_config(layers=layers)),
+                                        plan.layout_of(make_config(layers=layers, seq_len=length))).saved
+                 for length in (4096, 8192, 12288)]
+        assert saved[2] - saved[1] == saved[1] - saved[0] > 0
 
 
 def test_allgather_kv_transient() -> None:
@@ -557,7 +573,7 @@ def measured_and_planned_peak(overrides: list[str]) -> tuple[int, float]:
                                 config.train.global_batch, config.train.micro_batch, 0, 1)
         for step in range(2):  # the second step has AdamW's states from the first
             train_step(model, optimizer, batches.micro_batches(step), context, lr=1e-3, grad_clip=1.0, precision=None)
-    return probe.peak, plan.make_plan(config).memory.total
+    return probe.peak, plan.make_plan(config, device_type="cpu").memory.total
 
 
 @pytest.mark.parametrize("case", list(MEMORY_CASES))

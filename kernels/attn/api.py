@@ -8,6 +8,7 @@ from collections.abc import Iterator
 
 import torch
 
+from ..shapes import shapes_only
 from . import gpu
 from .masks import MaskSpec, build_mask_spec, check_cu_seqlens, check_window
 from .math import attention_backward_math, attention_forward_math
@@ -88,10 +89,14 @@ def resolve_backend(backend: str, q: torch.Tensor, window: int | None = None, do
         raise ValueError(f"attention: unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     if backend == "auto":
         backend = _requested_backend() or "auto"
-    if backend == "auto":
-        return next(name for name in AUTO_ORDER
-                    if unsupported_reason(name, q, window, documents, key_length, causal) is None)
+    if backend == "auto":  # meta tensors have no device to choose for: math (which runs, and counts FLOPs, on them)
+        order = ("math",) if q.device.type == "meta" else AUTO_ORDER
+        return next(name for name in order if unsupported_reason(name, q, window, documents, key_length, causal) is None)
     reason = unsupported_reason(backend, q, window, documents, key_length, causal)
+    if reason is not None and shapes_only(q) and backend in gpu.KERNELS and "window" not in reason:
+        # a fused kernel named for shapes-only tensors (kernels/shapes.py): they stand for its device, so only
+        # its dtype and head-dim limits apply
+        reason = None if gpu.meta_supports(backend, q) else f"cannot take {q.dtype} inputs with head_dim {q.shape[-1]}"
     if reason is not None:
         raise ValueError(f"attention: backend={backend!r} {reason}")
     return backend
@@ -174,7 +179,7 @@ def _kernel_forward(call: _Call, q, k, v):
     """(o, lse) from the chosen backend, with leading empty rows set to o = 0, lse = -inf."""
     if call.backend == "math":
         return attention_forward_math(q, k, v, call.causal, call.scale, call.spec)
-    forward = gpu.KERNELS[call.backend][0]
+    forward = gpu.meta_forward if shapes_only(q) else gpu.KERNELS[call.backend][0]
     skip = empty_query_rows(q.shape[1], k.shape[1], call.causal)
     if skip == 0:  # the common case: no copies around the kernel
         return forward(q.contiguous(), k.contiguous(), v.contiguous(), call.causal, call.scale, call.window,
@@ -193,7 +198,7 @@ def _kernel_backward(call: _Call, q, k, v, o, lse, do, dlse=None, accumulate_fp3
     if call.backend == "math" or call.backend == "naive" or dlse is not None:
         return attention_backward_math(q, k, v, o, lse, do, call.causal, call.scale, dlse, call.spec)
     skip = empty_query_rows(q.shape[1], k.shape[1], call.causal)
-    backward = gpu.KERNELS[call.backend][1]
+    backward = gpu.meta_backward if shapes_only(q) else gpu.KERNELS[call.backend][1]
     if skip == q.shape[1]:
         return tuple(torch.zeros(t.shape, dtype=torch.float32, device=t.device) for t in (q, k, v))
     rows = slice(skip, None)

@@ -376,6 +376,31 @@ def sdpa_cpu_backward(q, k, v, o, lse, do, causal: bool, scale: float, window=No
     return tuple(grad.transpose(1, 2).contiguous() for grad in grads[:3])
 
 
+# ----------------------------------------------------------------------------------------------------
+# Shapes-only tensors (kernels/shapes.py): what every kernel above returns, allocated and not computed. The
+# planner runs the model on such tensors with a fused backend forced, so the autograd Function saves exactly
+# the tensors (o and the fp32 lse beside q, k, v) it saves on the GPU.
+
+
+def meta_supports(name: str, q: torch.Tensor) -> bool:
+    """The dtype and head-dim limits of kernel `name` on the device it runs on (shapes-only inputs stand for it)."""
+    if name in ("flash_attn3", "flash_attn", "sdpa"):
+        return q.dtype in _HALF_DTYPES and q.shape[-1] <= 256 and q.shape[-1] % 8 == 0
+    if name == "sdpa_efficient":
+        return q.dtype in (torch.float16, torch.bfloat16, torch.float32) and q.shape[-1] % 8 == 0
+    return q.dtype in (torch.float16, torch.bfloat16, torch.float32)  # sdpa_cpu
+
+
+def meta_forward(q, k, v, causal: bool, scale: float, window=None, documents=None):
+    """(o [B, Tq, H, Dv] in the dtype of q, lse fp32 [B, H, Tq]), as every fused forward returns them."""
+    output = torch.empty(*q.shape[:3], v.shape[-1], dtype=q.dtype, device=q.device)
+    return output, torch.empty(q.shape[0], q.shape[2], q.shape[1], dtype=torch.float32, device=q.device)
+
+
+def meta_backward(q, k, v, o, lse, do, causal: bool, scale: float, window=None, documents=None):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
 KERNELS = {
     "flash_attn3": (flash_attn3_forward, flash_attn3_backward),
     "flash_attn": (flash_attn_forward, flash_attn_backward),

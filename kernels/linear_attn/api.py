@@ -15,6 +15,7 @@ from collections.abc import Iterator
 import torch
 import torch.nn.functional as F
 
+from ..shapes import shapes_only
 from .chunked import linear_attention_chunked
 from .naive import linear_attention_naive
 
@@ -109,6 +110,8 @@ def check_log_decay_values(log_decay: torch.Tensor, caller: str = "linear_attent
         f"{caller}: log_decay must be <= 0 and not NaN (it is the log of a decay factor in [0, 1]; -inf "
         "means a full reset). Compute it as e.g. -softplus(x) or logsigmoid(x)."
     )
+    if shapes_only(log_decay):  # no values to check (the planner's meta run)
+        return
     valid = log_decay.detach() <= 0  # False for NaN and positive values
     if log_decay.device.type == "cpu":
         if not bool(valid.all()):
@@ -183,7 +186,8 @@ def resolve_backend(backend: str, q: torch.Tensor, v: torch.Tensor) -> str:
 
 
 def _check_triton(q: torch.Tensor, v: torch.Tensor) -> None:
-    if not triton_available(q.device):
+    # shapes-only tensors (kernels/shapes.py) stand in for CUDA ones: nothing is launched for them
+    if not triton_available(torch.device("cuda") if shapes_only(q) else q.device):
         raise ValueError(
             f"linear_attention: backend='triton' needs CUDA tensors or TRITON_INTERPRET=1 for CPU tensors "
             f"(and an installed triton); got a tensor on {q.device}. Use backend='torch'."

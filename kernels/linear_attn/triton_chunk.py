@@ -42,6 +42,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ..shapes import shapes_only
+
 DEFAULT_CHUNK_SIZE = 64  # tokens per chunk; tests lower it so short sequences span several chunks
 NO_DECAY, CONSTANT_DECAY, TOKEN_DECAY = 0, 1, 2
 _INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -444,6 +446,13 @@ def _allocate(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype, device=device)
 
 
+def _launch(kernel, grid, *args, **constants) -> None:
+    """kernel[grid](*args, **constants). For shapes-only tensors (kernels/shapes.py: the planner counts what
+    this path allocates and keeps) nothing runs; the outputs stay allocated, unwritten, with their shapes."""
+    if not shapes_only(args[0]):
+        kernel[grid](*args, **constants)
+
+
 def _precision(dtype: torch.dtype) -> str:
     # fp32 operands: IEEE fp32 (TF32 would lose ~1e-3 relative over the state chain); half types: tensor cores
     return "ieee" if dtype == torch.float32 else "tf32"
@@ -519,7 +528,7 @@ def chunk_states(k, v, log_decay, initial_state, chunk_size, layout: ChunkLayout
     def grid(meta):
         return (triton.cdiv(key_dim, meta["BK"]), triton.cdiv(value_dim, meta["BV"]), layout.sequences * heads)
 
-    _chunk_states_kernel[grid](
+    _launch(_chunk_states_kernel, grid,
         k, v, log_decay if log_decay is not None else k, initial_state if initial_state is not None else k,
         states, final_state if store_final else states, cu_seqlens, chunk_offsets, layout.length, heads,
         layout.num_chunks, DECAY=_decay_kind(log_decay), HAS_INITIAL=initial_state is not None,
@@ -538,7 +547,7 @@ def chunk_output(q, k, v, log_decay, states, scale, chunk_size, layout: ChunkLay
     def grid(meta):
         return (triton.cdiv(value_dim, meta["BV"]), *layout.chunk_grid(heads))
 
-    _chunk_output_kernel[grid](
+    _launch(_chunk_output_kernel, grid,
         q, k, v, log_decay if log_decay is not None else q, states, output, cu_seqlens, chunk_table, layout.length,
         heads, layout.num_chunks, scale, DECAY=_decay_kind(log_decay), VARLEN=layout.varlen, DK=key_dim,
         DV=value_dim, BT=chunk_size, PRECISION=_precision(q.dtype),
@@ -560,7 +569,7 @@ def chunk_state_gradients(q, grad_output, log_decay, grad_final_state, scale, ch
     def grid(meta):
         return (triton.cdiv(key_dim, meta["BK"]), triton.cdiv(value_dim, meta["BV"]), layout.sequences * heads)
 
-    _chunk_state_grads_kernel[grid](
+    _launch(_chunk_state_grads_kernel, grid,
         q, grad_output, log_decay if log_decay is not None else q,
         grad_final_state if grad_final_state is not None else q, grad_states,
         grad_initial if store_initial else grad_states, cu_seqlens, chunk_offsets, layout.length, heads,
@@ -593,7 +602,7 @@ def chunk_input_gradients(q, k, v, grad_output, log_decay, states, grad_states, 
             shape, torch.float32, q.device)
     decay = log_decay if log_decay is not None else q
     cu_seqlens, chunk_table = layout.pointers(q, serial=False)
-    _chunk_dqk_kernel[(key_blocks, *layout.chunk_grid(heads))](
+    _launch(_chunk_dqk_kernel, (key_blocks, *layout.chunk_grid(heads)),
         q, k, v, grad_output, decay, states, grad_states, grad_q, grad_k, partial, cu_seqlens, chunk_table,
         layout.length, heads, layout.num_chunks, batch * length, layout.total_chunks, scale,
         DECAY=kind, DECAY_GRAD=decay_grad, VARLEN=layout.varlen, DK=key_dim, DV=value_dim, BT=chunk_size,
@@ -603,7 +612,7 @@ def chunk_input_gradients(q, k, v, grad_output, log_decay, states, grad_states, 
     def grid(meta):
         return (triton.cdiv(value_dim, meta["BV"]), *layout.chunk_grid(heads))
 
-    _chunk_dv_kernel[grid](
+    _launch(_chunk_dv_kernel, grid,
         q, k, grad_output, decay, grad_states, grad_v, cu_seqlens, chunk_table, layout.length, heads,
         layout.num_chunks, scale, DECAY=kind, VARLEN=layout.varlen, DK=key_dim, DV=value_dim, BT=chunk_size,
         PRECISION=_precision(q.dtype),
