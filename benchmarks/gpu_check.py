@@ -660,7 +660,7 @@ def _cp_checks(args: argparse.Namespace, device) -> list[tuple[str, Callable[[],
         return run
 
     def trainer_run() -> dict:
-        from spindle.runtime.config import load_config, to_dict
+        from spindle.runtime.config import load_config
         from spindle.runtime.main import train_entry
 
         seq_len = 256 if args.tiny else 4096
@@ -670,7 +670,7 @@ def _cp_checks(args: argparse.Namespace, device) -> list[tuple[str, Callable[[],
                      f"data.seq_len={seq_len}", "checkpoint.every=0", "logging.wandb=disabled",
                      "logging.progress=false", "launch.use_gpu=auto"]
         config = load_config("configs/tiny.yaml", overrides)
-        final = train_entry(to_dict(config), args.run_dir, "never")
+        final = train_entry(config, args.run_dir, "never")
         lines = (Path(args.run_dir) / "metrics.jsonl").read_text().splitlines()
         losses = [round(json.loads(line)["loss"], 4) for line in lines]
         finite = all(loss == loss and abs(loss) != float("inf") for loss in losses)

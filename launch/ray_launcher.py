@@ -60,7 +60,7 @@ from spindle.launch.placement import (
     worker_count,
 )
 from spindle.launch.worker import latest_checkpoint_marker, resume_for_attempt, train_worker
-from spindle.runtime.config import Config, ConfigError, to_dict, validate
+from spindle.runtime.config import Config, ConfigError, check_world_size
 from spindle.runtime.heartbeat import (
     FLIGHT_RECORDER_ENTRIES,
     LAUNCHER_DIR,
@@ -78,7 +78,8 @@ from spindle.runtime.progress import MetricsFollower, ProgressDisplay
 
 def run_training(config: Config, run_dir: str | os.PathLike, resume: str = "auto", address: str | None = None, *,
                  trust_checkpoint: bool = False, start_step: int = 0) -> dict:
-    """Train ``config`` on Ray Train workers; returns rank 0's final metrics record.
+    """Train ``config`` (as ``load_config`` returns it: validated except for the world-size rules, which
+    are checked here once the worker count is known) on Ray Train workers; returns rank 0's final metrics record.
 
     ``start_step``: where the run resumes (for the progress bar). Raises ConfigError for a config that
     cannot run (before Ray starts when the worker count is known) and LaunchError for a cluster that
@@ -91,8 +92,8 @@ def run_training(config: Config, run_dir: str | os.PathLike, resume: str = "auto
     if address is None:
         config = with_data_parallel(config, local_worker_capacity(config))
     workers = worker_count(config)
-    if workers is not None:
-        validate(config, world_size=workers)
+    if workers is not None:  # the rest was validated when the config was read
+        check_world_size(config, workers)
     if address is None:
         _check_this_machine(config, workers)
     embedded_cpus = max((workers or 1) * config.launch.cpus_per_worker, local_cores())
@@ -102,7 +103,7 @@ def run_training(config: Config, run_dir: str | os.PathLike, resume: str = "auto
         if workers is None:  # dp = -1 on a joined cluster: as many dp groups as the cluster holds
             config = with_data_parallel(config, plan_slots(nodes, use_gpu, config.launch.cpus_per_worker))
             workers = worker_count(config)
-            validate(config, world_size=workers)
+            check_world_size(config, workers)
         plan = _placed(config, nodes, use_gpu)
         print(f"spindle: Ray {'embedded cluster' if address is None else 'cluster ' + address}: {plan.describe()}",
               file=sys.stderr, flush=True)
@@ -296,7 +297,7 @@ def build_trainer(config: Config, run_dir: Path, resume: str, plan: PlacementPla
     # The driver shows progress from metrics.jsonl; workers have no terminal.
     worker_config = replace(config, logging=replace(config.logging, progress=False))
     job = {
-        "config": to_dict(worker_config),
+        "config": worker_config,  # typed and validated: it travels pickled, no worker parses it again
         "run_dir": str(run_dir),
         "resume": resume,
         "latest_at_launch": latest_at_launch,

@@ -521,14 +521,18 @@ def _check_parallel(config: Config, world_size: int | None) -> None:
                     f"parallel.cp_softmax = 'ulysses' (heads per tp rank: {heads // parallel.tp}): Ulysses needs "
                     f"{name} / parallel.tp divisible by parallel.cp; use 'allgather' or 'ring', or change the heads.")
     if world_size is not None:
-        dp = parallel.dp if parallel.dp != -1 else world_size // (parallel.cp * parallel.tp)
-        if dp < 1 or dp * parallel.cp * parallel.tp != world_size:
-            raise ConfigError(
-                f"parallel.dp * parallel.cp * parallel.tp = {parallel.dp} * {parallel.cp} * {parallel.tp} does not "
-                f"match the world size {world_size}: the product must equal the number of processes "
-                f"(or set parallel.dp = -1 with cp * tp dividing {world_size}).")
+        _check_degrees_match(parallel, world_size)
     _check_min_workers(config, world_size)
     _check_dp_engine(config, world_size)
+
+
+def _check_degrees_match(parallel: ParallelConfig, world_size: int) -> None:
+    dp = parallel.dp if parallel.dp != -1 else world_size // (parallel.cp * parallel.tp)
+    if dp < 1 or dp * parallel.cp * parallel.tp != world_size:
+        raise ConfigError(
+            f"parallel.dp * parallel.cp * parallel.tp = {parallel.dp} * {parallel.cp} * {parallel.tp} does not "
+            f"match the world size {world_size}: the product must equal the number of processes "
+            f"(or set parallel.dp = -1 with cp * tp dividing {world_size}).")
 
 
 def _check_min_workers(config: Config, world_size: int | None) -> None:
@@ -634,6 +638,16 @@ def validate(config: Config, world_size: int | None = None) -> None:
 
     validate_data(config.data, config.model.vocab_size)
     check_document_support(config)
+
+
+def check_world_size(config: Config, world_size: int) -> None:
+    """Only the rules that need the number of processes, for a config that ``validate`` (without a
+    world size) already passed: checked once, where the world size becomes known (the `spindle train`
+    driver once it knows its worker count). Same messages as ``validate(config, world_size)``."""
+    _check_degrees_match(config.parallel, world_size)
+    _check_min_workers(config, world_size)
+    _check_dp_engine(config, world_size)
+    _check_batch(config, world_size)
 
 
 def _resolved_degrees(parallel: ParallelConfig, world_size: int) -> ParallelDegrees:

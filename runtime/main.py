@@ -4,10 +4,12 @@
                                    [--overwrite] [--trust-checkpoint]
     torchrun --nproc-per-node N -m spindle.runtime.main CONFIG ...
 
-Ray workers (and ``spindle train``) call ``train_entry`` directly. The order is always: validate the
-config against the world size, pick the device, and only then create the run directory, so a bad
-config leaves nothing on disk. Before that, ``main`` checks the run directory and ``--resume``
-(``spindle.runtime.run_dir``), as `spindle train` does before Ray starts.
+The config is parsed and validated once, where the command starts: ``main`` reads it with this
+process's world size (torchrun's environment), `spindle train` reads it before Ray starts and checks
+the world-size rules once it knows its workers. Both hand the typed ``Config`` to ``train_entry``
+(Ray workers receive it pickled), which parses nothing and picks the device before it creates the
+run directory, so a bad config leaves nothing on disk. Before that, ``main`` checks the run directory
+and ``--resume`` (``spindle.runtime.run_dir``), as `spindle train` does before Ray starts.
 """
 from __future__ import annotations
 
@@ -25,12 +27,10 @@ from spindle.runtime.config import (
     Config,
     ConfigError,
     LaunchConfig,
-    config_from_dict,
     layer_pattern,
     load_config,
     resolve,
     to_dict,
-    validate,
 )
 from spindle.runtime.data import build_dataset
 from spindle.runtime.heartbeat import FLIGHT_RECORDER_ENTRIES, CollectiveStallError, reporting_stalls
@@ -211,20 +211,26 @@ def truncate_metrics(run_dir: Path, step: int) -> None:
     path.write_text("".join(kept), encoding="utf-8")
 
 
-def train_entry(config_dict: dict, run_dir: str, resume: str = "auto", *, trust_checkpoint: bool = False) -> dict:
-    """Train one process of a job from a plain config dict; returns the final metrics record.
+def train_entry(config: Config, run_dir: str, resume: str = "auto", *, trust_checkpoint: bool = False) -> dict:
+    """Train one process of a job; returns the final metrics record.
 
-    Runs alone, under torchrun (rank and world size from the environment) or in a Ray Train worker
-    (process group already initialized). Raises ConfigError for a config that cannot run here, before
-    anything is written to disk. ``trust_checkpoint``: load a checkpoint whose origin tag does not
-    verify (``--trust-checkpoint``).
+    ``config``: the typed config, already validated for this world size (``load_config(path, overrides,
+    world_size=...)``, or ``validate`` then ``check_world_size`` as `spindle train` does); it is not
+    parsed or validated again here. Runs alone, under torchrun (rank and world size from the
+    environment) or in a Ray Train worker (process group already initialized). Raises ConfigError for a
+    layout or device this process cannot provide, before anything is written to disk.
+    ``trust_checkpoint``: load a checkpoint whose origin tag does not verify (``--trust-checkpoint``).
     """
-    config = config_from_dict(config_dict)
+    if not isinstance(config, Config):
+        raise TypeError(f"train_entry takes a validated Config (spindle.runtime.config.load_config), "
+                        f"got a {type(config).__name__}")
     rank, world_size, local_rank = process_world()
-    validate(config, world_size=world_size)
+    try:
+        degrees = ParallelDegrees.resolve(config.parallel.dp, config.parallel.cp, config.parallel.tp, world_size)
+    except LayoutError as error:  # a config validated for another world size
+        raise ConfigError(str(error)) from None
     config = resolve(config, world_size)
     device = select_device(config.launch, local_rank)
-    degrees = ParallelDegrees.resolve(config.parallel.dp, config.parallel.cp, config.parallel.tp, world_size)
     # The flight recorder keeps the last collectives each rank entered, for hang reports.
     os.environ.setdefault("TORCH_FR_BUFFER_SIZE", FLIGHT_RECORDER_ENTRIES)
     init_process_group(world_size, device, config.launch.collective_timeout_s)
@@ -278,9 +284,10 @@ def main(argv: list[str] | None = None) -> int:
 
     arguments = build_parser().parse_args(argv)
     run_dir = arguments.run_dir or str(default_run_dir(arguments.config))
-    is_main = process_world()[0] == 0
+    rank, world_size, _ = process_world()
+    is_main = rank == 0
     try:
-        config = load_config(arguments.config, arguments.overrides)
+        config = load_config(arguments.config, arguments.overrides, world_size=world_size)  # the only parse
         # Every rank checks (the same files, the same answer); only rank 0 moves an old run aside.
         decision = prepare_run(config, Path(run_dir), arguments.resume, overwrite=arguments.overwrite,
                                trust_checkpoint=arguments.trust_checkpoint, apply=is_main)
@@ -291,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if decision.moved_aside is not None and is_main:
             print(f"spindle: moved the previous run aside to {decision.moved_aside}", flush=True)
-        final = train_entry(to_dict(config), run_dir, decision.resume, trust_checkpoint=arguments.trust_checkpoint)
+        final = train_entry(config, run_dir, decision.resume, trust_checkpoint=arguments.trust_checkpoint)
     except (ConfigError, LayoutError, CheckpointError) as error:
         print(f"spindle: error: {error}", file=sys.stderr)
         return 2

@@ -1,10 +1,13 @@
 """Preemption: SIGTERM (what Slurm and Kubernetes send before killing a job) ends training cleanly.
 
-A rank notices a stop request in one of two ways: its process received SIGTERM (torchrun forwards
-its own SIGTERM to every worker), or the run directory holds ``.spindle/stop`` (what `spindle train`
-writes when the driver is told to stop, since Ray workers live in other processes). The ranks then
-agree on the step to stop at, finish it, commit a checkpoint there and return normally, so the
-process exits 0 and a later run with the same command resumes from that step.
+A rank notices a stop request in one of two ways: its process received SIGTERM while training on
+its main thread (a torchrun worker, or a single process), or the run directory holds
+``.spindle/stop``. The stop file is what SIGTERM writes in processes whose training runs elsewhere:
+the `spindle train` driver (its ranks are Ray workers, other processes) and each Ray Train worker
+(Ray runs the training function in a thread, while signals reach the main thread, where Ray's own
+handler would exit the process). The ranks then agree on the step to stop at, finish it, commit a
+checkpoint there and return normally, so every process exits 0 and a later run with the same
+command resumes from that step.
 
 Agreement without a host sync on the training path: at every step boundary each rank waits for the
 all-reduce (MAX) it started at the previous boundary and starts the next one, on a dedicated gloo
@@ -144,23 +147,44 @@ def preempted_message(record: dict, command: str) -> str:
     return f"preempted at step {step}; resume with {command}"
 
 
+_replaced_handlers: list[object] = []
+"""SIGTERM handlers that ``write_stop_file_on_sigterm`` replaced in this process, innermost last."""
+
+
+def write_stop_file_on_sigterm(run_dir: str | os.PathLike) -> None:
+    """From now on SIGTERM to this process writes the stop file of ``run_dir`` instead of ending the
+    process; ``restore_sigterm`` puts back the handler it replaced. Main thread only (Python installs
+    signal handlers nowhere else): a Ray worker runs it there through its own actor (launch/worker.py)."""
+    if threading.current_thread() is not threading.main_thread():
+        raise RuntimeError("write_stop_file_on_sigterm must run on the main thread (signal handlers live there)")
+    run_dir = Path(run_dir)
+
+    def handle(signum: int, frame: FrameType | None) -> None:
+        print(f"spindle: SIGTERM received by process {os.getpid()}: every rank finishes its step and commits "
+              f"a checkpoint", file=sys.stderr, flush=True)
+        request_stop(run_dir)
+
+    _replaced_handlers.append(signal.signal(signal.SIGTERM, handle))
+
+
+def restore_sigterm() -> None:
+    """Undo the last ``write_stop_file_on_sigterm`` of this process (main thread only)."""
+    if _replaced_handlers:
+        signal.signal(signal.SIGTERM, _replaced_handlers.pop())  # type: ignore[arg-type]
+
+
 @contextlib.contextmanager
 def stopping_workers_on_sigterm(run_dir: str | os.PathLike) -> Iterator[None]:
     """For a driver whose ranks run in other processes (`spindle train` on Ray): SIGTERM writes the
     stop file, and the workers finish the step, checkpoint and return. Replaces Ray's own handler
-    (which exits at once) for the duration; the stop file is removed afterwards."""
+    (which exits at once) for the duration; the stop file is removed afterwards (also one that a
+    worker's SIGTERM wrote)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-
-    def handle(signum: int, frame: FrameType | None) -> None:
-        print("spindle: SIGTERM received: the workers finish their step and commit a checkpoint", file=sys.stderr,
-              flush=True)
-        request_stop(run_dir)
-
-    previous = signal.signal(signal.SIGTERM, handle)
+    write_stop_file_on_sigterm(run_dir)
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        restore_sigterm()
         clear_stop(run_dir)

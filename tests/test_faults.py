@@ -226,3 +226,80 @@ def test_the_resume_command_drops_only_resume_and_overwrite() -> None:
     typed = ["spindle", "train", "c.yaml", "--resume", "never", "--overwrite", "--set", "train.steps=9",
              "--resume=auto", "--run-dir", "runs/a b"]
     assert resume_command(typed) == "spindle train c.yaml --set train.steps=9 --run-dir 'runs/a b'"
+
+
+# --------------------------------------------------- preemption of one Ray worker under `spindle train`
+COUNTER = Path(__file__).resolve().with_name("call_counter.py")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_losses(tmp_path_factory: pytest.TempPathFactory) -> dict[int, float]:
+    """Every step's loss of the job run to the end without a stop (torchrun, the same dp = 2 layout)."""
+    run_dir = tmp_path_factory.mktemp("uninterrupted") / "run"
+    finished = subprocess.run(torchrun_command(run_dir), cwd=run_dir.parent, env=environment(),
+                              capture_output=True, text=True, timeout=300)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    return losses(run_dir)
+
+
+def ray_worker_pid(run_dir: Path, rank: int) -> int:
+    """The process of ``rank``, from its heartbeat file; checked to be a Ray Train worker of this job."""
+    pid = json.loads((run_dir / ".spindle" / "heartbeat" / f"rank_{rank:05d}.json").read_text())["pid"]
+    command = Path(f"/proc/{pid}/cmdline").read_bytes()
+    assert command.startswith(b"ray::RayTrainWorker"), command
+    return pid
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_ray_worker_checkpoints_and_resumes_exactly(tmp_path: Path,
+                                                                   uninterrupted_losses: dict[int, float]) -> None:
+    """SIGTERM to one Ray Train worker process (not the driver, not the other worker) mid-run: that worker
+    survives it (Ray's own handler would exit it: a worker failure), every rank finishes the step and a
+    checkpoint is committed there, and `spindle train` exits 0 with "preempted at step N; resume with ...".
+    Resuming continues at N with exactly the losses of an uninterrupted run.
+
+    The same run shows the config parsed once: the `spindle train` process (run under a profile hook
+    that counts calls, tests/call_counter.py) parses and validates the YAML once and checks the world-size
+    rules once; its workers receive the typed Config (train_worker refuses anything else) and parse
+    nothing (tests/test_config.py runs the same train_entry in-process under the hook)."""
+    run_dir, counts = tmp_path / "run", tmp_path / "config_calls.json"
+    arguments = ["train", str(TINY), "--run-dir", str(run_dir)]
+    for override in OVERRIDES:
+        arguments += ["--set", override]
+    driver = subprocess.Popen([sys.executable, str(COUNTER), str(counts), *arguments], cwd=tmp_path,
+                              env=environment(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while logged_steps(run_dir) < 2 and driver.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert driver.poll() is None and logged_steps(run_dir) < STEPS, "the run ended before it could be preempted"
+        victim, logged = ray_worker_pid(run_dir, rank=1), logged_steps(run_dir)
+        signalled = time.monotonic()
+        os.kill(victim, signal.SIGTERM)  # rank 1's process only: rank 0 learns it through the agreement
+        stdout, stderr = driver.communicate(timeout=240)
+        stopped_s = time.monotonic() - signalled
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+            driver.communicate()
+    assert driver.returncode == 0, stdout[-2000:] + stderr[-4000:]
+    assert f"SIGTERM received by process {victim}" in stderr  # spindle's handler ran in that worker
+    found = re.search(r"^spindle: preempted at step (\d+); resume with (.+)$", stdout, flags=re.MULTILINE)
+    assert found, stdout[-3000:] + stderr[-3000:]
+    step = int(found.group(1))
+    assert logged <= step < STEPS
+    latest = read_latest(run_dir)
+    assert latest is not None and read_manifest(latest)["step"] == step
+    verify_checkpoint(latest)
+    assert shlex.split(found.group(2)) == ["spindle", *arguments]
+    assert not (run_dir / STOP_FILE).exists()  # the driver removes the worker's stop request
+    assert json.loads(counts.read_text()) == {"parse": 1, "validate": 1, "check_world_size": 1}
+    print(f"SIGTERM to rank 1's Ray worker (pid {victim}) after {logged} logged steps: stopped at step {step}, "
+          f"exit 0 after {stopped_s:.1f} s")
+
+    # The checkpoint is the job's: the same layout continues it (under torchrun here, one Ray start less).
+    resumed = subprocess.run(torchrun_command(run_dir), cwd=tmp_path, env=environment(), capture_output=True,
+                             text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resumed at step {step}" in resumed.stdout
+    assert losses(run_dir) == uninterrupted_losses  # every step, before and after the preemption

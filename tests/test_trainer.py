@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from spindle.launch import report
-from spindle.runtime.config import ConfigError, load_config, resolve, to_dict
+from spindle.runtime.config import ConfigError, load_config, resolve
 from spindle.runtime.data import IGNORE_INDEX, build_dataset
 from spindle.runtime.main import train_entry
 from spindle.runtime.metrics import read_metrics
@@ -36,7 +36,7 @@ def tiny_config(*overrides: str):
 def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     run_dir = tmp_path_factory.mktemp("runs") / "tiny"
     config = tiny_config("train.steps=60", "logging.wandb=offline")
-    final = train_entry(to_dict(config), str(run_dir), resume="never")
+    final = train_entry(config, str(run_dir), resume="never")
     return run_dir, final
 
 
@@ -209,15 +209,15 @@ def test_wandb_resume_keeps_the_run_id(tmp_path: Path) -> None:
 # ---------------------------------------------------------------------------------------------
 def test_world_size_mismatch_is_a_config_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun would set it, with a config for one process
-    with pytest.raises(ConfigError, match=r"parallel.dp \* parallel.cp \* parallel.tp = 1 \* 1 \* 1 .*world size 2"):
-        train_entry(to_dict(tiny_config()), str(tmp_path / "run"), "never")
+    with pytest.raises(ConfigError, match=r"parallel.dp \* parallel.cp \* parallel.tp = 1 \* 1 \* 1 = 1, but the job has 2 workers"):
+        train_entry(tiny_config(), str(tmp_path / "run"), "never")
     assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error raised on a machine without a GPU")
 def test_use_gpu_true_without_a_gpu(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="launch.use_gpu = 'true'"):
-        train_entry(to_dict(tiny_config("launch.use_gpu=true")), str(tmp_path / "run"), "never")
+        train_entry(tiny_config("launch.use_gpu=true"), str(tmp_path / "run"), "never")
     assert not (tmp_path / "run").exists()
 
 
