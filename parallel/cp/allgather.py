@@ -25,7 +25,7 @@ from spindle.kernels import attention, attention_backward
 from .comm import AllGatherComm, reduce_scatter
 from .layout import gathered_to_global_index
 from .merge import accumulation_dtype
-from .softmax import AttentionSetup, document_offsets, row_documents, validate_attention_inputs
+from .softmax import AttentionSetup, attention_op, document_offsets, row_documents
 
 
 class _HeadGroups:
@@ -142,39 +142,8 @@ class AllGatherAttention(torch.autograd.Function):
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None
 
 
-def allgather_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    group: dist.ProcessGroup,
-    *,
-    layout: str = "zigzag",
-    causal: bool = True,
-    scale: float | None = None,
-    head_groups: int = 1,
-    cu_seqlens: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Softmax attention over a CP group by all-gathering K/V (LASP-2H's softmax layers).
-
-    Args:
-        q: this rank's shard [B, n, H, D]; k, v: [B, n, H_kv, D] with H % H_kv == 0 (GQA).
-        group: the CP process group; rank and world size come from it.
-        layout: "zigzag" (default) or "contiguous".
-        causal: causal masking in global token order; False attends to the whole sequence.
-        scale: softmax scale, default D ** -0.5.
-        head_groups: gather the K/V heads in this many sequential groups (H_kv % head_groups == 0)
-            to bound the gathered memory to 2·B·T·(H_kv / head_groups)·D elements.
-        cu_seqlens: packed documents, int [N + 1] offsets into the B·T tokens of the GLOBAL (unsharded)
-            batch, identical on every rank; queries see keys of their own document only.
-
-    Returns:
-        o [B, n, H, D] in the dtype of q, equal to spindle.kernels.attention on the unsharded tensors,
-        sharded the same way. Differentiable in q, k, v.
-    """
-    setup = validate_attention_inputs(
-        "allgather_attention", q, k, v, group, layout, causal, scale,
-        extra={"head_groups": head_groups, "documents": cu_seqlens is not None},
-    )
+def _allgather(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: dist.ProcessGroup, setup: AttentionSetup,
+               cu_seqlens: torch.Tensor | None, head_groups: int) -> torch.Tensor:
     if not isinstance(head_groups, int) or head_groups < 1 or k.shape[2] % head_groups != 0:
         raise ValueError(
             f"allgather_attention: head_groups must be a positive divisor of the kv heads ({k.shape[2]}), "
@@ -182,3 +151,11 @@ def allgather_attention(
         )
     offsets = document_offsets("allgather_attention", cu_seqlens, q.shape[0], q.shape[1] * setup.world_size)
     return AllGatherAttention.apply(q, k, v, setup, group, head_groups, offsets)
+
+
+allgather_attention = attention_op(
+    "allgather_attention", _allgather, "Softmax attention over a CP group by all-gathering K/V (LASP-2H's "
+    "softmax layers).",
+    {"head_groups": (1, "gather the K/V heads in this many sequential groups (H_kv % head_groups == 0)\n"
+                        "            to bound the gathered memory to 2·B·T·(H_kv / head_groups)·D elements.")},
+)

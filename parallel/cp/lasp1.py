@@ -12,28 +12,32 @@ local kernel call and the gradient assembly.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+
 import torch
 import torch.distributed as dist
 
 from .comm import RingComm
 from .layout import chunk_order
-from .linear import ChunkStateExchange, DocumentChunks, LinearSetup, linear_context_parallel
+from .linear import ChunkStateExchange, lasp_op
 from .merge import apply_transition
 
 
 class ChainedStateExchange(ChunkStateExchange):
     """The LASP-1 scheme: point-to-point hand-over of the running state between chunk owners."""
 
-    def __init__(
-        self, group: dist.ProcessGroup, setup: LinearSetup, log_decay: torch.Tensor | None, chunk_length: int,
-        documents: DocumentChunks | None = None,
-    ) -> None:
-        super().__init__(setup, log_decay, chunk_length, documents)
-        self.comm = RingComm(group) if setup.world_size > 1 else None
-        self.owners = chunk_order(setup.world_size, setup.layout)  # (rank, slot) per global chunk
-        self.transitions: torch.Tensor | None = None  # this rank's Γ per slot: [S, B, H] or [S, 1, H]
-        self.states: torch.Tensor | None = None
-        self.state_grads: torch.Tensor | None = None
+    transitions: torch.Tensor | None = None  # this rank's Γ per slot: [S, B, H] or [S, 1, H]
+    states: torch.Tensor | None = None  # from start_forward to finish_forward
+    state_grads: torch.Tensor | None = None  # from start_backward to finish_backward
+
+    def open_comm(self, group: dist.ProcessGroup) -> RingComm | None:
+        return RingComm(group) if self.setup.world_size > 1 else None
+
+    @functools.cached_property
+    def owners(self) -> list[tuple[int, int]]:
+        """(rank, slot) of every chunk, in global order."""
+        return chunk_order(self.setup.world_size, self.setup.layout)
 
     def _exchange(self, tensor: torch.Tensor | None, peer: int, like: torch.Tensor) -> torch.Tensor | None:
         """Send `tensor` to `peer` (if given) or receive one shaped like `like` from it."""
@@ -62,69 +66,51 @@ class ChainedStateExchange(ChunkStateExchange):
         self.transitions = self._slot_transitions(states, transitions)
 
     def finish_forward(self) -> torch.Tensor:
-        states, rank = self.states, self.setup.rank
-        incoming = torch.zeros_like(states)
-        carried = None
-        for chunk, (owner, slot) in enumerate(self.owners):
-            if owner != rank:
-                continue
-            if chunk > 0:
-                previous_owner = self.owners[chunk - 1][0]
-                incoming[slot] = carried if previous_owner == rank else self._exchange(None, previous_owner, states[slot])
-            outgoing = apply_transition(incoming[slot], self.transitions, slot) + states[slot]
-            if chunk + 1 < len(self.owners):
-                next_owner = self.owners[chunk + 1][0]
-                if next_owner == rank:
-                    carried = outgoing
-                else:
-                    self._exchange(outgoing, next_owner, outgoing)
+        states = self.states
         self.states = None
-        return incoming
+        # S_in(c+1) = Γ_c·S_in(c) + M_c, up the chunks
+        return self._relay(range(len(self.owners)), states,
+                           lambda slot, incoming: apply_transition(incoming, self.transitions, slot) + states[slot])
 
     def start_backward(self, state_grads: torch.Tensor) -> None:
         self.state_grads = state_grads
 
     def finish_backward(self) -> torch.Tensor:
-        grads, rank = self.state_grads, self.setup.rank
-        final_grads = torch.zeros_like(grads)
+        grads = self.state_grads
+        self.state_grads = None
+        # T_(c-1) = dM_c + Γ_c·T_c, down the chunks (the gradient of S_in(c) is the previous chunk's T)
+        return self._relay(range(len(self.owners) - 1, -1, -1), grads,
+                           lambda slot, final: grads[slot] + apply_transition(final, self.transitions, slot))
+
+    def _relay(self, walk: range, values: torch.Tensor,
+               step: Callable[[int, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """Pass a running value along the chunks in `walk` order; what this rank's chunks receive, by slot.
+
+        Each chunk of this rank receives the value of the chunk before it in the walk (from that chunk's
+        owner, or carried here when this rank owns both) and hands `step(slot, received)` to the next
+        one's owner. `values` gives the shape of the received tensors ([S, B, H, Dk, Dv]).
+        """
+        rank = self.setup.rank
+        received = torch.zeros_like(values)
         carried = None
-        last = len(self.owners) - 1
-        for chunk in range(last, -1, -1):
+        for position, chunk in enumerate(walk):
             owner, slot = self.owners[chunk]
             if owner != rank:
                 continue
-            if chunk < last:
-                next_owner = self.owners[chunk + 1][0]
-                final_grads[slot] = carried if next_owner == rank else self._exchange(None, next_owner, grads[slot])
-            if chunk > 0:
-                # gradient of the incoming state = the previous chunk's final-state gradient
-                outgoing = grads[slot] + apply_transition(final_grads[slot], self.transitions, slot)
-                previous_owner = self.owners[chunk - 1][0]
-                if previous_owner == rank:
+            if position > 0:
+                sender = self.owners[walk[position - 1]][0]
+                received[slot] = carried if sender == rank else self._exchange(None, sender, values[slot])
+            if position + 1 < len(walk):
+                outgoing, receiver = step(slot, received[slot]), self.owners[walk[position + 1]][0]
+                if receiver == rank:
                     carried = outgoing
                 else:
-                    self._exchange(outgoing, previous_owner, outgoing)
-        self.state_grads = None
-        return final_grads
+                    self._exchange(outgoing, receiver, outgoing)
+        return received
 
 
-def lasp1(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    group: dist.ProcessGroup,
-    *,
-    layout: str = "contiguous",
-    log_decay: torch.Tensor | None = None,
-    scale: float | None = None,
-    delay: int = 0,
-    cu_seqlens: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Causal linear attention with decay over a CP group, passing the state rank to rank (LASP-1).
-
-    Same arguments, semantics and result as `lasp2` (see there); the default layout is "contiguous"
-    (one pass up the ranks). "zigzag" works too, at twice the serial hops. cu_seqlens (packed
-    documents of the GLOBAL batch): as in `lasp2`.
-    """
-    return linear_context_parallel(lasp1, ChainedStateExchange, q, k, v, group, layout=layout, log_decay=log_decay,
-                                   scale=scale, delay=delay, cu_seqlens=cu_seqlens)
+lasp1 = lasp_op(
+    "lasp1", ChainedStateExchange, "contiguous",
+    "Causal linear attention with decay over a CP group, passing the state rank to rank (LASP-1).\n\n"
+    "    Same semantics and result as `lasp2`; the default layout is \"contiguous\" (one pass up the ranks).\n"
+    "    \"zigzag\" works too, at twice the serial hops.")

@@ -19,21 +19,18 @@ import torch.distributed as dist
 
 from .comm import AllGatherComm
 from .layout import chunk_index, local_chunk_index
-from .linear import ChunkStateExchange, DocumentChunks, LinearSetup, linear_context_parallel
+from .linear import ChunkStateExchange, lasp_op
 from .merge import decayed_prefix_chain, decayed_suffix_chain
 
 
 class GatheredStateExchange(ChunkStateExchange):
     """The LASP-2 scheme: every rank gathers every chunk's state and runs the chain itself."""
 
-    def __init__(
-        self, group: dist.ProcessGroup, setup: LinearSetup, log_decay: torch.Tensor | None, chunk_length: int,
-        documents: DocumentChunks | None = None,
-    ) -> None:
-        super().__init__(setup, log_decay, chunk_length, documents)
-        self.comm = AllGatherComm(group)
-        self.chain_transitions: torch.Tensor | None = None
-        self.state_shape: torch.Size | None = None
+    chain_transitions: torch.Tensor | None = None  # Γ of every chunk in global order, from the forward's finish
+    state_shape: torch.Size | None = None  # [S, B, H, Dk, Dv]
+
+    def open_comm(self, group: dist.ProcessGroup) -> AllGatherComm:
+        return AllGatherComm(group)
 
     def _global_order(self, gathered: torch.Tensor) -> torch.Tensor:
         """[P, S, ...] -> [N, ...] in global chunk order."""
@@ -75,37 +72,5 @@ class GatheredStateExchange(ChunkStateExchange):
         return self._mine(decayed_suffix_chain(ordered, self.chain_transitions))
 
 
-def lasp2(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    group: dist.ProcessGroup,
-    *,
-    layout: str = "zigzag",
-    log_decay: torch.Tensor | None = None,
-    scale: float | None = None,
-    delay: int = 0,
-    cu_seqlens: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Causal linear attention with decay over a context-parallel group (LASP-2).
-
-    Args:
-        q, k: this rank's shard [B, n, H, Dk]; v: [B, n, H, Dv] (n = T / P tokens, in `layout` order).
-        group: the CP process group; rank and world size come from it.
-        layout: "zigzag" (default; the two chunks are chained in global order) or "contiguous".
-        log_decay: None, [H] (constant per head; replicated, its gradient on each rank is this
-            rank's contribution, summed by the usual gradient reduction), or this rank's shard
-            [B, n, H] of a per-token decay (sharded like q). Values <= 0.
-        scale: multiplies q; default Dk ** -0.5.
-        delay: d >= 0; token i reads the state S_(i-d) (keys j <= i - d), 0 for i < d (window.py).
-        cu_seqlens: packed documents, int [N + 1] offsets into the B·T tokens of the GLOBAL (unsharded)
-            batch (0, B·T and every row start; identical on every rank): the state restarts at every
-            document start, wherever it falls (inside a chunk, on a rank or zigzag seam). Same bytes
-            exchanged; offsets stay on the device. With delay the shift stays inside each document.
-
-    Returns:
-        o, [B, n, H, Dv] in the dtype of q: equal to spindle.kernels.linear_attention on the
-        unsharded tensors, sharded the same way. Differentiable in q, k, v and log_decay.
-    """
-    return linear_context_parallel(lasp2, GatheredStateExchange, q, k, v, group, layout=layout, log_decay=log_decay,
-                                   scale=scale, delay=delay, cu_seqlens=cu_seqlens)
+lasp2 = lasp_op("lasp2", GatheredStateExchange, "zigzag",
+               "Causal linear attention with decay over a context-parallel group (LASP-2).")

@@ -34,9 +34,9 @@ import torch.nn.functional as F
 
 from spindle.kernels.linear_attn import check_log_decay_values, floor_log_decay, linear_attention
 
-from .comm import check_ranks_agree, group_rank_and_size
-from .layout import check_layout, chunk_order, chunks_per_rank, from_slots, local_chunks, to_slots
+from .layout import chunks_per_rank, from_slots, local_chunks, to_slots
 from .merge import accumulation_dtype
+from .ops import check_shards, publish
 from .softmax import document_offsets
 
 
@@ -58,17 +58,21 @@ class StateExchange(Protocol):
 
 
 class ChunkStateExchange:
-    """What both schemes keep besides their communicator: the setup, the chunk length, the document
-    tables and a constant per-head decay (every rank knows its transitions, so it never travels)."""
+    """What both schemes keep: their communicator (`open_comm`, per scheme), the setup, the chunk length,
+    the document tables and a constant per-head decay (every rank knows its transitions, so it never travels)."""
 
-    def __init__(self, setup: LinearSetup, log_decay: torch.Tensor | None, chunk_length: int,
-                 documents: DocumentChunks | None) -> None:
+    def __init__(self, group: dist.ProcessGroup, setup: LinearSetup, log_decay: torch.Tensor | None,
+                 chunk_length: int, documents: DocumentChunks | None) -> None:
         self.setup = setup
         self.chunk_length = chunk_length
         self.documents = documents
         self.constant_log_decay = log_decay.detach() if setup.decay_kind == "constant" else None
         # S_in of this rank's chunks, from the backward's start (AddIncomingStates) to its finish (SendLocalStates)
         self.incoming: torch.Tensor | None = None
+        self.comm = self.open_comm(group)
+
+    def open_comm(self, group: dist.ProcessGroup) -> object:
+        raise NotImplementedError
 
 
 def linear_context_parallel(
@@ -84,7 +88,7 @@ def linear_context_parallel(
 
         return delayed_lasp(q, k, v, group, delay=delay, lasp=lasp, layout=layout, log_decay=log_decay, scale=scale,
                             cu_seqlens=cu_seqlens)
-    setup = validate_linear_inputs(lasp.__name__, q, k, v, group, layout, log_decay, scale, cu_seqlens)
+    setup = validate_linear_inputs(lasp.__name__, group, q, k, v, layout, log_decay, scale, cu_seqlens)
     chunk_length = q.shape[1] // setup.slots
     documents = None if cu_seqlens is None else document_chunks(cu_seqlens, setup, q.shape[0], chunk_length, q.device)
     # the floored decay, as the local kernels see it (-inf: a reset); the clamp passes no gradient below it
@@ -99,6 +103,42 @@ def linear_context_parallel(
     return from_slots(output, setup.slots)
 
 
+_LASP_ARGUMENTS = """
+
+    Args:
+        q, k: this rank's shard [B, n, H, Dk]; v: [B, n, H, Dv] (n = T / P tokens, in `layout` order).
+        group: the CP process group; rank and world size come from it.
+        layout: "zigzag" (the two chunks are chained in global order) or "contiguous"; default "{layout}".
+        log_decay: None, [H] (constant per head; replicated, its gradient on each rank is this
+            rank's contribution, summed by the usual gradient reduction), or this rank's shard
+            [B, n, H] of a per-token decay (sharded like q). Values <= 0.
+        scale: multiplies q; default Dk ** -0.5.
+        delay: d >= 0; token i reads the state S_(i-d) (keys j <= i - d), 0 for i < d (window.py).
+        cu_seqlens: packed documents, int [N + 1] offsets into the B·T tokens of the GLOBAL (unsharded)
+            batch (0, B·T and every row start; identical on every rank): the state restarts at every
+            document start, wherever it falls (inside a chunk, on a rank or zigzag seam). Same bytes
+            exchanged; offsets stay on the device. With delay the shift stays inside each document.
+
+    Returns:
+        o, [B, n, H, Dv] in the dtype of q: equal to spindle.kernels.linear_attention on the
+        unsharded tensors, sharded the same way. Differentiable in q, k, v and log_decay.
+"""
+
+
+def lasp_op(name: str, exchange_type: Callable[..., StateExchange], default_layout: str,
+            summary: str) -> Callable[..., torch.Tensor]:
+    """The public op `name` of one LASP scheme: linear_context_parallel with `exchange_type` as its state
+    exchange and `default_layout` as its default (the arguments in _LASP_ARGUMENTS, the same for every scheme)."""
+
+    def op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: dist.ProcessGroup, *,
+           layout: str = default_layout, log_decay: torch.Tensor | None = None, scale: float | None = None,
+           delay: int = 0, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+        return linear_context_parallel(op, exchange_type, q, k, v, group, layout=layout, log_decay=log_decay,
+                                       scale=scale, delay=delay, cu_seqlens=cu_seqlens)
+
+    return publish(op, name, exchange_type.__module__, summary + _LASP_ARGUMENTS.format(layout=default_layout))
+
+
 @dataclasses.dataclass
 class LinearSetup:
     """Validated arguments of a linear CP call."""
@@ -111,29 +151,19 @@ class LinearSetup:
     decay_kind: str  # "none" | "constant" | "token"
 
 
-def validate_linear_inputs(
-    caller: str,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    group: dist.ProcessGroup,
-    layout: str,
-    log_decay: torch.Tensor | None,
-    scale: float | None,
-    cu_seqlens: torch.Tensor | None = None,
-) -> LinearSetup:
-    """Cross-rank agreement first (so no rank is left waiting in a collective), then local checks."""
-    rank, world_size = group_rank_and_size(group, caller)
-    check_layout(layout, caller)
+def validate_linear_inputs(caller: str, group: dist.ProcessGroup, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                           layout: str, log_decay: torch.Tensor | None, scale: float | None,
+                           cu_seqlens: torch.Tensor | None) -> LinearSetup:
+    """The shared shard checks (ranks agree first), then linear attention's shapes, decay and documents."""
     bad_decay = False
     if isinstance(log_decay, torch.Tensor) and log_decay.is_floating_point():
         if log_decay.device.type == "cpu":  # checked here so every rank raises together; no device sync
             bad_decay = not bool((log_decay.detach() <= 0).all())
         else:  # on the device, no host sync: a bad value stops the program at the next synchronization
             check_log_decay_values(log_decay, caller)
-    check_ranks_agree(
-        group,
+    rank, world_size = check_shards(
         caller,
+        group,
         # only whether documents are packed: N changes every batch, and a new signature costs a gather
         {"q": q, "k": k, "v": v, "log_decay": log_decay, "layout": layout, "scale": scale,
          "documents": cu_seqlens is not None},
@@ -141,9 +171,6 @@ def validate_linear_inputs(
             "log_decay has NaN or positive values; it must be <= 0 (log of a decay in [0, 1]; -inf resets)": bad_decay
         },
     )
-    for name, tensor in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(tensor, torch.Tensor) or tensor.dim() != 4:
-            raise ValueError(f"{caller}: {name} must be a 4-D tensor [batch, local_seq, heads, head_dim]")
     if k.shape != q.shape:
         raise ValueError(f"{caller}: k {tuple(k.shape)} must have the shape of q {tuple(q.shape)}")
     if v.shape[:3] != q.shape[:3]:
@@ -151,14 +178,7 @@ def validate_linear_inputs(
             f"{caller}: v {tuple(v.shape)} must match q {tuple(q.shape)} in [batch, local_seq, heads] "
             "(linear attention has no grouped kv heads: repeat k/v heads first)"
         )
-    if not (q.dtype == k.dtype == v.dtype):
-        raise TypeError(f"{caller}: q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     batch, length, heads, _ = q.shape
-    if layout == "zigzag" and length % 2 != 0:
-        raise ValueError(
-            f"{caller}: local length {length} is odd, but layout 'zigzag' holds two equal chunks per rank; "
-            f"the global length must be divisible by 2 x {world_size} ranks"
-        )
     decay_kind = "none"
     if log_decay is not None:
         if not isinstance(log_decay, torch.Tensor) or not log_decay.is_floating_point():

@@ -31,7 +31,7 @@ from spindle.kernels import attention, attention_backward
 from .comm import RingComm
 from .merge import accumulation_dtype, merge_attention_block
 from .layout import local_chunks
-from .softmax import AttentionSetup, document_offsets, pack, row_documents, unpack, validate_attention_inputs
+from .softmax import AttentionSetup, attention_op, document_offsets, pack, row_documents, unpack
 
 _ALL = slice(None)
 
@@ -163,33 +163,12 @@ class RingAttention(torch.autograd.Function):
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None
 
 
-def ring_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    group: dist.ProcessGroup,
-    *,
-    layout: str = "zigzag",
-    causal: bool = True,
-    scale: float | None = None,
-    cu_seqlens: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Softmax attention over a CP group with K/V passed around a ring (zigzag-balanced when causal).
-
-    Args:
-        q: this rank's shard [B, n, H, D]; k, v: [B, n, H_kv, D] with H % H_kv == 0 (GQA).
-        group: the CP process group; rank and world size come from it.
-        layout: "zigzag" (default, balanced causal work) or "contiguous".
-        causal: causal masking in global token order; False attends to the whole sequence.
-        scale: softmax scale, default D ** -0.5.
-        cu_seqlens: packed documents, int [N + 1] offsets into the B·T tokens of the GLOBAL (unsharded)
-            batch, identical on every rank; queries see keys of their own document only.
-
-    Returns:
-        o [B, n, H, D] in the dtype of q, equal to spindle.kernels.attention on the unsharded tensors,
-        sharded the same way. Differentiable in q, k, v.
-    """
-    setup = validate_attention_inputs("ring_attention", q, k, v, group, layout, causal, scale,
-                                      extra={"documents": cu_seqlens is not None})
+def _ring(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: dist.ProcessGroup, setup: AttentionSetup,
+          cu_seqlens: torch.Tensor | None) -> torch.Tensor:
     offsets = document_offsets("ring_attention", cu_seqlens, q.shape[0], q.shape[1] * setup.world_size)
     return RingAttention.apply(q, k, v, setup, group, offsets)
+
+
+ring_attention = attention_op(
+    "ring_attention", _ring, "Softmax attention over a CP group with K/V passed around a ring (zigzag-balanced "
+    "when causal).")

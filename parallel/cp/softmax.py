@@ -1,15 +1,17 @@
-"""Pieces the softmax-attention schemes share: argument validation, K/V packing, local chunk geometry."""
+"""Pieces the softmax-attention schemes share: their public op (arguments, docs, validation), K/V packing,
+local chunk geometry and packed documents."""
 
 from __future__ import annotations
 
 import dataclasses
 import weakref
+from collections.abc import Callable, Mapping
 
 import torch
 import torch.distributed as dist
 
-from .comm import check_ranks_agree, group_rank_and_size
-from .layout import check_layout, chunks_per_rank, local_chunks
+from .layout import chunks_per_rank, local_chunks
+from .ops import check_shards, publish, scheme_options
 
 
 @dataclasses.dataclass
@@ -30,25 +32,11 @@ class AttentionSetup:
         return local_chunks(self.rank, self.world_size, self.layout)
 
 
-def validate_attention_inputs(
-    caller: str,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    group: dist.ProcessGroup,
-    layout: str,
-    causal: bool,
-    scale: float | None,
-    extra: dict[str, object] | None = None,
-) -> AttentionSetup:
-    """Cross-rank agreement first (so no rank is left waiting in a collective), then local checks."""
-    rank, world_size = group_rank_and_size(group, caller)
-    check_layout(layout, caller)
-    arguments = {"q": q, "k": k, "v": v, "layout": layout, "causal": bool(causal), "scale": scale, **(extra or {})}
-    check_ranks_agree(group, caller, arguments)
-    for name, tensor in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(tensor, torch.Tensor) or tensor.dim() != 4:
-            raise ValueError(f"{caller}: {name} must be a 4-D tensor [batch, local_seq, heads, head_dim]")
+def validate_attention_inputs(caller: str, group: dist.ProcessGroup, arguments: Mapping[str, object]) -> AttentionSetup:
+    """The setup of a softmax CP call from its `arguments` (q, k, v, layout, causal, scale and the
+    scheme's options, as the ranks must agree on them): the shared shard checks, then GQA shapes."""
+    rank, world_size = check_shards(caller, group, arguments)
+    q, k, v, scale = (arguments[name] for name in ("q", "k", "v", "scale"))
     if k.shape != v.shape:
         raise ValueError(f"{caller}: k {tuple(k.shape)} and v {tuple(v.shape)} must have the same shape")
     if q.shape[0] != k.shape[0] or q.shape[1] != k.shape[1] or q.shape[3] != k.shape[3]:
@@ -59,15 +47,47 @@ def validate_attention_inputs(
         raise ValueError(
             f"{caller}: query heads ({q.shape[2]}) must be a multiple of key/value heads ({k.shape[2]}) (GQA)"
         )
-    if not (q.dtype == k.dtype == v.dtype):
-        raise TypeError(f"{caller}: q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if layout == "zigzag" and q.shape[1] % 2 != 0:
-        raise ValueError(
-            f"{caller}: local length {q.shape[1]} is odd, but layout 'zigzag' holds two equal chunks per rank; "
-            f"the global length must be divisible by 2 x {world_size} ranks"
-        )
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    return AttentionSetup(rank, world_size, layout, bool(causal), scale)
+    return AttentionSetup(rank, world_size, arguments["layout"], bool(arguments["causal"]), scale)
+
+
+_ATTENTION_ARGUMENTS = """
+
+    Args:
+        q: this rank's shard [B, n, H, D]; k, v: [B, n, H_kv, D] with H % H_kv == 0 (GQA).
+        group: the CP process group; rank and world size come from it.
+        layout: how the sequence is sharded: "zigzag" (default, balanced causal work) or "contiguous".
+        causal: causal masking in global token order; False attends to the whole sequence.
+        scale: softmax scale, default D ** -0.5.
+        cu_seqlens: packed documents, int [N + 1] offsets into the B·T tokens of the GLOBAL (unsharded)
+            batch, identical on every rank; queries see keys of their own document only.
+{options}
+    Returns:
+        o [B, n, H, D] in the dtype of q, equal to spindle.kernels.attention on the unsharded tensors,
+        sharded the same way. Differentiable in q, k, v.
+"""
+
+
+def attention_op(name: str, scheme: Callable[..., torch.Tensor], summary: str,
+                 options: Mapping[str, tuple[object, str]] | None = None) -> Callable[..., torch.Tensor]:
+    """The public op `name` of one softmax CP scheme.
+
+    Every scheme takes the arguments documented in _ATTENTION_ARGUMENTS, checked here; `options` adds the
+    scheme's own keywords (name -> (default, the text of its Args entry)). The op runs
+    `scheme(q, k, v, group, setup, cu_seqlens, **options)` with the validated AttentionSetup.
+    """
+    defaults = {key: default for key, (default, _) in (options or {}).items()}
+
+    def op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: dist.ProcessGroup, *, layout: str = "zigzag",
+           causal: bool = True, scale: float | None = None, cu_seqlens: torch.Tensor | None = None,
+           **given: object) -> torch.Tensor:
+        chosen = scheme_options(name, given, defaults)
+        arguments = {"q": q, "k": k, "v": v, "layout": layout, "causal": bool(causal), "scale": scale, **chosen,
+                     "documents": cu_seqlens is not None}
+        return scheme(q, k, v, group, validate_attention_inputs(name, group, arguments), cu_seqlens, **chosen)
+
+    entries = "".join(f"        {key}: {text}\n" for key, (_, text) in (options or {}).items())
+    return publish(op, name, scheme.__module__, summary + _ATTENTION_ARGUMENTS.format(options=entries), defaults)
 
 
 # cu_seqlens tensor -> its values: every softmax layer of a micro-batch receives the same tensor, so

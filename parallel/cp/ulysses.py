@@ -26,7 +26,7 @@ from spindle.kernels import attention
 from .comm import all_to_all as exchange_all_to_all
 from .comm import record_all_to_all
 from .layout import gathered_to_global_index
-from .softmax import validate_attention_inputs
+from .softmax import AttentionSetup, attention_op
 
 ALL_TO_ALL_CHOICES = ("auto", "deepspeed", "torch")
 
@@ -101,40 +101,9 @@ class _CountOnBackward(torch.autograd.Function):
         return grad, None
 
 
-def ulysses_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    group: dist.ProcessGroup,
-    *,
-    causal: bool = True,
-    scale: float | None = None,
-    layout: str = "zigzag",
-    all_to_all: str = "auto",
-    cu_seqlens: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Softmax attention over a CP group with Ulysses all-to-alls (sequence shards <-> head shards).
-
-    Args:
-        q: this rank's shard [B, n, H, D]; k, v: [B, n, H_kv, D]; H and H_kv divisible by P, H % H_kv == 0.
-        group: the CP process group; rank and world size come from it.
-        causal: causal masking in global token order; False attends to the whole sequence.
-        scale: softmax scale, default D ** -0.5.
-        layout: how the inputs are sharded, "zigzag" (default, like the other CP ops) or "contiguous".
-        all_to_all: "auto" (DeepSpeed's sequence-parallel layer when installed, else "torch"),
-            "deepspeed", or "torch" (our all_to_all_single exchange).
-        cu_seqlens: packed documents, int [N + 1] offsets into the B·T tokens of the GLOBAL (unsharded)
-            batch, identical on every rank: after the exchange each rank holds whole sequences in global
-            order, so the local kernel applies the document mask as on one device.
-
-    Returns:
-        o [B, n, H, D] in the dtype of q, equal to spindle.kernels.attention on the unsharded tensors,
-        sharded the same way. Differentiable in q, k, v.
-    """
-    setup = validate_attention_inputs(
-        "ulysses_attention", q, k, v, group, layout, causal, scale,
-        extra={"all_to_all": all_to_all, "documents": cu_seqlens is not None},
-    )
+def _ulysses(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: dist.ProcessGroup, setup: AttentionSetup,
+             cu_seqlens: torch.Tensor | None, all_to_all: str) -> torch.Tensor:
+    layout = setup.layout
     world_size = setup.world_size
     for name, heads in (("query heads", q.shape[2]), ("key/value heads", k.shape[2])):
         if heads % world_size != 0:
@@ -170,3 +139,12 @@ def ulysses_attention(
     output = _deepspeed_distributed_attention(local_attention, group)(q, k, v, 0)  # batch is dim 0
     record_all_to_all(output, world_size)
     return _CountOnBackward.apply(output, world_size)
+
+
+ulysses_attention = attention_op(
+    "ulysses_attention", _ulysses, "Softmax attention over a CP group with Ulysses all-to-alls (sequence shards <-> "
+    "head shards).\n\n    H and H_kv must be divisible by P. With cu_seqlens, each rank holds whole sequences in global "
+    "order after the\n    exchange, so the local kernel applies the document mask as on one device.",
+    {"all_to_all": ("auto", "'auto' (DeepSpeed's sequence-parallel layer when installed, else 'torch'),\n"
+                            "            'deepspeed', or 'torch' (our all_to_all_single exchange).")},
+)

@@ -137,8 +137,9 @@ def window_attention(
         o [B, n, H, D], equal to spindle.kernels.attention(q, k, v, causal=True, window=window) on
         the unsharded tensors, sharded the same way. Differentiable in q, k, v.
     """
-    setup = validate_attention_inputs("window_attention", q, k, v, group, layout, True, scale,
-                                      extra={"window": window, "cu_seqlens": cu_seqlens})
+    setup = validate_attention_inputs("window_attention", group, {
+        "q": q, "k": k, "v": v, "layout": layout, "causal": True, "scale": scale, "window": window,
+        "cu_seqlens": cu_seqlens})
     check_window(window, "window_attention")
     key_halos, value_halos = halo_exchange_many([k, v], group, window=window, layout=layout)
     documents = _documents(cu_seqlens, setup.rank, setup.world_size, layout, q.shape[1])
