@@ -18,8 +18,8 @@ cp`; assumptions in docs/algorithms.md). The remaining assumptions are about the
   docs/design.md; parallel/parallelize.py's FSDP2 mesh);
 - tensor parallelism shards the blocks' heads and MLP width; embedding, output layer and norms stay
   replicated, and activations on the residual stream are not split (no sequence parallelism);
-- GPU kernels save only their inputs, output and log-sum-exp (flash-attn with native GQA for softmax
-  layers; the Triton chunked kernel for linear layers, which recomputes its chunk states);
+- the token mixers run the kernels "auto" picks on the GPU (kernel_backends: flash-attn for softmax
+  layers, the Triton chunked kernel for linear ones); what they keep for backward is read off them;
 - all-gather attention re-gathers K/V in the backward pass and reduce-scatters fp32 dK/dV, ring
   attention carries fp32 dK/dV around the ring, so both move about 3× the forward bytes backward;
 - a checkpointed layer keeps only its input and recomputes the rest (and repeats its forward
@@ -31,10 +31,12 @@ cp`; assumptions in docs/algorithms.md). The remaining assumptions are about the
   move the same bytes. FLOPs and time are those of full causal sequences, an upper bound: softmax
   attention inside short documents does less work.
 
-The per-token byte counts of each block are checked against the tensors autograd saves (saved-tensor
-hooks on CPU, with stand-ins that save what the GPU kernels save: the Triton linear-attention Function
-keeps its residuals on ctx, out of the hooks' sight), and the whole peak against the live CPU tensors of
-two real training steps (tests/test_plan.py, within 15% for two configs).
+Activation bytes are the tensors autograd saves (block_saved_bytes): one block of each kind runs forward
+on fake tensors with the target device's kernel backends forced, under saved-tensor hooks (and again
+under activation checkpointing), at two short lengths; the kernels allocate exactly what they keep and
+compute nothing (kernels/shapes.py). tests/test_plan.py checks those bytes against real CPU forwards
+(the CPU kernels, and the Triton kernels under TRITON_INTERPRET=1), and the whole peak against the live
+CPU tensors of two real training steps (within 15% for two configs).
 
 Memory is the peak over a step: model state + weight copies + every layer's saved activations
 + the loss buffers + the largest one-layer transient (a checkpointed layer's recomputed activations,
