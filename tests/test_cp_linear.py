@@ -18,16 +18,8 @@ if not torch.cuda.is_available():
     # the Triton-backed LASP check below runs the kernels in the interpreter (also in spawned ranks)
     os.environ.setdefault("TRITON_INTERPRET", "1")
 import torch.distributed as dist
-from cp_reference import (
-    SpawnedCase,
-    assert_case_passed,
-    data_calls,
-    dense_linear_attention,
-    random_inputs,
-    relative_rmse,
-    case_results,
-    register_cases,
-)
+from cp_reference import SpawnedCase, assert_case_passed, case_results, data_calls, dense_linear_attention
+from cp_reference import random_inputs, register_cases, relative_rmse
 from numerics import TOLERANCE, check_tensors
 
 from spindle.kernels import linear_attention

@@ -10,16 +10,8 @@ import itertools
 import pytest
 import torch
 import torch.distributed as dist
-from cp_reference import (
-    SpawnedCase,
-    assert_case_passed,
-    assert_close,
-    data_calls,
-    dense_attention,
-    random_inputs,
-    case_results,
-    register_cases,
-)
+from cp_reference import SpawnedCase, assert_case_passed, assert_close, case_results, data_calls, dense_attention
+from cp_reference import random_inputs, register_cases
 from numerics import TOLERANCE, check_tensors
 
 from spindle.kernels import attention

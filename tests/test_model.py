@@ -245,22 +245,25 @@ def test_changing_a_token_never_changes_earlier_outputs(layers: str, decay: str)
         assert (after[:, position] - before[:, position]).abs().max() > 1e-8
 
 
-def test_explicit_arange_positions_equal_the_default() -> None:
-    config = tiny_config(layers="LA")
+def model_tokens_and_default_output(layers: str) -> tuple[HybridModel, torch.Tensor, torch.Tensor]:
+    """A float64 tiny model, ten random tokens, and its output at the default positions."""
+    config = tiny_config(layers=layers)
     model = build(config)
     tokens = random_tokens(config, length=10)
     with torch.no_grad():
-        default = model(tokens)
+        return model, tokens, model(tokens)
+
+
+def test_explicit_arange_positions_equal_the_default() -> None:
+    model, tokens, default = model_tokens_and_default_output("LA")
+    with torch.no_grad():
         torch.testing.assert_close(model(tokens, torch.arange(10)), default, rtol=0, atol=0)
         torch.testing.assert_close(model(tokens, torch.arange(10).expand(2, 10)), default, rtol=0, atol=0)
 
 
 def test_rope_depends_only_on_relative_positions() -> None:
-    config = tiny_config(layers="A")
-    model = build(config)
-    tokens = random_tokens(config, length=10)
+    model, tokens, default = model_tokens_and_default_output("A")
     with torch.no_grad():
-        default = model(tokens)
         shifted = model(tokens, torch.arange(10) + 1000)
         per_row = model(tokens, torch.stack([torch.arange(10) + 5, torch.arange(10) + 77]))
         stretched = model(tokens, torch.arange(10) * 3)
