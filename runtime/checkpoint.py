@@ -37,6 +37,7 @@ import errno
 import hashlib
 import json
 import logging
+import math
 import os
 import random
 import shutil
@@ -49,14 +50,22 @@ import zlib
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Protocol, runtime_checkable
 
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+from torch.distributed.checkpoint.metadata import (
+    ChunkStorageMetadata,
+    Metadata,
+    MetadataIndex,
+    TensorProperties,
+    TensorStorageMetadata,
+)
+from torch.distributed.checkpoint.planner import TensorWriteData, WriteItem, WriteItemType
+from torch.distributed.checkpoint.staging import AsyncStager
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 import spindle
@@ -126,6 +135,12 @@ class CheckpointInfo:
 def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
     """The manifest of checkpoint directory ``path``; CheckpointError if there is none (not committed)."""
     manifest_path = Path(path) / MANIFEST_FILE
+    if not manifest_path.is_file() and _is_deepspeed_engine_checkpoint(Path(path)):
+        raise CheckpointError(
+            f"{path} is a checkpoint of DeepSpeed's own engine.save_checkpoint: per-rank ZeRO partitions tied to "
+            f"the dp size and ZeRO stage that wrote them, which spindle does not load. spindle resumes from its own "
+            f"checkpoints (RUN_DIR/checkpoints/step_<8 digits>/, written every checkpoint.every steps by either "
+            f"engine); start afresh with --resume never (DeepSpeed's zero_to_fp32.py extracts its weights).")
     if not manifest_path.is_file():
         raise CheckpointError(
             f"{path} is not a committed checkpoint: it has no {MANIFEST_FILE} (the save did not finish, or "
@@ -141,6 +156,13 @@ def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
             f"{manifest_path} has format {found!r}; this spindle reads formats "
             f"{', '.join(map(str, READABLE_FORMATS))}.")
     return manifest
+
+
+def _is_deepspeed_engine_checkpoint(path: Path) -> bool:
+    """A directory DeepSpeed's ``save_checkpoint`` wrote (or one of its ``global_step*`` folders)."""
+    patterns = ("*_optim_states.pt", "*_model_states.pt")
+    return path.is_dir() and any(any(path.glob(pattern)) or any(path.glob(f"global_step*/{pattern}"))
+                                 for pattern in patterns)
 
 
 def list_checkpoints(run_dir: str | os.PathLike, *, warn_incomplete: bool = True) -> list[CheckpointInfo]:
@@ -394,6 +416,183 @@ def check_shapes(path: Path, model_state: Mapping[str, Any], manifest: Mapping[s
 
 
 # ----------------------------------------------------------------------------------------------
+# State held in flat partitions (DeepSpeed ZeRO): ranges of flattened tensors
+# ----------------------------------------------------------------------------------------------
+
+def flat_range_blocks(shape: tuple[int, ...], start: int, stop: int) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
+    """The rectangular blocks (offsets, sizes), in row-major order, that make up elements [start, stop) of a
+    tensor of ``shape`` flattened in row-major order: a partial first row, the whole rows, a partial last
+    row (each partial row split the same way one dimension down)."""
+    if start >= stop:
+        return []
+    if len(shape) <= 1:
+        return [((start,), (stop - start,))] if shape else [((), ())]
+    inner = math.prod(shape[1:])
+    if inner == 0:
+        return []
+    first_whole, end_whole = -(-start // inner), stop // inner
+    blocks = []
+
+    def within(row: int, row_start: int, row_stop: int) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
+        return [((row, *offsets), (1, *sizes)) for offsets, sizes in flat_range_blocks(shape[1:], row_start, row_stop)]
+
+    if first_whole > end_whole:  # inside one row
+        row = start // inner
+        return within(row, start - row * inner, stop - row * inner)
+    if start % inner:
+        row = start // inner
+        blocks += within(row, start - row * inner, inner)
+    if end_whole > first_whole:
+        blocks.append(((first_whole, *[0] * (len(shape) - 1)), (end_whole - first_whole, *shape[1:])))
+    if stop % inner:
+        blocks += within(end_whole, 0, stop - end_whole * inner)
+    return blocks
+
+
+class FlatRange(torch.Tensor):
+    """This rank's elements [start, start + len(local)) of a tensor of ``shape`` flattened in row-major order,
+    as torch.distributed.checkpoint sees it: a tensor of the full shape of which this rank holds a few
+    rectangular blocks (``flat_range_blocks``), views of ``local``.
+
+    DeepSpeed ZeRO keeps parameters and Adam moments in flat partitions that split tensors at any
+    element, which neither DTensor placements nor FSDP2 shards can describe. Written this way they are
+    the same checkpoint entries (FQN, full shape, chunks) as FSDP2's, so DCP reshards them onto any
+    layout and either engine. Reading loads straight into ``local`` (which may be a view of the
+    engine's partition). Only checkpoint I/O is supported: any torch operation on it raises.
+    """
+
+    _local: torch.Tensor
+    _start: int
+    _blocks: list[tuple[torch.Size, torch.Size, torch.Tensor]]
+
+    @staticmethod
+    def __new__(cls, shape: tuple[int, ...] | torch.Size, start: int, local: torch.Tensor) -> "FlatRange":
+        if local.dim() != 1 or not 0 <= start <= start + local.numel() <= math.prod(shape):
+            raise ValueError(f"FlatRange: a 1-D part of {local.numel()} elements at {start} does not fit in a "
+                             f"tensor of shape {tuple(shape)}.")
+        tensor = torch.Tensor._make_wrapper_subclass(cls, torch.Size(shape), dtype=local.dtype, device=local.device,
+                                                     requires_grad=False)
+        tensor._local, tensor._start = local, start
+        tensor._blocks, position = [], 0
+        for offsets, sizes in flat_range_blocks(tuple(shape), start, start + local.numel()):
+            count = math.prod(sizes)
+            tensor._blocks.append((torch.Size(offsets), torch.Size(sizes),
+                                   local.narrow(0, position, count).view(sizes)))
+            position += count
+        return tensor
+
+    __torch_function__ = torch._C._disabled_torch_function_impl
+
+    @classmethod
+    def __torch_dispatch__(cls, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        raise TypeError(f"FlatRange holds part of a tensor for checkpoint I/O only; {func} is not supported.")
+
+    def __repr__(self) -> str:
+        return (f"FlatRange(shape={tuple(self.shape)}, elements [{self._start}, "
+                f"{self._start + self._local.numel()}), dtype={self.dtype})")
+
+    @property
+    def local(self) -> torch.Tensor:
+        """The 1-D elements this rank holds."""
+        return self._local
+
+    @property
+    def start(self) -> int:
+        return self._start
+
+    def copy_to(self, device: torch.device | str = "cpu") -> "FlatRange":
+        """The same range over a copy of ``local`` (an asynchronous save writes the copy)."""
+        return FlatRange(self.shape, self._start, self._local.detach().to(device, copy=True))
+
+    # torch.distributed.checkpoint's _Checkpointable protocol (what DTensor implements)
+    def __create_write_items__(self, fqn: str, object: Any) -> list[WriteItem]:
+        properties = TensorProperties.create_from_tensor(self._local)
+        return [WriteItem(index=MetadataIndex(fqn, offsets), type=WriteItemType.SHARD,
+                          tensor_data=TensorWriteData(chunk=ChunkStorageMetadata(offsets=offsets, sizes=sizes),
+                                                      properties=properties, size=self.shape))
+                for offsets, sizes, _ in self._blocks]
+
+    def __create_chunk_list__(self) -> list[ChunkStorageMetadata]:
+        return [ChunkStorageMetadata(offsets=offsets, sizes=sizes) for offsets, sizes, _ in self._blocks]
+
+    def __get_tensor_shard__(self, index: MetadataIndex) -> torch.Tensor:
+        for offsets, _, view in self._blocks:
+            if offsets == index.offset:
+                return view
+        raise ValueError(f"FlatRange {index.fqn}: no block at {index.offset} on this rank.")
+
+
+@runtime_checkable
+class EngineState(Protocol):
+    """A data-parallel engine that keeps model and optimizer state in partitions of its own (DeepSpeed
+    ZeRO, ``spindle.parallel.zero.ZeroEngine``) and hands it to the Checkpointer, which writes, commits,
+    signs, verifies and loads exactly as for FSDP2.
+
+    The state is what ``get_state_dict`` gives for a plain or FSDP2 model: ``model`` maps parameter FQNs
+    to tensors of their full shape, ``optimizer`` is ``{"state": {FQN: {key: tensor}}, "param_groups":
+    [{..., "params": [FQN, ...]}]}``; every rank passes its own parts (``FlatRange``)."""
+
+    def state_for_save(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        """(model, optimizer) state; tensors may be views that training changes later."""
+        ...
+
+    def state_for_load(self, saved: Metadata) -> tuple[dict[str, Any], dict[str, Any]]:
+        """(model, optimizer) destinations for the checkpoint described by ``saved`` (DCP's metadata);
+        CheckpointError, naming what and why, for a checkpoint the engine cannot take."""
+        ...
+
+    def finish_load(self, model_state: dict[str, Any], optimizer_state: dict[str, Any]) -> None:
+        """Apply the loaded destinations (collective over the engine's ranks)."""
+        ...
+
+
+class TorchState:
+    """``EngineState`` of a plain, FSDP2- or TP-sharded module and its torch optimizer (``get_state_dict``
+    keys everything by FQN; DTensor shards reshard through DCP)."""
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        self.model, self.optimizer = model, optimizer
+
+    def state_for_save(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        return get_state_dict(self.model, self.optimizer)
+
+    def state_for_load(self, saved: Metadata) -> tuple[dict[str, Any], dict[str, Any]]:
+        return get_state_dict(self.model, self.optimizer)
+
+    def finish_load(self, model_state: dict[str, Any], optimizer_state: dict[str, Any]) -> None:
+        set_state_dict(self.model, self.optimizer, model_state_dict=model_state, optim_state_dict=optimizer_state)
+
+
+def _copied(value: Any) -> Any:
+    """A copy of a nested state whose tensors later training cannot change (on the CPU)."""
+    if isinstance(value, FlatRange):
+        return value.copy_to("cpu")
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu", copy=True)
+    if isinstance(value, Mapping):
+        return {key: _copied(entry) for key, entry in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_copied(entry) for entry in value)
+    return value
+
+
+class _AlreadyStaged(AsyncStager):
+    """For ``dcp.async_save`` of a state that ``_copied`` staged: DCP's default stager copies plain
+    tensors and DTensors only."""
+
+    _synchronize_after_execute = False
+
+    def stage(self, state_dict: dict[str, Any]) -> dict[str, Any]:
+        return state_dict
+
+    def synchronize_staging(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+# ----------------------------------------------------------------------------------------------
 # The checkpointer the trainer owns
 # ----------------------------------------------------------------------------------------------
 
@@ -426,13 +625,15 @@ class Checkpointer:
     """Saves and restores model, optimizer, counters and per-rank RNG of one run.
 
     Works for plain modules and FSDP2/DTensor-parallel ones alike (``get_state_dict`` keys everything
-    by parameter FQN). Collective: every rank of ``process_group`` (default: the world) calls every
+    by parameter FQN), and for an engine that partitions the state itself (``optimizer`` an
+    ``EngineState``: DeepSpeed ZeRO), whose checkpoints have the same entries, so either engine and any
+    layout reads them. Collective: every rank of ``process_group`` (default: the world) calls every
     method. With ``checkpoint.async_save`` the shards are written by a background thread over a
     dedicated gloo group, so they never interleave with training collectives on the default group.
     """
 
     def __init__(self, run_dir: str | os.PathLike, config: Any, model: torch.nn.Module,
-                 optimizer: torch.optim.Optimizer, *,
+                 optimizer: torch.optim.Optimizer | EngineState, *,
                  degrees: ParallelDegrees | None = None, process_group: dist.ProcessGroup | None = None,
                  trust_checkpoint: bool = False) -> None:
         self.run_dir = Path(run_dir)
@@ -440,6 +641,8 @@ class Checkpointer:
         """Load checkpoints whose origin tag does not verify (the user vouches for them)."""
         self.config = _as_dict(config)
         self.model, self.optimizer = model, optimizer
+        self.state: EngineState = (TorchState(model, optimizer) if isinstance(optimizer, torch.optim.Optimizer)
+                                   else optimizer)
         self.degrees = degrees or ParallelDegrees(1, 1, 1)
         section = self.config["checkpoint"]
         self.every, self.keep = int(section["every"]), int(section["keep"])
@@ -488,15 +691,18 @@ class Checkpointer:
         started = time.perf_counter()
         self._prepare_directory(directory)
         torch.save(capture_rng_state(), directory / f"rng_rank{self.rank}.pt")
-        model_state, optimizer_state = get_state_dict(self.model, self.optimizer)
+        model_state, optimizer_state = self.state.state_for_save()
         state = {"model": model_state, "optimizer": optimizer_state,
                  "train": {"step": step, "data_cursor": data_cursor}}
         manifest = self._manifest(step, data_cursor)
         manifest["shapes"] = {name: list(value.shape) for name, value in model_state.items()
                               if isinstance(value, torch.Tensor)}
         if self.async_save:
+            stager = None  # DCP's own: copies plain tensors and DTensors
+            if not isinstance(self.state, TorchState):  # an engine's views (FlatRange) are copied here
+                state, stager = _copied(state), _AlreadyStaged()
             upload = dcp.async_save(state, checkpoint_id=str(directory), process_group=self.group,
-                                    no_dist=not self.distributed)
+                                    no_dist=not self.distributed, async_stager=stager)
             upload = getattr(upload, "upload_completion", upload)
             blocking = time.perf_counter() - started
             pending: Future = Future()
@@ -595,7 +801,7 @@ class Checkpointer:
             manifest = verify_checkpoint(path)
             check_origin(path, manifest, trust_checkpoint=self.trust_checkpoint)
         layout_changed = check_layout_change(manifest, self.config, self.degrees)
-        model_state, optimizer_state = get_state_dict(self.model, self.optimizer)
+        model_state, optimizer_state = self.state.state_for_load(dcp.FileSystemReader(str(path)).read_metadata())
         check_shapes(path, model_state, manifest, self.config)
         state = {"model": model_state, "optimizer": optimizer_state, "train": {"step": 0, "data_cursor": 0}}
         try:
@@ -605,8 +811,7 @@ class Checkpointer:
                 f"loading {path} failed: {error}\nThe checkpoint does not hold the state this run expects (was it "
                 f"saved with another optimizer setup?); resume with that setup or use --resume "
                 f"never.") from error
-        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
-                       optim_state_dict=state["optimizer"])
+        self.state.finish_load(state["model"], state["optimizer"])
         step = int(state["train"]["step"])
         if layout_changed:
             log.info("layout changed from %s: reseeding RNG from (seed, step, rank)", manifest["layout"])

@@ -567,10 +567,6 @@ def _check_dp_engine(config: Config, world_size: int | None) -> None:
         raise ConfigError(f"parallel.tp = {parallel.tp} is not supported with parallel.dp_engine = 'deepspeed' "
                           f"(ZeRO runs over dp x cp only): use parallel.dp_engine = 'fsdp' for tensor parallelism, "
                           f"or set parallel.tp = 1.")
-    if config.checkpoint.every > 0:
-        raise ConfigError(f"checkpoint.every = {config.checkpoint.every} is not supported with parallel.dp_engine = "
-                          f"'deepspeed' (its partitioned optimizer state has no checkpoint format in spindle yet): "
-                          f"set checkpoint.every = 0, or use parallel.dp_engine = 'fsdp'.")
     if world_size == 1:
         raise ConfigError("parallel.dp_engine = 'deepspeed' needs a multi-process job (it shards over dp x cp): "
                           "start 2 or more processes with torchrun or `spindle train`, or use 'fsdp' for one process.")

@@ -98,17 +98,6 @@ def build_engine(config: Config, model: torch.nn.Module, optimizer: torch.optim.
     return TorchEngine(model, optimizer, context)
 
 
-def refuse_deepspeed_resume(run_dir: Path, resume: str) -> None:
-    """Checkpoints are not implemented for the DeepSpeed engine: refuse to silently ignore one."""
-    from spindle.runtime.checkpoint import resolve_resume
-
-    found = resolve_resume(run_dir, resume)
-    if found is not None:
-        raise ConfigError(f"--resume {resume} found the checkpoint {found}, but parallel.dp_engine = 'deepspeed' "
-                          f"cannot load checkpoints yet: resume with parallel.dp_engine = 'fsdp', or start afresh "
-                          f"with --resume never (or another --run-dir).")
-
-
 def warn_if_plan_does_not_fit(config: Config, world_size: int, gpu: str | None = None) -> bool:
     """Preflight: print a warning (with the planner's numbers and a layout that fits) when the plan of
     ``config`` needs more memory per GPU than ``gpu`` has (None: cuda:0; nothing without a GPU).
@@ -134,18 +123,18 @@ def run_training(config: Config, run_dir: Path, context: ParallelContext, resume
 
     if context.is_main and context.device.type == "cuda":
         warn_if_plan_does_not_fit(config, context.world_size)
-    deepspeed = config.parallel.dp_engine == "deepspeed"
     dataset = build_dataset(config.data, config.model.vocab_size, config.train.seed)
     model = build_model(config, context)
     optimizer = build_optimizer(model, config.train)
-    # DeepSpeed partitions the optimizer its own way, which torch's get_state_dict cannot read.
-    checkpointer = None if deepspeed else Checkpointer(run_dir, to_dict(config), model, optimizer,
-                                                       degrees=context.degrees, trust_checkpoint=trust_checkpoint)
-    resumed = checkpointer.restore(resume) if checkpointer is not None else None
-    start_step = resumed.step if resumed is not None else 0
     # Parameters are counted before DeepSpeed may partition them (ZeRO-3); DTensor numel is global.
     parameters = sum(p.numel() for p in model.parameters())
     engine = build_engine(config, model, optimizer, context)
+    # DeepSpeed keeps the weights and optimizer state in its own partitions: the engine hands them over.
+    state = engine if config.parallel.dp_engine == "deepspeed" else optimizer
+    checkpointer = Checkpointer(run_dir, to_dict(config), model, state, degrees=context.degrees,
+                                trust_checkpoint=trust_checkpoint)
+    resumed = checkpointer.restore(resume)
+    start_step = resumed.step if resumed is not None else 0
     batches = BatchProvider(dataset, config.train.global_batch, config.train.micro_batch,
                             context.dp_rank, context.dp_size)
     if context.is_main:
@@ -168,8 +157,7 @@ def run_training(config: Config, run_dir: Path, context: ParallelContext, resume
             trainer = Trainer(config, model, engine, batches, context, run_dir, tracker=tracker, metrics=metrics,
                               checkpointer=checkpointer, stop=StopAgreement(run_dir, catcher))
             final = trainer.fit(start_step=start_step)
-            if checkpointer is not None:
-                checkpointer.close()
+            checkpointer.close()
         finally:
             tracker.finish()
             if metrics is not None:
@@ -236,8 +224,6 @@ def train_entry(config: Config, run_dir: str, resume: str = "auto", *, trust_che
     init_process_group(world_size, device, config.launch.collective_timeout_s)
     context = ParallelContext.build(degrees, device, cp_layout=config.parallel.cp_layout)
     run_path = Path(run_dir)
-    if config.parallel.dp_engine == "deepspeed":
-        refuse_deepspeed_resume(run_path, resume)  # before the run directory's config.yaml is replaced
     if context.is_main:
         run_path.mkdir(parents=True, exist_ok=True)
         record_config(config, run_path)  # an existing run's config.yaml is never rewritten

@@ -217,8 +217,6 @@ def test_torchrun_cp2_tp2_trains_and_writes_metrics(tmp_path: Path, reference: d
      "model.kv_heads = 2 does not split over parallel.cp = 4 with parallel.cp_softmax = 'ulysses'"),
     (2, ["parallel.tp=2", "parallel.dp_engine=deepspeed"],
      "parallel.tp = 2 is not supported with parallel.dp_engine = 'deepspeed'"),
-    (2, ["parallel.dp=2", "parallel.dp_engine=deepspeed", "checkpoint.every=1"],
-     "checkpoint.every = 1 is not supported with parallel.dp_engine = 'deepspeed'"),
     (1, ["parallel.dp_engine=deepspeed"], "parallel.dp_engine = 'deepspeed' needs a multi-process job"),
     (2, ["parallel.dp=2", "parallel.offload_optimizer=true"],
      "parallel.offload_optimizer = true needs parallel.dp_engine = 'deepspeed'"),
