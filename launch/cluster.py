@@ -199,8 +199,12 @@ def _join(address: str) -> None:
     import ray
     from ray.exceptions import AuthenticationError
 
+    # A Ray driver attaches to a node on its own machine (that node's raylet and object store): connect
+    # to that one by its address (Ray's own guess scans the process table for any raylet).
+    node = _node_on_this_machine(address) if address != "auto" else None
     try:
-        ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True)
+        ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True,
+                 **({"_node_ip_address": node} if node else {}))
     except (ConnectionError, RuntimeError) as error:
         causes, cause = [], error
         while cause is not None:
@@ -214,6 +218,35 @@ def _join(address: str) -> None:
         raise LaunchError(f"could not join the Ray cluster at {address}: {last_line(error)}. Check that the address "
                           f"is the head node's GCS address (HOST:6379 by default) and that its Ray version matches "
                           f"this one.") from None
+
+
+def _node_on_this_machine(address: str) -> str | None:
+    """The address of the cluster's alive node that runs on this machine; None when the cluster's nodes
+    cannot be listed before joining (ray.init then says what is wrong). Raises LaunchError when none of
+    the nodes is on this machine: a Ray driver cannot run there."""
+    import psutil
+    from ray._raylet import GcsClient
+    from ray.core.generated.gcs_pb2 import GcsNodeInfo
+
+    try:
+        nodes = GcsClient(address=address).get_all_node_info(
+            timeout=CONNECT_TIMEOUT_S, state_filter=GcsNodeInfo.GcsNodeState.ALIVE).values()
+        node_addresses = sorted({node.node_manager_address for node in nodes})
+    except Exception:  # a private Ray API, a token refused, an old GCS: leave the diagnosis to ray.init
+        return None
+    local = {entry.address for entries in psutil.net_if_addrs().values() for entry in entries}
+    here = [node_address for node_address in node_addresses if node_address in local]
+    if here:
+        return here[0]
+    if not node_addresses:
+        return None
+    host = urlparse(f"gcs://{address}").hostname
+    raise LaunchError(
+        f"this machine is not a node of the Ray cluster at {address} (its nodes: {', '.join(node_addresses)}; "
+        f"this machine: {', '.join(sorted(local - {'127.0.0.1', '::1'})) or 'loopback only'}). `spindle train "
+        f"--address` runs the job's driver here, and a Ray driver runs on a node of its cluster. To fix: make "
+        f"this machine a node without CPUs (`ray start --address {address} --num-cpus 0`) and run again, or "
+        f"submit the job from anywhere with `spindle submit CONFIG --address http://{host}:8265`.")
 
 
 def session_dir() -> str | None:

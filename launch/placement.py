@@ -52,6 +52,28 @@ def format_resources(resources: dict[str, float]) -> str:
     return ", ".join(f"{value:g} {name}" for name, value in resources.items())
 
 
+def describe_rank_hosts(hosts: list[str]) -> str:
+    """Where the ranks went, ``hosts[rank]`` being each rank's node address: "placement: 4 rank(s) on 2
+    host(s): 10.0.0.1 ranks 0-1, 10.0.0.2 ranks 2-3" (hosts in order of their first rank)."""
+    ranks_by_host: dict[str, list[int]] = {}
+    for rank, host in enumerate(hosts):
+        ranks_by_host.setdefault(host, []).append(rank)
+    spread = ", ".join(f"{host} {'rank' if len(ranks) == 1 else 'ranks'} {_ranges(ranks)}"
+                       for host, ranks in ranks_by_host.items())
+    return f"placement: {len(hosts)} rank(s) on {len(ranks_by_host)} host(s): {spread}"
+
+
+def _ranges(numbers: list[int]) -> str:
+    """[0, 1, 2, 5, 7, 8] -> "0-2, 5, 7-8"."""
+    runs: list[list[int]] = []
+    for number in numbers:
+        if runs and number == runs[-1][1] + 1:
+            runs[-1][1] = number
+        else:
+            runs.append([number, number])
+    return ", ".join(str(first) if first == last else f"{first}-{last}" for first, last in runs)
+
+
 def decide_gpu(use_gpu: str, nodes: list[NodeResources]) -> bool:
     """launch.use_gpu: "true"/"false" as given, "auto" = GPUs when the cluster has any."""
     if use_gpu == "auto":

@@ -1,11 +1,17 @@
-"""Loopback rendezvous for the workers of an embedded cluster.
+"""How the workers of a job find each other: loopback on an embedded cluster, node addresses on a joined one.
 
 torch's rendezvous store (a TCPStore on rank 0, where ranks exchange addresses before the first
 collective) listens on every interface when torch creates it from MASTER_ADDR/MASTER_PORT, whatever
 the address. On an embedded cluster every rank is on this machine, so rank 0 binds the store's socket
 to 127.0.0.1 itself and hands it to TCPStore (``master_listen_fd``); the other ranks connect there,
 and the process group is built on that store. Ray Train runs this through a TorchConfig whose backend
-replaces its default process-group setup; joined clusters keep Ray Train's own.
+replaces its default process-group setup.
+
+On a joined cluster Ray Train's own setup builds the process group (the store on rank 0's node
+address), after two steps of ours: gloo is bound to the interface that carries each worker's Ray node
+address (gloo otherwise binds to whatever the hostname resolves to, which is a loopback address on
+many hosts, e.g. Debian's 127.0.1.1 entry, and ranks on other hosts then cannot connect), and the
+ranks' hosts are printed (``describe_rank_hosts``).
 """
 from __future__ import annotations
 
@@ -77,3 +83,37 @@ class LoopbackTorchConfig(TorchConfig):
     @property
     def backend_cls(self) -> type:
         return _LoopbackTorchBackend
+
+
+def bind_gloo_to_node_address() -> tuple[str, str | None]:
+    """On a worker: point gloo at the interface holding this worker's Ray node address (unless the user
+    chose one with GLOO_SOCKET_IFNAME); returns (node address, interface or None when none holds it)."""
+    import psutil
+    import ray
+
+    address = ray.util.get_node_ip_address()
+    interface = next((name for name, entries in psutil.net_if_addrs().items()
+                      if any(entry.address == address for entry in entries)), None)
+    if interface is not None:
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", interface)
+    return address, interface
+
+
+class _NodeAddressTorchBackend(_TorchBackend):
+    """Ray Train's torch backend, with gloo bound to each worker's node address and the ranks' hosts shown."""
+
+    def on_start(self, worker_group: object, backend_config: TorchConfig) -> None:
+        from spindle.launch.placement import describe_rank_hosts
+
+        bound = worker_group.execute(bind_gloo_to_node_address)  # in world-rank order
+        print(f"spindle: {describe_rank_hosts([address for address, _ in bound])}", flush=True)
+        super().on_start(worker_group, backend_config)
+
+
+@dataclass
+class NodeAddressTorchConfig(TorchConfig):
+    """TorchConfig for a joined cluster: ranks on several hosts."""
+
+    @property
+    def backend_cls(self) -> type:
+        return _NodeAddressTorchBackend

@@ -10,7 +10,7 @@ Layout (namespaces are named ``<prefix>-<host>``, prefix ``spn<pid><letter>``; a
 in ``close()``; nothing is added to the machine's own network namespace):
 
     <prefix>-sw     the "switch": a bridge with one veth port per host
-    <prefix>-head   10.213.X.1    Ray head: GCS :6379, dashboard / Jobs API :8265, Ray client :10001;
+    <prefix>-head   10.213.X.1    Ray head: GCS :6379, dashboard / Jobs API :8265;
                                   0 CPUs by default (ranks run on worker hosts, as on a real cluster)
     <prefix>-w1     10.213.X.11   Ray worker host, ``worker_cpus`` CPUs, custom resource host_w1 = 1
     <prefix>-w2     10.213.X.12   ... (``workers`` of them)
@@ -52,7 +52,6 @@ import re
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -218,6 +217,8 @@ class Host:
     """`ray start` arguments of this host (empty: no Ray node, e.g. the driver host)."""
     process: subprocess.Popen | None = None
     log_path: Path | None = None
+    log_offset: int = 0
+    """Where the log of the latest `ray start` begins (a restarted host appends)."""
 
 
 class MultiHostBed:
@@ -242,8 +243,8 @@ class MultiHostBed:
         with os.fdopen(descriptor, "w") as handle:
             handle.write(secrets.token_hex(32))
         self.hosts: dict[str, Host] = {}
-        self._add_host("head", 1, [f"--head", f"--port={GCS_PORT}", f"--num-cpus={head_cpus}",
-                                   f"--dashboard-host=0.0.0.0", f"--dashboard-port={DASHBOARD_PORT}",
+        self._add_host("head", 1, ["--head", f"--port={GCS_PORT}", f"--num-cpus={head_cpus}",
+                                   "--dashboard-host=0.0.0.0", f"--dashboard-port={DASHBOARD_PORT}",
                                    f"--ray-client-server-port={CLIENT_PORT}", '--resources={"host_head": 1}',
                                    *([f"--system-config={json.dumps(self.system_config)}"] if self.system_config else [])])
         for index in range(1, workers + 1):
@@ -270,10 +271,6 @@ class MultiHostBed:
         """What `spindle submit --address` takes (the Jobs API)."""
         return f"http://{self.head_ip}:{DASHBOARD_PORT}"
 
-    @property
-    def client_address(self) -> str:
-        return f"ray://{self.head_ip}:{CLIENT_PORT}"
-
     def ip(self, host: str) -> str:
         return self.hosts[host].ip
 
@@ -289,7 +286,7 @@ class MultiHostBed:
         try:
             bed._build_network()
             bed._start_ray("head")
-            bed._wait_port("head", GCS_PORT)
+            bed._wait_started("head")  # workers joining before the head node registered would give up
             for name in bed.worker_hosts:  # the workers start together
                 bed._start_ray(name)
             bed.wait_ready()
@@ -440,6 +437,7 @@ class MultiHostBed:
                 f"--node-ip-address={host.ip}", f"--temp-dir={host.temp_dir}", "--disable-usage-stats",
                 f"--object-store-memory={OBJECT_STORE_BYTES}"]
         host.log_path = self.root / f"{name}.log"
+        host.log_offset = host.log_path.stat().st_size if host.log_path.exists() else 0
         with open(host.log_path, "a") as log:
             # A loaded CI machine can take longer than Ray's default 30 s for a raylet to register.
             host.process = self.popen(name, argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
@@ -454,19 +452,13 @@ class MultiHostBed:
         path = self.hosts[name].log_path
         return path.read_text(errors="replace")[-characters:] if path and path.exists() else "(no log)"
 
-    def _wait_port(self, name: str, port: int, timeout_s: float = START_TIMEOUT_S) -> None:
-        address = (self.ip(name), port)
-
-        def probe() -> bool:
-            with contextlib.suppress(OSError), socket.create_connection(address, timeout=1):
-                return True
-            return False
-
-        deadline = time.monotonic() + timeout_s
-        while not _in_namespace(self.hosts["drv"].namespace, probe):
+    def _wait_started(self, name: str, timeout_s: float = START_TIMEOUT_S) -> None:
+        """Until `ray start` on ``name`` says its node runs (GCS, raylet and the node's registration)."""
+        host, deadline = self.hosts[name], time.monotonic() + timeout_s
+        while "Ray runtime started" not in host.log_path.read_text(errors="replace")[host.log_offset:]:
             self._check_running(name)
             if time.monotonic() > deadline:
-                raise BedError(f"nothing listens at {address[0]}:{port} on host {name} after {timeout_s:.0f} s: "
+                raise BedError(f"`ray start` on host {name} did not finish within {timeout_s:.0f} s: "
                                f"{self._log_tail(name)}")
             time.sleep(0.2)
 
@@ -503,8 +495,9 @@ class MultiHostBed:
                 if host.ip in ips:
                     self._check_running(name)
             if time.monotonic() > deadline:
-                raise BedError(f"alive nodes {sorted(alive)} instead of {sorted(ips)} after {timeout_s:.0f} s; "
-                               f"logs in {self.root}")
+                missing = [name for name, host in self.hosts.items() if host.ip in ips and host.ip not in alive]
+                tails = "".join(f"\n--- {name}: {self._log_tail(name, 1500)}" for name in missing)
+                raise BedError(f"alive nodes {sorted(alive)} instead of {sorted(ips)} after {timeout_s:.0f} s{tails}")
             time.sleep(0.5)
 
 
