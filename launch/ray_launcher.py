@@ -290,9 +290,9 @@ def build_trainer(config: Config, run_dir: Path, resume: str, plan: PlacementPla
     ``latest_at_launch``: RUN_DIR/checkpoints/latest when this launch started (a later group resumes
     from a checkpoint committed since; worker.py)."""
     from ray.train import FailureConfig, LoggingConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchTrainer
 
-    from spindle.launch.rendezvous import LoopbackTorchConfig
+    from spindle.launch.rendezvous import LoopbackTorchConfig, NodeAddressTorchConfig
 
     # The driver shows progress from metrics.jsonl; workers have no terminal.
     worker_config = replace(config, logging=replace(config.logging, progress=False))
@@ -309,7 +309,7 @@ def build_trainer(config: Config, run_dir: Path, resume: str, plan: PlacementPla
         scaling_config=ScalingConfig(num_workers=plan.workers, use_gpu=plan.use_gpu,
                                      resources_per_worker=plan.resources_per_worker,
                                      placement_strategy=plan.strategy),
-        torch_config=(LoopbackTorchConfig if loopback else TorchConfig)(
+        torch_config=(LoopbackTorchConfig if loopback else NodeAddressTorchConfig)(
             backend="nccl" if plan.use_gpu else "gloo", timeout_s=int(max(1, round(config.launch.collective_timeout_s)))),
         run_config=RunConfig(
             # Ray Train's own state (a storage marker, its checkpoint index) lives in RUN_DIR/.spindle/ray.
