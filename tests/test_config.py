@@ -3,6 +3,7 @@ the value and what is allowed."""
 from __future__ import annotations
 
 import dataclasses
+import pickle
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,7 @@ from spindle.runtime.config import (
     Config,
     ConfigError,
     apply_overrides,
+    check_world_size,
     config_from_dict,
     load_config,
     resolve,
@@ -298,3 +300,56 @@ def test_apply_overrides_does_not_mutate_its_input() -> None:
     values = {"train": {"steps": 5}}
     apply_overrides(values, ["train.steps=6"])
     assert values == {"train": {"steps": 5}}
+
+
+# ---------------------------------------------------------------------------------------------
+# parsed once, handed on typed (the Ray path: tests/test_faults.py counts the `spindle train` process)
+# ---------------------------------------------------------------------------------------------
+def test_a_training_process_parses_and_validates_its_config_once(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """`python -m spindle.runtime.main` (what each torchrun process runs), in this process under a
+    profile hook that counts real calls: one parse, one validation with the world size, and
+    train_entry adds none."""
+    from call_counter import config_functions, counting_calls
+
+    from spindle.runtime.main import main
+
+    monkeypatch.chdir(tmp_path)
+    run_dir = tmp_path / "run"
+    overrides = ["train.steps=2", "logging.wandb=disabled", "logging.progress=false", "checkpoint.every=0"]
+    with counting_calls(**config_functions()) as counts:
+        code = main([str(PRESETS[1]), "--run-dir", str(run_dir), *(f"--set={item}" for item in overrides)])
+    assert code == 0, capsys.readouterr().err
+    assert "finished step 2" in capsys.readouterr().out
+    assert dict(counts) == {"parse": 1, "validate": 1, "check_world_size": 0}
+
+
+def test_train_entry_and_the_ray_worker_take_only_a_typed_config(tmp_path: Path) -> None:
+    from spindle.launch.worker import train_worker
+    from spindle.runtime.main import train_entry
+
+    config = load_config(PRESETS[1], [])
+    with pytest.raises(TypeError, match="takes a validated Config.*got a dict"):
+        train_entry(to_dict(config), str(tmp_path / "run"))
+    job = {"config": to_dict(config), "run_dir": str(tmp_path / "run"), "resume": "never", "latest_at_launch": None}
+    with pytest.raises(TypeError, match="config is a dict, expected the driver's validated Config"):
+        train_worker(job)
+    assert not (tmp_path / "run").exists()
+    travelled = pickle.loads(pickle.dumps(config))  # how Ray hands it to the workers
+    assert type(travelled) is Config and travelled == config
+
+
+@pytest.mark.parametrize("values, wrong, right", [
+    ({"parallel": {"dp": 2}}, 3, 2),
+    ({"parallel": {"dp": -1}, "train": {"global_batch": 6}}, 4, 2),
+    ({"parallel": {"dp": -1}, "launch": {"min_workers": 4}}, 2, 4),
+], ids=["product", "inferred-dp-batch", "min-workers"])
+def test_world_size_rules_alone_say_what_full_validation_says(tmp_path: Path, values: dict, wrong: int,
+                                                              right: int) -> None:
+    """check_world_size (the Ray driver's check once it knows its workers) raises the message that
+    validate(config, world_size) gives, on a config that passed validation without a world size."""
+    config = load_config(write_yaml(tmp_path, values), [])
+    with pytest.raises(ConfigError) as alone:
+        check_world_size(config, wrong)
+    assert str(alone.value) == config_error(tmp_path, values, world_size=wrong)
+    check_world_size(config, right)
