@@ -23,7 +23,8 @@ check_version()
 
 from .convert import native_block_state_dict, native_model_state_dict  # noqa: E402
 from .core_attention import SOFTMAX_SCHEMES, SpindleCoreAttention  # noqa: E402
-from .linear_mixer import LINEAR_SCHEMES, LinearAttentionSubmodules, LinearSelfAttention  # noqa: E402
+from .linear_mixer import LinearAttentionSubmodules, LinearSelfAttention  # noqa: E402
+from .self_attention import LINEAR_SCHEMES  # noqa: E402
 from .rattention import RAttentionSelfAttention, RAttentionSubmodules  # noqa: E402
 from .rotary import HostRotaryEmbedding, use_host_rotary  # noqa: E402
 from .spec import LAYER_LETTERS, hybrid_block_spec, resolve_pattern  # noqa: E402

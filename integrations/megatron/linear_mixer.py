@@ -19,15 +19,10 @@ from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
-from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
-from megatron.core.tensor_parallel.mappings import copy_to_tensor_model_parallel_region
-from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
-from megatron.core.transformer.transformer_config import TransformerConfig
 
 from spindle import kernels
-from spindle.parallel.cp import lasp1, lasp2
 from spindle.runtime.layers import (
     DECAY_KINDS,
     FEATURE_MAPS,
@@ -37,12 +32,8 @@ from spindle.runtime.layers import (
     data_decay_bias,
 )
 
-from .core_attention import MEGATRON_LAYOUT, check_scheme, context_parallel_group
-
-LINEAR_SCHEMES = ("lasp2", "lasp1")
-"""Context-parallel schemes of linear-attention layers (``cp_linear``)."""
-
-_SCHEME_OPS: dict[str, Callable[..., torch.Tensor]] = {"lasp2": lasp2, "lasp1": lasp1}
+from .core_attention import MEGATRON_LAYOUT, check_scheme
+from .self_attention import LINEAR_SCHEMES, SpindleSelfAttention, head_rms_norm, local_heads
 
 _FEATURE_MAPS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "identity": lambda x: x,
@@ -61,7 +52,7 @@ class LinearAttentionSubmodules:
     linear_proj: ModuleSpec | type = field(default=RowParallelLinear)
 
 
-class LinearSelfAttention(MegatronModule):
+class LinearSelfAttention(SpindleSelfAttention):
     """Linear attention with decay as a Megatron ``self_attention`` submodule.
 
     Args (besides Megatron's config / submodules / layer_number / pg_collection):
@@ -74,40 +65,20 @@ class LinearSelfAttention(MegatronModule):
     softmax-attention setting and is not used).
     """
 
-    def __init__(
-        self,
-        config: TransformerConfig,
-        submodules: LinearAttentionSubmodules | None = None,
-        layer_number: int = 1,
-        cp_comm_type: str | None = None,
-        pg_collection: ProcessGroupCollection | None = None,
-        *,
-        scheme: str = "lasp2",
-        decay: str = "constant",
-        feature_map: str = "identity",
-        output_gate: str = "sigmoid",
-    ) -> None:
-        super().__init__(config=config)
-        check_scheme("cp_linear", scheme, LINEAR_SCHEMES)
+    submodules_type = LinearAttentionSubmodules
+
+    def build(self, submodules: LinearAttentionSubmodules, *, decay: str = "constant", feature_map: str = "identity",
+              output_gate: str = "sigmoid") -> None:
         check_scheme("linear_decay", decay, DECAY_KINDS)
         check_scheme("feature_map", feature_map, FEATURE_MAPS)
         check_scheme("output_gate", output_gate, OUTPUT_GATES)
-        submodules = submodules or LinearAttentionSubmodules()
-        if pg_collection is None:
-            pg_collection = ProcessGroupCollection.use_mpu_process_groups(required_pgs=["tp", "cp"])
-        self.cp_group = context_parallel_group(pg_collection)
-        self.tp_group = pg_collection.tp
-        self.layer_number = layer_number
-        self.scheme, self.decay, self.output_gate = scheme, decay, output_gate
+        config = self.config
+        self.decay, self.output_gate = decay, output_gate
         self.feature_map = _FEATURE_MAPS[feature_map]
         heads, self.head_dim = config.num_attention_heads, config.kv_channels
         self.local_heads, head_offset = local_heads(heads, self.tp_group)
         projection = heads * self.head_dim
-        self.linear_qkvg = build_module(
-            submodules.linear_qkvg, config.hidden_size, 4 * projection, config=config,
-            init_method=config.init_method, gather_output=False,
-            bias=config.add_bias_linear or config.add_qkv_bias, skip_bias_add=False, is_expert=False,
-            tp_comm_buffer_name="qkv", tp_group=self.tp_group)
+        self.linear_qkvg = self.build_input_projection(submodules.linear_qkvg, 4 * projection)
         self.linear_decay = None
         if decay == "data":
             self.linear_decay = build_module(
@@ -119,36 +90,17 @@ class LinearSelfAttention(MegatronModule):
                     bias = data_decay_bias(heads)[head_offset:head_offset + self.local_heads]
                     self.linear_decay.bias.copy_(bias)
         if decay == "constant":
-            slopes = constant_log_decay(heads, layer_number - 1, config.num_layers)
+            slopes = constant_log_decay(heads, self.layer_number - 1, config.num_layers)
             # derived from the layer's position: kept out of checkpoints, like the native layer
             self.register_buffer("log_decay_slopes", slopes[head_offset:head_offset + self.local_heads],
                                  persistent=False)
         else:
             self.log_decay_slopes = None
         self.output_norm = RMSNorm(self.head_dim, config.layernorm_epsilon)
-        self.linear_proj = build_module(
-            submodules.linear_proj, projection, config.hidden_size, config=config,
-            init_method=config.output_layer_init_method, bias=config.add_bias_linear,
-            input_is_parallel=True, skip_bias_add=True, is_expert=False, tp_comm_buffer_name="proj",
-            tp_group=self.tp_group)
+        self.build_output_projection(submodules.linear_proj, projection)
 
-    def forward(
-        self,
-        hidden_states: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        key_value_states: torch.Tensor | None = None,
-        inference_context: Any = None,
-        rotary_pos_emb: Any = None,
-        rotary_pos_cos: Any = None,
-        rotary_pos_sin: Any = None,
-        rotary_pos_cos_sin: Any = None,
-        attention_bias: Any = None,
-        packed_seq_params: Any = None,
-        sequence_len_offset: Any = None,
-        **unused: Any,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """hidden_states [s, b, h] (this rank's tokens in Megatron's CP order) -> (output [s, b, h], bias)."""
-        check_forward_arguments(key_value_states, inference_context, packed_seq_params)
+    def mix(self, hidden_states: torch.Tensor, rotary_pos_emb: Any = None) -> torch.Tensor:
+        """[s, b, h] -> gated, normed heads [b, s, H_local, D]; linear layers carry no RoPE (ignored)."""
         mixed, _ = self.linear_qkvg(hidden_states)  # [s, b, H_local·4·D]
         length, batch = mixed.shape[:2]
         # [s, b, H, 4, D] -> [b, s, H, 4, D]: spindle's ops take batch-first shards
@@ -157,16 +109,13 @@ class LinearSelfAttention(MegatronModule):
         q, k = self.feature_map(q), self.feature_map(k)
         output = self._sequence_op(q, k, v, self._log_decay(hidden_states))  # [b, s, H, D]
         gate = torch.sigmoid(gate) if self.output_gate == "sigmoid" else F.silu(gate)
-        output = head_rms_norm(output, self.output_norm, self.tp_group) * gate
-        output = output.transpose(0, 1).reshape(length, batch, -1)  # [s, b, H·D]
-        return self.linear_proj(output)
+        return head_rms_norm(output, self.output_norm, self.tp_group) * gate
 
     def _sequence_op(self, q, k, v, log_decay: torch.Tensor | None) -> torch.Tensor:
         scale = self.head_dim ** -0.5
         if self.cp_group.size() == 1:
             return kernels.linear_attention(q, k, v, log_decay=log_decay, scale=scale)[0]
-        return _SCHEME_OPS[self.scheme](q, k, v, self.cp_group, layout=MEGATRON_LAYOUT, log_decay=log_decay,
-                                        scale=scale)
+        return self.lasp(q, k, v, self.cp_group, layout=MEGATRON_LAYOUT, log_decay=log_decay, scale=scale)
 
     def _log_decay(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
         """None, the constant [H_local] slopes, or the per-token gate [b, s, H_local], all <= 0."""
@@ -178,41 +127,3 @@ class LinearSelfAttention(MegatronModule):
         logits, _ = self.linear_decay(hidden_states)  # [s, b, H_local]
         compute_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
         return F.logsigmoid(logits.to(compute_dtype)).transpose(0, 1).contiguous()
-
-def head_rms_norm(output: torch.Tensor, norm: RMSNorm, tp_group: torch.distributed.ProcessGroup) -> torch.Tensor:
-    """RMSNorm over head_dim of [..., H, D] with one weight shared by all heads (as the native layers)."""
-    weight = norm.weight
-    if tp_group.size() > 1:
-        # Each tensor-parallel rank normalizes different heads with the shared weight: its gradient
-        # is the sum over ranks (identity forward, all-reduce backward).
-        weight = copy_to_tensor_model_parallel_region(weight, group=tp_group)
-    compute = output.float() if output.dtype in (torch.float16, torch.bfloat16) else output
-    normed = compute * torch.rsqrt(compute.pow(2).mean(dim=-1, keepdim=True) + norm.eps)
-    return normed.to(output.dtype) * weight.to(output.dtype)
-
-
-def local_heads(heads: int, tp_group: torch.distributed.ProcessGroup,
-                 what: str = "num_attention_heads") -> tuple[int, int]:
-    """(heads on this tensor-parallel rank, index of its first head)."""
-    tp_size = tp_group.size()
-    if heads % tp_size:
-        raise ValueError(
-            f"spindle's Megatron layers: {what}={heads} is not divisible by the tensor-parallel size {tp_size}; "
-            f"pick a multiple of tensor_model_parallel_size"
-        )
-    local = heads // tp_size
-    return local, tp_group.rank() * local
-
-
-def check_forward_arguments(key_value_states: Any, inference_context: Any, packed_seq_params: Any) -> None:
-    if key_value_states is not None:
-        raise NotImplementedError("LinearSelfAttention is a self-attention: key_value_states must be None")
-    if inference_context is not None:
-        raise NotImplementedError(
-            "LinearSelfAttention has no inference (KV-cache / recurrent-state) path yet; run it without "
-            "inference_context"
-        )
-    if packed_seq_params is not None:
-        raise NotImplementedError(
-            "LinearSelfAttention does not support packed (THD) sequences; pass unpacked [s, b] batches"
-        )

@@ -21,17 +21,14 @@ from typing import Any
 
 import torch
 from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
-from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
-from megatron.core.transformer.module import MegatronModule
-from megatron.core.transformer.spec_utils import ModuleSpec, build_module
-from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.transformer.spec_utils import ModuleSpec
 
-from spindle.parallel.cp import lasp1, lasp2, rattention_branches
+from spindle.parallel.cp import rattention_branches
 from spindle.runtime.layers import RMSNorm, plus_minus_softmax, single_device_rattention
 
-from .core_attention import MEGATRON_LAYOUT, check_scheme, context_parallel_group
-from .linear_mixer import LINEAR_SCHEMES, check_forward_arguments, local_heads, head_rms_norm
+from .core_attention import MEGATRON_LAYOUT
+from .self_attention import SpindleSelfAttention, head_rms_norm, local_heads
 
 
 @dataclass
@@ -42,7 +39,7 @@ class RAttentionSubmodules:
     linear_proj: ModuleSpec | type = field(default=RowParallelLinear)
 
 
-class RAttentionSelfAttention(MegatronModule):
+class RAttentionSelfAttention(SpindleSelfAttention):
     """RAttention as a Megatron ``self_attention`` submodule.
 
     Args (besides Megatron's config / submodules / layer_number / pg_collection):
@@ -52,61 +49,24 @@ class RAttentionSelfAttention(MegatronModule):
     (GQA) of width ``config.kv_channels``.
     """
 
-    def __init__(
-        self,
-        config: TransformerConfig,
-        submodules: RAttentionSubmodules | None = None,
-        layer_number: int = 1,
-        cp_comm_type: str | None = None,
-        pg_collection: ProcessGroupCollection | None = None,
-        *,
-        window: int,
-        scheme: str = "lasp2",
-    ) -> None:
-        super().__init__(config=config)
-        check_scheme("cp_linear", scheme, LINEAR_SCHEMES)
+    submodules_type = RAttentionSubmodules
+
+    def build(self, submodules: RAttentionSubmodules, *, window: int) -> None:
         if isinstance(window, bool) or not isinstance(window, int) or window < 1:
             raise ValueError(f"RAttentionSelfAttention: window must be a positive number of tokens, got {window!r}")
-        submodules = submodules or RAttentionSubmodules()
-        if pg_collection is None:
-            pg_collection = ProcessGroupCollection.use_mpu_process_groups(required_pgs=["tp", "cp"])
-        self.cp_group = context_parallel_group(pg_collection)
-        self.tp_group = pg_collection.tp
-        self.layer_number, self.window, self.scheme = layer_number, window, scheme
+        config = self.config
+        self.window = window
         heads, groups, self.head_dim = config.num_attention_heads, config.num_query_groups, config.kv_channels
         local_heads(groups, self.tp_group, "num_query_groups")  # whole query groups per tensor-parallel rank
         self.local_heads, _ = local_heads(heads, self.tp_group)
         self.local_groups = groups // self.tp_group.size()
-        self.linear_qkv = build_module(
-            submodules.linear_qkv, config.hidden_size, (heads + 2 * groups) * self.head_dim, config=config,
-            init_method=config.init_method, gather_output=False,
-            bias=config.add_bias_linear or config.add_qkv_bias, skip_bias_add=False, is_expert=False,
-            tp_comm_buffer_name="qkv", tp_group=self.tp_group)
+        self.linear_qkv = self.build_input_projection(submodules.linear_qkv, (heads + 2 * groups) * self.head_dim)
         self.local_norm = RMSNorm(self.head_dim, config.layernorm_epsilon)
         self.residual_norm = RMSNorm(self.head_dim, config.layernorm_epsilon)
-        self.linear_proj = build_module(
-            submodules.linear_proj, heads * self.head_dim, config.hidden_size, config=config,
-            init_method=config.output_layer_init_method, bias=config.add_bias_linear,
-            input_is_parallel=True, skip_bias_add=True, is_expert=False, tp_comm_buffer_name="proj",
-            tp_group=self.tp_group)
+        self.build_output_projection(submodules.linear_proj, heads * self.head_dim)
 
-    def forward(
-        self,
-        hidden_states: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        key_value_states: torch.Tensor | None = None,
-        inference_context: Any = None,
-        rotary_pos_emb: Any = None,
-        rotary_pos_cos: Any = None,
-        rotary_pos_sin: Any = None,
-        rotary_pos_cos_sin: Any = None,
-        attention_bias: Any = None,
-        packed_seq_params: Any = None,
-        sequence_len_offset: Any = None,
-        **unused: Any,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """hidden_states [s, b, h] (this rank's tokens in Megatron's CP order) -> (output [s, b, h], bias)."""
-        check_forward_arguments(key_value_states, inference_context, packed_seq_params)
+    def mix(self, hidden_states: torch.Tensor, rotary_pos_emb: Any = None) -> torch.Tensor:
+        """[s, b, h] and Megatron's RoPE table(s) -> local_norm(local) + residual_norm(residual), [b, s, H_local, D]."""
         if rotary_pos_emb is None:
             raise ValueError(
                 "RAttentionSelfAttention needs RoPE: build the GPTModel with position_embedding_type='rope'")
@@ -119,10 +79,8 @@ class RAttentionSelfAttention(MegatronModule):
             tensor.transpose(0, 1).contiguous()
             for tensor in (local_q, local_k, plus_minus_softmax(query), plus_minus_softmax(key), value))
         local, residual = self._branches(local_q, local_k, residual_q, residual_k, value)  # [b, s, H, D]
-        output = (head_rms_norm(local, self.local_norm, self.tp_group)
-                  + head_rms_norm(residual, self.residual_norm, self.tp_group))
-        length, batch = hidden_states.shape[0], hidden_states.shape[1]
-        return self.linear_proj(output.transpose(0, 1).reshape(length, batch, -1))
+        return (head_rms_norm(local, self.local_norm, self.tp_group)
+                + head_rms_norm(residual, self.residual_norm, self.tp_group))
 
     def _project(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         mixed, _ = self.linear_qkv(hidden_states)  # [s, b, G_local·(H/G + 2)·D]
@@ -137,4 +95,4 @@ class RAttentionSelfAttention(MegatronModule):
         if self.cp_group.size() == 1:
             return single_device_rattention(local_q, local_k, residual_q, residual_k, value, **scales)
         return rattention_branches(local_q, local_k, residual_q, residual_k, value, self.cp_group,
-                                   layout=MEGATRON_LAYOUT, lasp=lasp2 if self.scheme == "lasp2" else lasp1, **scales)
+                                   layout=MEGATRON_LAYOUT, lasp=self.lasp, **scales)

@@ -31,7 +31,8 @@ from megatron.core.transformer.transformer_layer import (
 from spindle.runtime.layers import DECAY_KINDS, FEATURE_MAPS, OUTPUT_GATES
 
 from .core_attention import SOFTMAX_SCHEMES, SpindleCoreAttention, check_scheme
-from .linear_mixer import LINEAR_SCHEMES, LinearAttentionSubmodules, LinearSelfAttention
+from .linear_mixer import LinearAttentionSubmodules, LinearSelfAttention
+from .self_attention import LINEAR_SCHEMES
 from .rattention import RAttentionSelfAttention, RAttentionSubmodules
 
 NORMALIZATIONS = ("RMSNorm", "LayerNorm")
