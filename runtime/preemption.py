@@ -108,9 +108,7 @@ class StopAgreement:
         if pending is None:
             return False
         pending.wait()
-        if self._flag.device.type == "cpu":  # always: the flag lives on the host, reading it waits for no GPU
-            return bool(self._flag[0])
-        return False
+        return bool(self._flag[0])  # a CPU tensor: reading it waits for no GPU
 
 
 def resume_command(tokens: list[str]) -> str:
@@ -141,9 +139,8 @@ def launching_command() -> list[str]:
 
 def preempted_message(record: dict, command: str) -> str:
     step = record["step"]
-    if not record.get("checkpointed"):
-        return (f"preempted at step {step}; no checkpoint could be saved (parallel.dp_engine = 'deepspeed' has no "
-                f"checkpoints yet), so a rerun starts over: {command}")
+    if not record.get("checkpointed"):  # a Trainer built without a Checkpointer (the library API)
+        return f"preempted at step {step}; no checkpoint was saved, so a rerun starts over: {command}"
     return f"preempted at step {step}; resume with {command}"
 
 
