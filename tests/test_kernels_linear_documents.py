@@ -14,15 +14,20 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before the first `import triton`
 
+from numerics import assert_tensors_close, nan_poisoned_allocations, outputs_and_gradients
+
 from spindle.kernels import linear_attention
 from spindle.kernels.linear_attn import force_backend, triton_available
 
 TRITON_ON_CPU = triton_available(torch.device("cpu"))
 
 
-def relative_rmse(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    expected = expected.double()
-    return ((actual.double() - expected).norm() / expected.norm().clamp_min(1e-300)).item()
+@pytest.fixture(autouse=True)
+def nan_poisoned():
+    """Every buffer allocated with torch.empty & co. (the Triton path's outputs, states and gradients) starts
+    NaN-filled: an element a kernel fails to write shows up as NaN."""
+    with nan_poisoned_allocations():
+        yield
 
 
 def dense_document(q, k, v, g, scale, delay, initial_state):
@@ -83,11 +88,14 @@ def make_case(batch, length, heads, key_dim, value_dim, decay, documents, seed=0
 
 
 def run(function, tensors, gradients, dtype):
-    leaves = {name: value.to(dtype if name in ("q", "k", "v") or dtype == torch.float64 else torch.float32)
-              .detach().requires_grad_() for name, value in tensors.items()}
-    output, final = function(**leaves)
-    ((output.double() * gradients["output"]).sum() + (final.double() * gradients["final"]).sum()).backward()
-    return {"output": output, "final": final, **{"d" + name: leaf.grad for name, leaf in leaves.items()}}
+    """Output, final state and every input gradient by name; gates and states stay fp32 next to fp32 q, k, v."""
+
+    def named(**leaves):
+        output, final = function(**leaves)
+        return {"output": output, "final": final}
+
+    kept = {} if dtype == torch.float64 else {name: torch.float32 for name in tensors if name not in ("q", "k", "v")}
+    return outputs_and_gradients(named, tensors, gradients, dtype, kept)
 
 
 def compare(backend, tensors, gradients, delay, offsets, label):
@@ -109,10 +117,7 @@ def compare(backend, tensors, gradients, delay, offsets, label):
     expected = run(expected_function, tensors, gradients, torch.float64)
     actual = run(actual_function, tensors, gradients, dtype)
     assert actual["output"].dtype == dtype
-    for name, value in expected.items():
-        assert actual[name] is not None and torch.isfinite(actual[name]).all(), f"{label}: {name}"
-        error = relative_rmse(actual[name], value)
-        assert error <= tolerance, f"{label}: {name} relative RMSE {error:.2e} > {tolerance:.0e}"
+    assert_tensors_close(actual, expected, tolerance, label)
 
 
 DELAY_CASES = [(backend, decay, delay) for backend in ("naive", "torch")
@@ -169,8 +174,7 @@ def test_one_document_per_row_equals_no_documents():
     plain = linear_attention(tensors["q"], tensors["k"], tensors["v"], **arguments)
     packed = linear_attention(tensors["q"], tensors["k"], tensors["v"], **arguments,
                               cu_seqlens=torch.tensor([0, 24, 48], dtype=torch.int64))
-    for expected, actual in zip(plain, packed):
-        assert relative_rmse(actual, expected) < 1e-12
+    assert_tensors_close(dict(zip(("output", "final"), packed)), dict(zip(("output", "final"), plain)), 1e-12)
 
 
 @pytest.mark.parametrize(
@@ -193,15 +197,9 @@ def test_bad_documents_and_delay_raise_clear_errors(change, message):
 
 
 @pytest.mark.skipif(not TRITON_ON_CPU, reason="needs triton (run with TRITON_INTERPRET=1)")
-def test_triton_documents_empty_and_chunk_aligned(monkeypatch):
+def test_triton_documents_empty_and_chunk_aligned():
     """Triton with an empty document, one exactly one chunk long and boundaries on chunk seams; the chunk
     table has more slots than chunks (the spare programs must write nothing: buffers are NaN-poisoned)."""
-    from spindle.kernels.linear_attn import triton_chunk
-
-    def poisoned(shape, dtype, device):
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-
-    monkeypatch.setattr(triton_chunk, "_allocate", poisoned)
     offsets = [0, 16, 16, 32, 33, 40]
     tensors, gradients = make_case(1, 40, 1, 16, 16, "token", documents=len(offsets) - 1)
     compare("triton", tensors, gradients, 0, offsets, "triton documents on chunk seams")
@@ -210,25 +208,23 @@ def test_triton_documents_empty_and_chunk_aligned(monkeypatch):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
-def test_triton_documents_on_gpu(dtype):
+@pytest.mark.parametrize("delay", [0, 7], ids=["no-delay", "delay-7"])
+def test_triton_documents_on_gpu(dtype, delay):
     """Compiled kernels (autotuned) with packed documents and a delay, against the float64 reference."""
     offsets = [0, 5, 300, 1024, 1024 + 64, 2048]
     tensors, gradients = make_case(2, 1024, 2, 64, 128, "token", documents=len(offsets) - 1, seed=9)
     scale = 64**-0.5
     cu_seqlens = torch.tensor(offsets, dtype=torch.int32, device="cuda")
-    for delay in (0, 7):
-        case = {name: value.cuda() for name, value in tensors.items() if name != "initial_state" or delay == 0}
-        expected = run(lambda **leaves: reference(*(leaves[n] for n in ("q", "k", "v", "log_decay")), scale, delay,
-                                                  offsets, leaves.get("initial_state")),
-                       {n: x.cpu() for n, x in case.items()}, gradients, torch.float64)
-        actual = run(lambda **leaves: linear_attention(
-            leaves["q"], leaves["k"], leaves["v"], log_decay=leaves["log_decay"], scale=scale,
-            initial_state=leaves.get("initial_state"), output_final_state=True, backend="triton", delay=delay,
-            cu_seqlens=cu_seqlens), case, {n: x.cuda() for n, x in gradients.items()}, dtype)
-        tolerance = 1e-5 if dtype == torch.float32 else 2e-2
-        for name, value in expected.items():
-            error = relative_rmse(actual[name].cpu(), value)
-            assert error <= tolerance, f"{dtype} delay={delay} {name}: {error:.2e}"
+    case = {name: value.cuda() for name, value in tensors.items() if name != "initial_state" or delay == 0}
+    expected = run(lambda **leaves: reference(*(leaves[n] for n in ("q", "k", "v", "log_decay")), scale, delay,
+                                              offsets, leaves.get("initial_state")),
+                   {n: x.cpu() for n, x in case.items()}, gradients, torch.float64)
+    actual = run(lambda **leaves: linear_attention(
+        leaves["q"], leaves["k"], leaves["v"], log_decay=leaves["log_decay"], scale=scale,
+        initial_state=leaves.get("initial_state"), output_final_state=True, backend="triton", delay=delay,
+        cu_seqlens=cu_seqlens), case, {n: x.cuda() for n, x in gradients.items()}, dtype)
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    assert_tensors_close({name: value.cpu() for name, value in actual.items()}, expected, tolerance, f"{dtype}")
 
 
 @pytest.mark.parametrize("backend", ["torch"] + (["triton"] if TRITON_ON_CPU else []))
@@ -247,8 +243,6 @@ def test_split_forward_backward_with_documents(backend):
         output_final_state=True, backend=backend, cu_seqlens=torch.tensor(OFFSETS), chunk_size=16,
     )
     grads = linear_attention_bwd(gradients["output"].to(dtype), gradients["final"].to(dtype), residuals)
-    actual = {"output": output, "final": final, **dict(zip(["dq", "dk", "dv", "dlog_decay", "dinitial_state"], grads))}
-    tolerance = 1e-5 if backend == "triton" else 1e-11
-    for name, value in expected.items():
-        assert actual[name].shape == value.shape, name
-        assert relative_rmse(actual[name], value) <= tolerance, f"{backend} {name}"
+    names = ["grad_q", "grad_k", "grad_v", "grad_log_decay", "grad_initial_state"]
+    actual = {"output": output, "final": final, **dict(zip(names, grads))}
+    assert_tensors_close(actual, expected, 1e-5 if backend == "triton" else 1e-11, backend)
