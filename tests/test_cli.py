@@ -1,6 +1,7 @@
 """The `spindle` command line: subcommands, exit codes, nothing on disk after a config error."""
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -117,3 +118,25 @@ def test_quick_start_shows_progress_and_the_demo_checkpoints() -> None:
     assert tiny.logging.progress is True
     demo = load_config(REPO / "configs" / "demo.yaml")
     assert demo.checkpoint.every > 0 and demo.train.steps % demo.checkpoint.every == 0  # the last step commits
+
+
+def test_world_size_rules_are_checked_once_the_embedded_cluster_size_is_known(
+        tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """parallel.dp = -1 on an embedded cluster: `spindle train` learns dp from this machine's cores (2
+    here, pinned), then checks the rules that need it (config.check_world_size) before Ray starts:
+    the message `validate` would give, exit 2, nothing on disk."""
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("needs 2 CPU cores to pin the embedded cluster's size to 2 workers")
+    cores = os.sched_getaffinity(0)
+    run_dir = tmp_path / "never-created"
+    os.sched_setaffinity(0, sorted(cores)[:2])
+    try:
+        code = main(["train", str(TINY), "--run-dir", str(run_dir), "--set", "parallel.dp=-1",
+                     "--set", "train.global_batch=3", "--set", "launch.use_gpu=false"])
+    finally:
+        os.sched_setaffinity(0, cores)
+    assert code == 2
+    error = capsys.readouterr().err
+    assert error == ("spindle: error: train.global_batch = 3 is not divisible by parallel.dp = 2: every "
+                     "data-parallel rank takes the same number of sequences.\n")
+    assert not run_dir.exists()

@@ -272,7 +272,7 @@ def test_sigterm_to_one_ray_worker_checkpoints_and_resumes_exactly(tmp_path: Pat
             time.sleep(0.05)
         assert driver.poll() is None and logged_steps(run_dir) < STEPS, "the run ended before it could be preempted"
         victim, logged = ray_worker_pid(run_dir, rank=1), logged_steps(run_dir)
-        signalled = time.monotonic()
+        signalled, signalled_at = time.monotonic(), time.time()
         os.kill(victim, signal.SIGTERM)  # rank 1's process only: rank 0 learns it through the agreement
         stdout, stderr = driver.communicate(timeout=240)
         stopped_s = time.monotonic() - signalled
@@ -292,8 +292,9 @@ def test_sigterm_to_one_ray_worker_checkpoints_and_resumes_exactly(tmp_path: Pat
     assert shlex.split(found.group(2)) == ["spindle", *arguments]
     assert not (run_dir / STOP_FILE).exists()  # the driver removes the worker's stop request
     assert json.loads(counts.read_text()) == {"parse": 1, "validate": 1, "check_world_size": 1}
+    committed_s = (latest / "manifest.json").stat().st_mtime - signalled_at
     print(f"SIGTERM to rank 1's Ray worker (pid {victim}) after {logged} logged steps: stopped at step {step}, "
-          f"exit 0 after {stopped_s:.1f} s")
+          f"checkpoint committed {committed_s:.1f} s and exit 0 {stopped_s:.1f} s after the signal")
 
     # The checkpoint is the job's: the same layout continues it (under torchrun here, one Ray start less).
     resumed = subprocess.run(torchrun_command(run_dir), cwd=tmp_path, env=environment(), capture_output=True,
