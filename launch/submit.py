@@ -5,7 +5,9 @@
       2. the validated config (with every --set applied) is written to a fresh directory, which is the
          job's runtime_env working_dir: the cluster trains exactly what was validated here
       3. the job runs `spindle train config.yaml` on the head node, which joins the cluster through the
-         RAY_ADDRESS the Jobs API sets, so it goes through the same Ray Train launcher
+         RAY_ADDRESS the Jobs API sets, so it goes through the same Ray Train launcher: that process is the
+         job's entry point, so it reads the file (a YAML file is all the Jobs API carries), checks the
+         world-size rules once it knows its workers and hands the typed config to them
       4. the job id is printed; the job's logs stream here until it ends (or not, with wait=False)
 
 The exit code is the job's: 0 when it succeeded, 1 when it failed or was stopped.
