@@ -108,13 +108,15 @@ def outputs_and_gradients(
 ) -> dict[str, torch.Tensor]:
     """function(**leaves) on copies of `inputs` cast to `dtype` (or to `kept_dtypes[name]`); returns its
     outputs plus "grad_<input>" for every input, after backpropagating Σ ⟨output, output_gradients[name]⟩
-    in float64. Infinite output entries (e.g. the lse of a row that sees no key) take no gradient."""
+    in float64. `function` returns a mapping of named outputs, or a tuple of them in the order of
+    `output_gradients`. Infinite output entries (e.g. the lse of a row that sees no key) take no gradient."""
     kept_dtypes = kept_dtypes or {}
     leaves = {
         name: None if value is None else value.to(kept_dtypes.get(name, dtype)).detach().requires_grad_()
         for name, value in inputs.items()
     }
-    outputs = dict(function(**leaves))
+    result = function(**leaves)
+    outputs = dict(result) if isinstance(result, Mapping) else dict(zip(output_gradients, result, strict=True))
     loss = sum(
         (torch.where(torch.isinf(outputs[name]), 0.0, outputs[name].double()) * weight).sum()
         for name, weight in output_gradients.items()

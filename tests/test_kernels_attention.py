@@ -67,12 +67,8 @@ def make_inputs(batch, query_length, key_length, heads, kv_heads, dim, seed=0):
 def gradients(function, q, k, v, grad_output, grad_lse, dtype):
     """function(q, k, v) -> (output, lse) on copies cast to dtype: output, lse and grad_q, grad_k, grad_v.
     The lse of a row that sees no key is -inf and takes no gradient."""
-
-    def named(q, k, v):
-        output, lse = function(q, k, v)
-        return {"output": output, "lse": lse}
-
-    return outputs_and_gradients(named, {"q": q, "k": k, "v": v}, {"output": grad_output, "lse": grad_lse}, dtype)
+    return outputs_and_gradients(lambda q, k, v: function(q, k, v), {"q": q, "k": k, "v": v},
+                                 {"output": grad_output, "lse": grad_lse}, dtype)
 
 
 def case_id(case):
