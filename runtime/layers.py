@@ -259,10 +259,7 @@ class LinearAttention(nn.Module):
         q = self.feature_map(self.q_proj(x).view(batch, length, -1, self.head_dim))  # [B, T, H, hd]
         k = self.feature_map(self.k_proj(x).view(batch, length, -1, self.head_dim))  # [B, T, H, hd]
         v = self.v_proj(x).view(batch, length, -1, self.head_dim)  # [B, T, H, hd]
-        documents = {}
-        if cu_seqlens is not None:
-            require_cu_seqlens(self.sequence_op, _operation_name(self.sequence_op))
-            documents["cu_seqlens"] = cu_seqlens
+        documents = _documents(self.sequence_op, cu_seqlens)
         o = self.sequence_op(q, k, v, log_decay=self.log_decay(x), scale=self.head_dim ** -0.5, **documents)
         o = self.output_norm(o).reshape(batch, length, -1)  # [B, T, H * hd]
         gate = self.gate_proj(x)  # [B, T, H * hd]
@@ -271,8 +268,9 @@ class LinearAttention(nn.Module):
 
 
 class GroupedQueryProjections(nn.Module):
-    """The q/k/v/out projections that A, S and R mixers share (grouped-query: kv_heads divides heads;
-    head counts are read from tensor sizes at run time, so tensor parallelism can shard them)."""
+    """What the A, S and R mixers share: the q/k/v/out projections (grouped-query: kv_heads divides heads;
+    head counts are read from tensor sizes at run time, so tensor parallelism can shard them) around
+    RoPE-positioned tokens. A subclass computes its heads from q, k, v in ``mix``."""
 
     def __init__(self, dim: int, heads: int, kv_heads: int) -> None:
         super().__init__()
@@ -295,6 +293,20 @@ class GroupedQueryProjections(nn.Module):
         v = self.v_proj(x).view(batch, length, -1, self.head_dim)  # [B, T, H_kv, hd]
         return q, k, v
 
+    def forward(self, x: torch.Tensor, rotary: Rotary | None = None,
+                cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+        """x: [B, T, dim], rotary: (cos, sin) of the tokens' positions -> [B, T, dim]; ``cu_seqlens``
+        (packed documents, over the global batch) keeps the mixing inside each document."""
+        if rotary is None:
+            raise ValueError(f"{type(self).__name__} needs the RoPE tables of the tokens' positions")
+        o = self.mix(*self.project(x), rotary, cu_seqlens)  # [B, T, H, hd]
+        return self.out_proj(o.reshape(*x.shape[:2], -1))  # [B, T, H * hd] -> [B, T, dim]
+
+    def mix(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rotary: Rotary,
+            cu_seqlens: torch.Tensor | None) -> torch.Tensor:
+        """q [B, T, H, hd], k and v [B, T, H_kv, hd] (not rotated yet) -> the heads [B, T, H, hd]."""
+        raise NotImplementedError
+
 
 class SoftmaxAttention(GroupedQueryProjections):
     """Causal grouped-query softmax attention with RoPE, through ``attention_op``."""
@@ -303,21 +315,11 @@ class SoftmaxAttention(GroupedQueryProjections):
         super().__init__(dim, heads, kv_heads)
         self.attention_op: Callable[..., torch.Tensor] = kernels.attention
 
-    def forward(self, x: torch.Tensor, rotary: Rotary | None = None,
-                cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
-        """x: [B, T, dim], rotary: (cos, sin) of the tokens' positions -> [B, T, dim]; ``cu_seqlens``
-        (packed documents, over the global batch) keeps attention inside each document."""
-        if rotary is None:
-            raise ValueError("SoftmaxAttention needs the RoPE tables of the tokens' positions")
-        batch, length, _ = x.shape
-        q, k, v = self.project(x)
+    def mix(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rotary: Rotary,
+            cu_seqlens: torch.Tensor | None) -> torch.Tensor:
         q, k = apply_rotary(q, rotary), apply_rotary(k, rotary)
-        documents = {}
-        if cu_seqlens is not None:
-            require_cu_seqlens(self.attention_op, _operation_name(self.attention_op))
-            documents["cu_seqlens"] = cu_seqlens
-        o = self.attention_op(q, k, v, causal=True, scale=self.head_dim ** -0.5, **documents)  # [B, T, H, hd]
-        return self.out_proj(o.reshape(batch, length, -1))  # [B, T, H * hd] -> [B, T, dim]
+        documents = _documents(self.attention_op, cu_seqlens)
+        return self.attention_op(q, k, v, causal=True, scale=self.head_dim ** -0.5, **documents)
 
 
 def plus_minus_softmax(x: torch.Tensor) -> torch.Tensor:
@@ -371,17 +373,11 @@ class SlidingWindowAttention(GroupedQueryProjections):
         self.window = window
         self.attention_op: Callable[..., torch.Tensor] = functools.partial(kernels.attention, causal=True)
 
-    def forward(self, x: torch.Tensor, rotary: Rotary | None = None,
-                cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
-        """x: [B, T, dim], rotary: (cos, sin) of the tokens' positions -> [B, T, dim]; ``cu_seqlens``
-        (packed documents, over the global batch) keeps the window inside each document."""
-        if rotary is None:
-            raise ValueError("SlidingWindowAttention needs the RoPE tables of the tokens' positions")
-        q, k, v = self.project(x)
+    def mix(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rotary: Rotary,
+            cu_seqlens: torch.Tensor | None) -> torch.Tensor:
         q, k = apply_rotary(q, rotary), apply_rotary(k, rotary)
-        documents = _documents(self.attention_op, cu_seqlens)
-        o = self.attention_op(q, k, v, window=self.window, scale=self.head_dim ** -0.5, **documents)  # [B, T, H, hd]
-        return self.out_proj(o.reshape(*x.shape[:2], -1))
+        documents = _documents(self.attention_op, cu_seqlens)  # the window stays inside each document
+        return self.attention_op(q, k, v, window=self.window, scale=self.head_dim ** -0.5, **documents)
 
 
 class RAttention(GroupedQueryProjections):
@@ -410,19 +406,14 @@ class RAttention(GroupedQueryProjections):
         self.local_norm.reset_parameters()
         self.residual_norm.reset_parameters()
 
-    def forward(self, x: torch.Tensor, rotary: Rotary | None = None,
-                cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
-        """x: [B, T, dim], rotary: (cos, sin) of the tokens' positions -> [B, T, dim]; ``cu_seqlens``
-        (packed documents, over the global batch) keeps both branches inside each document."""
-        if rotary is None:
-            raise ValueError("RAttention needs the RoPE tables of the tokens' positions")
-        q, k, v = self.project(x)
+    def mix(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rotary: Rotary,
+            cu_seqlens: torch.Tensor | None) -> torch.Tensor:
+        """Both branches (inside each document with ``cu_seqlens``), each normed: [B, T, H, hd]."""
         local, residual = self.branch_op(
             apply_rotary(q, rotary), apply_rotary(k, rotary), plus_minus_softmax(q), plus_minus_softmax(k), v,
             window=self.window, local_scale=self.head_dim ** -0.5, residual_scale=1.0,
             **_documents(self.branch_op, cu_seqlens))  # each [B, T, H, hd]
-        o = self.local_norm(local) + self.residual_norm(residual)
-        return self.out_proj(o.reshape(*x.shape[:2], -1))
+        return self.local_norm(local) + self.residual_norm(residual)
 
 
 class DecoderBlock(nn.Module):

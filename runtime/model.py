@@ -38,19 +38,23 @@ LAYER_KINDS = LAYER_LETTERS
 ROPE_KINDS = "ARS"  # layers that rotate q and k
 
 
-def resolve_pattern(pattern: str, n_layers: int) -> str:
-    """Repeat (and truncate) a layer pattern such as "LLLA" to exactly ``n_layers`` letters."""
+def resolve_pattern(pattern: str, n_layers: int, *, settings: tuple[str, str] = ("model.layers", "model.n_layers")
+                    ) -> str:
+    """Repeat (and truncate) a layer pattern such as "LLLA" to exactly ``n_layers`` letters.
+
+    Errors name where the pattern and the count came from (`settings`: the config keys by default; the
+    Megatron integration names its own arguments)."""
+    pattern_setting, count_setting = settings
+    allowed = ", ".join(f"'{letter}' ({kind})" for letter, kind in LAYER_KINDS.items())
     if not isinstance(pattern, str) or not pattern:
-        raise ValueError(f"model.layers must be a non-empty pattern of layer letters (L = linear "
-                         f"attention, A = softmax attention), e.g. 'LLLA'; got {pattern!r}")
+        raise ValueError(f"{pattern_setting} must be a non-empty pattern of layer letters ({allowed}), e.g. 'LLLA'; "
+                         f"got {pattern!r}")
     for position, letter in enumerate(pattern):
         if letter not in LAYER_KINDS:
-            raise ValueError(f"model.layers={pattern!r} has the letter {letter!r} at position "
-                             f"{position}; allowed letters are 'L' (linear attention), 'A' "
-                             f"(softmax attention), 'R' (RAttention) and 'S' (sliding-window "
-                             f"attention), in upper case, e.g. 'LLLA'")
+            raise ValueError(f"{pattern_setting}={pattern!r} has {letter!r} at position {position}; "
+                             f"allowed letters are {allowed}, in upper case, e.g. 'LLLA'")
     if isinstance(n_layers, bool) or not isinstance(n_layers, int) or n_layers < 1:
-        raise ValueError(f"model.n_layers must be a positive integer, got {n_layers!r}")
+        raise ValueError(f"{count_setting} must be a positive integer, got {n_layers!r}")
     repeats = -(-n_layers // len(pattern))  # ceil division
     return (pattern * repeats)[:n_layers]
 

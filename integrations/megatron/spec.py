@@ -28,6 +28,7 @@ from megatron.core.transformer.transformer_layer import (
     get_transformer_layer_offset,
 )
 
+from spindle.runtime import model
 from spindle.runtime.layers import DECAY_KINDS, FEATURE_MAPS, OUTPUT_GATES
 
 from .core_attention import SOFTMAX_SCHEMES, SpindleCoreAttention, check_scheme
@@ -37,10 +38,9 @@ from .rattention import RAttentionSelfAttention, RAttentionSubmodules
 
 NORMALIZATIONS = ("RMSNorm", "LayerNorm")
 
-LAYER_LETTERS = {"L": "linear attention", "A": "softmax attention",
-                 "R": "RAttention (sliding window + residual linear attention)", "S": "sliding-window attention"}
-"""Letters of a pattern. Extension point: a new layer kind adds its letter here and its builder to
-``_LAYER_BUILDERS`` (a function returning the layer's ModuleSpec)."""
+LAYER_LETTERS = model.LAYER_KINDS
+"""Letters of a pattern, the native model's (spindle.runtime.config). Extension point: a new layer kind
+adds its letter there and its builder to ``_LAYER_BUILDERS`` (a function returning the layer's ModuleSpec)."""
 WINDOW_LETTERS = "RS"
 """Layer kinds that need ``window``."""
 
@@ -115,17 +115,10 @@ def hybrid_block_spec(
 
 
 def resolve_pattern(pattern: str, num_layers: int) -> str:
-    """The pattern repeated and truncated to ``num_layers`` letters, after checking its letters."""
-    if not isinstance(pattern, str) or not pattern:
-        raise ValueError(f"hybrid_block_spec: pattern must be a non-empty string of layer letters such as "
-                         f"'LLLA'; got {pattern!r}")
-    for position, letter in enumerate(pattern):
-        if letter not in LAYER_LETTERS:
-            allowed = ", ".join(f"'{key}' ({name})" for key, name in LAYER_LETTERS.items())
-            raise ValueError(f"hybrid_block_spec: pattern {pattern!r} has {letter!r} at position {position}; "
-                             f"allowed letters: {allowed}")
-    repeats = -(-num_layers // len(pattern))
-    return (pattern * repeats)[:num_layers]
+    """The pattern repeated and truncated to ``num_layers`` letters, after checking its letters (the
+    native model's rule, spindle.runtime.model.resolve_pattern)."""
+    return model.resolve_pattern(pattern, num_layers,
+                                 settings=("hybrid_block_spec: pattern", "hybrid_block_spec: num_layers"))
 
 
 def check_config(config: TransformerConfig, kinds: str, normalization: str) -> None:
