@@ -209,6 +209,8 @@ class ZeroEngine:
         self.grad_clip = grad_clip  # DeepSpeed fixes the clipping threshold when it builds the optimizer
         self.device = next(engine.module.parameters()).device
         self.zero_stage = zero_stage
+        self.micro_batches_done = 0
+        """Backward calls since ``zero_grad``: the last of the step is DeepSpeed's accumulation boundary."""
         self.group_names = group_names
         """FQNs of each AdamW parameter group's parameters, in the client optimizer's order."""
 
@@ -222,8 +224,19 @@ class ZeroEngine:
 
     def zero_grad(self) -> None:
         self.engine.zero_grad()
+        self.micro_batches_done = 0
 
     def backward(self, loss: torch.Tensor) -> None:
+        # DeepSpeed counts accumulation by its step() calls, one per micro-batch; the trainer steps once
+        # per optimizer step, so the boundary (reduce, then step) is set explicitly: the last micro-batch.
+        self.micro_batches_done += 1
+        self.engine.set_gradient_accumulation_boundary(
+            self.micro_batches_done == self.engine.gradient_accumulation_steps())
+        # DeepSpeed's engine.forward does this; the trainer calls the model's loss itself. Without it ZeRO-3
+        # never advances its micro-step and overwrites, instead of adding, each micro-batch's gradients.
+        new_micro_batch = getattr(self.engine.optimizer, "clear_backward_seen_flag", None)
+        if new_micro_batch is not None:
+            new_micro_batch()
         # The loss is already the micro-batch's share of the global-token mean: no 1/accumulation.
         self.engine.backward(loss, scale_wrt_gas=False)
 
@@ -232,6 +245,10 @@ class ZeroEngine:
         if max_norm != self.grad_clip:
             raise ValueError(f"clip_and_step: max_norm = {max_norm}, but this DeepSpeed engine was built with "
                              f"gradient_clipping = {self.grad_clip}; rebuild it to change train.grad_clip.")
+        if self.micro_batches_done != self.engine.gradient_accumulation_steps():
+            raise ValueError(f"clip_and_step after {self.micro_batches_done} micro-batches, but this DeepSpeed engine "
+                             f"accumulates {self.engine.gradient_accumulation_steps()} per step (train.global_batch "
+                             f"/ parallel.dp / train.micro_batch); call zero_grad, then backward once per micro-batch.")
         self.engine.step()
         norm = self.engine.get_global_grad_norm()
         if norm is None:

@@ -23,6 +23,7 @@ import json
 import os
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -59,13 +60,24 @@ GLOBAL_BATCH = 6  # splits over dp = 1, 2 and 3
 SAVED_AT = 2
 TOLERANCE = 1e-5  # relative, for losses after a change of dp (other reduction orders); same layout: exact
 
-CASES = {  # id: (ZeRO stage, optimizer offloaded, every parameter partitioned, asynchronous save)
-    "zero1": (1, False, False, False),
-    "zero2": (2, False, False, False),
-    "zero3": (3, False, False, False),  # DeepSpeed's default: small parameters stay whole ("persistent")
-    "zero3-partitioned": (3, False, True, True),
-    "zero2-offload": (2, True, False, True),
-    "zero3-offload": (3, True, False, False),
+@dataclass(frozen=True)
+class Case:
+    stage: int
+    offload: bool = False
+    partition_everything: bool = False
+    """ZeRO-3: no parameter stays whole (DeepSpeed keeps small ones whole, "persistent", by default)."""
+    async_save: bool = False
+    micro_batch: int = 0
+    """1: three accumulated micro-batches per rank and step at dp = 2 (0: one)."""
+
+
+CASES = {
+    "zero1": Case(1, micro_batch=1),
+    "zero2": Case(2),
+    "zero3": Case(3),
+    "zero3-partitioned": Case(3, partition_everything=True, async_save=True, micro_batch=1),
+    "zero2-offload": Case(2, offload=True, async_save=True),
+    "zero3-offload": Case(3, offload=True, micro_batch=1),
 }
 ON_THREE_RANKS = {  # the 2-rank checkpoint of each case loads into this engine at dp = 3
     "zero1": "zero3-partitioned", "zero2": "zero2", "zero3": "zero1", "zero3-partitioned": "zero3",
@@ -79,10 +91,11 @@ def case_config(case: str | None, world_size: int, *extra: str) -> Config:
     overrides = [f"parallel.dp={world_size}", "train.precision=fp32", f"train.global_batch={GLOBAL_BATCH}",
                  "checkpoint.every=2", "logging.progress=false"]
     if case is not None:
-        stage, offload, _, asynchronous = CASES[case]
-        overrides += ["parallel.dp_engine=deepspeed", f"parallel.zero_stage={stage}",
-                      f"parallel.offload_optimizer={str(offload).lower()}",
-                      f"checkpoint.async_save={str(asynchronous).lower()}"]
+        settings = CASES[case]
+        overrides += ["parallel.dp_engine=deepspeed", f"parallel.zero_stage={settings.stage}",
+                      f"parallel.offload_optimizer={str(settings.offload).lower()}",
+                      f"checkpoint.async_save={str(settings.async_save).lower()}",
+                      f"train.micro_batch={settings.micro_batch}"]
     return resolve(load_config(TINY, [*overrides, *extra], world_size=world_size), world_size)
 
 
@@ -101,7 +114,7 @@ def build(case: str | None, config: Config, context: ParallelContext) -> tuple[t
     optimizer = build_optimizer(model, config.train)
     if case is None:
         return model, optimizer
-    if CASES[case][2]:  # tiny parameters would all stay whole under DeepSpeed's persistence threshold
+    if CASES[case].partition_everything:  # tiny parameters would all stay whole by DeepSpeed's default
         return model, initialize_zero(model, optimizer, context, config,
                                       zero_overrides={"stage3_param_persistence_threshold": 0})
     return model, build_engine(config, model, optimizer, context)
@@ -296,13 +309,16 @@ def test_flat_range_blocks_tile_the_range() -> None:
 
 
 @pytest.mark.parametrize("case", list(CASES), ids=list(CASES))
-def test_same_layout_resume_is_exact(two_ranks: dict, case: str) -> None:
+def test_same_layout_resume_is_exact(root: Path, two_ranks: dict, case: str) -> None:
     result = two_ranks[case]
     print(f"{case}: same layout, max |loss difference| after resume "
           f"{max(abs(a - b) for a, b in zip(result['resumed'], result['continued']))} ({result['seconds']:.1f} s)")
     assert result["step"] == SAVED_AT and not result["layout_changed"]
     assert result["state_difference"] == 0.0
     assert result["resumed"] == result["continued"]
+    # The uninterrupted DeepSpeed run itself trains like the one-process run (accumulation included).
+    one_process = torch.load(root / "one-process.reference.pt")["losses"]
+    assert relative_difference(result["continued"], one_process) <= TOLERANCE
     assert result["continued"][1] != result["continued"][0]  # it trained on
 
 
