@@ -151,7 +151,9 @@ def _train_with_restarts(launch: Launch, plan: PlacementPlan, use_gpu: bool) -> 
             states = node_states([host.node_id for host in hosts])
             lost = [host for host in hosts if states.get(host.node_id) != "alive"]
             if failures >= launch.config.launch.max_failures:
-                capacity = plan_slots(cluster_nodes(), use_gpu, launch.config.launch.cpus_per_worker)
+                gone = {host.node_id for host in lost}  # Ray may still count them until its health checks fail
+                capacity = plan_slots([node for node in cluster_nodes() if node.node_id not in gone], use_gpu,
+                                      launch.config.launch.cpus_per_worker)
                 raise LaunchError(final_failure(str(failure), lost, launch.config, launch.run_dir, capacity)) from None
             failures += 1
             print(f"spindle: {_what_failed(failure, lost)}; restart {failures} of "
