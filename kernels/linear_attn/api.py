@@ -7,6 +7,7 @@ Triton backend; `linear_attention` is the documented op with the extras (`delay`
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import os
@@ -29,6 +30,9 @@ _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 TRITON_HEAD_DIMS = (16, 256)
 _forced_backend: str | None = None
+# backend -> kernel forwards run so far (a Python count, no sync): tests read it to see, e.g., that a
+# checkpointed layer runs its kernel twice (forward and recompute), not more
+kernel_forwards: collections.Counter[str] = collections.Counter()
 
 
 def triton_available(device: torch.device) -> bool:
@@ -295,6 +299,7 @@ def _forward(q, k, v, log_decay, scale, initial_state, output_final_state, chose
         residuals.cu_seqlens = cu_seqlens
         if q.shape[1] == 0:
             return _empty_forward(q, v, residuals.initial_state, output_final_state, state_dtype, residuals)
+        kernel_forwards["triton"] += 1
         output, final_state, residuals.states = triton_chunk.triton_forward(
             residuals.q, residuals.k, residuals.v, None if floored is None else floored.contiguous(), scale,
             residuals.initial_state, chunk, keep_states=not recompute_states, cu_seqlens=cu_seqlens,
@@ -321,6 +326,7 @@ def _empty_forward(q, v, initial_state, output_final_state, state_dtype, residua
 
 def _autograd_backend(chosen, q, k, v, log_decay, initial_state, scale, output_final_state, chunk_size):
     """torch / naive backends on tensors that may require grad (autograd does their backward)."""
+    kernel_forwards[chosen] += 1
     full = floor_log_decay(log_decay)
     if full is not None and full.dim() == 1:
         full = full.view(1, 1, -1).expand(q.shape[0], q.shape[1], -1)  # an expand: [H] still gets its gradient
