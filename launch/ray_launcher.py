@@ -173,23 +173,25 @@ def _last_commit(run_dir: Path) -> str:
     return f"the last committed checkpoint ({latest})" if latest else "the start (no checkpoint committed yet)"
 
 
+LOSS_REGISTRATION_TIMEOUT_S = 300.0
+"""How long a restart waits for Ray to declare a lost host dead (its health checks take about 15 s by
+default, longer behind a cut link) before giving up."""
+
+
 def restart_layout(config: Config, use_gpu: bool, lost: list[WorkerHost], *,
                    nodes_now: Callable[[], list[NodeResources]] = cluster_nodes,
                    states_now: Callable[[list[str]], dict[str, str]] = node_states) -> tuple[Config, PlacementPlan]:
     """The layout of the next worker group: the job's when the cluster still has room for it, else the
-    largest smaller dp launch.min_workers allows; waits up to launch.capacity_timeout_s for either.
+    largest smaller dp launch.min_workers allows. Waits first for Ray to register the lost hosts' deaths,
+    then up to launch.capacity_timeout_s for room.
     ``nodes_now`` / ``states_now``: the cluster's alive nodes and the lost hosts' states (cluster.py)."""
+    _await_registration(lost, states_now)
     timeout_s = config.launch.capacity_timeout_s
     deadline, announced, said_at = time.monotonic() + timeout_s, "", 0.0
-    pending = list(lost)
     while True:
-        # Ray's own health checks take a while to declare a lost host dead; until then it would still
-        # place workers there. A host that answers again is back.
-        states = states_now([host.node_id for host in pending]) if pending else {}
-        pending = [host for host in pending if states[host.node_id] == "unreachable"]
         nodes = nodes_now()
         capacity = plan_slots(nodes, use_gpu, config.launch.cpus_per_worker)
-        dp = None if pending else restart_data_parallel(config, capacity)
+        dp = restart_data_parallel(config, capacity)
         if dp is not None:
             restarted = replace(config, parallel=replace(config.parallel, dp=dp))
             plan = _placed(restarted, nodes, use_gpu)
@@ -199,9 +201,7 @@ def restart_layout(config: Config, use_gpu: bool, lost: list[WorkerHost], *,
                       f"launch.min_workers = {config.launch.min_workers}); the checkpoint reshards onto it",
                       file=sys.stderr, flush=True)
             return restarted, plan
-        waiting_for = (f"Ray to register the loss of {', '.join(host.address for host in pending)}" if pending
-                       else _room_needed(config, capacity))
-        remaining = deadline - time.monotonic()
+        waiting_for, remaining = _room_needed(config, capacity), deadline - time.monotonic()
         if remaining <= 0:
             raise LaunchError(f"no capacity to restart after {timeout_s:g} s (launch.capacity_timeout_s): "
                               f"waited for {waiting_for}. To fix: bring the lost host back or add nodes, allow "
@@ -209,10 +209,31 @@ def restart_layout(config: Config, use_gpu: bool, lost: list[WorkerHost], *,
                               f"launch.capacity_timeout_s; then resume with {_resume_hint()}.")
         if waiting_for != announced or time.monotonic() - said_at >= 30:
             print(f"spindle: waiting up to {remaining:.0f} s more (launch.capacity_timeout_s = {timeout_s:g}) for "
-                  f"{waiting_for}",
-                  file=sys.stderr, flush=True)
+                  f"{waiting_for}", file=sys.stderr, flush=True)
             announced, said_at = waiting_for, time.monotonic()
-        time.sleep(min(1.0, max(remaining, 0.0)))
+        time.sleep(min(1.0, remaining))
+
+
+def _await_registration(lost: list[WorkerHost], states_now: Callable[[list[str]], dict[str, str]]) -> None:
+    """Until Ray declares the lost hosts dead it would still place workers on them (a host that answers
+    again is back and counts as alive)."""
+    deadline, said = time.monotonic() + LOSS_REGISTRATION_TIMEOUT_S, False
+    pending = list(lost)
+    while pending:
+        states = states_now([host.node_id for host in pending])
+        pending = [host for host in pending if states[host.node_id] == "unreachable"]
+        if not pending:
+            return
+        addresses = ", ".join(host.address for host in pending)
+        if time.monotonic() > deadline:
+            raise LaunchError(f"Ray still counts {addresses} as alive {LOSS_REGISTRATION_TIMEOUT_S:g} s after its "
+                              f"raylet stopped answering, so no restart can be placed safely. Check that host "
+                              f"(or stop Ray on it: `ray stop`), then resume with {_resume_hint()}.")
+        if not said:
+            print(f"spindle: waiting for Ray to register the loss of {addresses} (its health checks)",
+                  file=sys.stderr, flush=True)
+            said = True
+        time.sleep(1.0)
 
 
 def _room_needed(config: Config, capacity: int) -> str:

@@ -171,9 +171,10 @@ class LaunchConfig:
     batch stays, so the loss curve continues). A multiple of cp * tp, at most the job's workers;
     0 (default) means the full job, i.e. never shrink."""
     capacity_timeout_s: float = 600.0
-    """How long a restart waits for the cluster to have room again (for the full job, or for
-    ``min_workers``) before failing with an error; a message says what it waits for meanwhile. 0 fails
-    at once."""
+    """How long a restart after a lost node waits for the cluster to have room again (for the full job,
+    or for ``min_workers``) before failing with an error; a message says what it waits for meanwhile.
+    Counted from when Ray has declared the lost node dead (its health checks take about 15 s by default).
+    0 fails at once."""
     use_gpu: str = "auto"
     """"auto" (GPUs when the cluster has them), "true" or "false"."""
     cpus_per_worker: int = 1

@@ -19,6 +19,7 @@ import pytest
 from spindle.launch.cluster import WorkerHost, clear_worker_nodes, worker_hosts, WORKER_NODES_DIR
 from spindle.launch.errors import LaunchError
 from spindle.launch.placement import NodeResources, restart_data_parallel
+from spindle.launch import ray_launcher
 from spindle.launch.ray_launcher import final_failure, restart_layout
 from spindle.runtime.config import Config, LaunchConfig, ParallelConfig, TrainConfig, validate
 
@@ -74,7 +75,7 @@ def test_restart_on_fewer_workers_once_ray_registers_the_loss(capsys: pytest.Cap
                                   nodes_now=lambda: _nodes(2), states_now=lambda ids: next(states))
     assert config.parallel.dp == 1 and plan.workers == 1 and plan.workers_per_node == (1,)
     err = capsys.readouterr().err
-    assert "waiting up to" in err and "for Ray to register the loss of 10.0.0.12" in err
+    assert "waiting for Ray to register the loss of 10.0.0.12 (its health checks)" in err
     assert "continuing on 1 of 2 worker(s): parallel.dp 2 -> 1 (cp 1, tp 1 kept; launch.min_workers = 1)" in err
 
 
@@ -94,6 +95,24 @@ def test_restart_waits_for_capacity_then_fails_with_a_clear_error(capsys: pytest
                      "`spindle train c.yaml --run-dir /runs/a`"]:
         assert fragment in message, message
     assert "(launch.capacity_timeout_s = 1.5) for room for the job's 2 worker(s)" in capsys.readouterr().err
+
+
+def test_the_capacity_timeout_starts_once_ray_registered_the_loss(capsys: pytest.CaptureFixture) -> None:
+    """launch.capacity_timeout_s = 0: no waiting for room, but Ray's own registration of the loss first
+    (a restart placed before it could land on the dead host)."""
+    states = iter([{LOST.node_id: "unreachable"}, {LOST.node_id: "dead"}])
+    with pytest.raises(LaunchError, match=r"no capacity to restart after 0 s .*room for the job's 2 worker"):
+        restart_layout(job(2, timeout_s=0), False, [LOST], nodes_now=lambda: _nodes(1),
+                       states_now=lambda ids: next(states))
+    assert "waiting for Ray to register the loss of 10.0.0.12" in capsys.readouterr().err
+
+
+def test_a_loss_ray_never_registers_is_an_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ray_launcher, "LOSS_REGISTRATION_TIMEOUT_S", 1.5)
+    with pytest.raises(LaunchError, match=r"Ray still counts 10.0.0.12 as alive 1.5 s after its raylet stopped "
+                                          r"answering.*`ray stop`"):
+        restart_layout(job(2, min_workers=1), False, [LOST], nodes_now=lambda: _nodes(2, 2),
+                       states_now=lambda ids: {LOST.node_id: "unreachable"})
 
 
 def test_restart_continues_on_the_full_layout_when_the_host_comes_back() -> None:
