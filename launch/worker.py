@@ -53,7 +53,8 @@ def train_worker(job: dict) -> dict:
     if not isinstance(config, Config):  # the driver hands the typed config on; nothing parses it here
         raise TypeError(f"the job's config is a {type(config).__name__}, expected the driver's validated Config")
     resume = agreed_resume(job)
-    options = {"trust_checkpoint": bool(job.get("trust_checkpoint", False))}
+    # The driver removed any stale stop request before the workers started.
+    options = {"trust_checkpoint": bool(job.get("trust_checkpoint", False)), "clear_stale_stop": False}
     with sigterm_requests_stop(job["run_dir"]):
         # train_entry beats the heartbeat and reports a stalled collective with the ranks behind it.
         final = train_entry(config, job["run_dir"], resume, **options)

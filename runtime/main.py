@@ -199,7 +199,8 @@ def truncate_metrics(run_dir: Path, step: int) -> None:
     path.write_text("".join(kept), encoding="utf-8")
 
 
-def train_entry(config: Config, run_dir: str, resume: str = "auto", *, trust_checkpoint: bool = False) -> dict:
+def train_entry(config: Config, run_dir: str, resume: str = "auto", *, trust_checkpoint: bool = False,
+                clear_stale_stop: bool = True) -> dict:
     """Train one process of a job; returns the final metrics record.
 
     ``config``: the typed config, already validated for this world size (``load_config(path, overrides,
@@ -208,6 +209,9 @@ def train_entry(config: Config, run_dir: str, resume: str = "auto", *, trust_che
     environment) or in a Ray Train worker (process group already initialized). Raises ConfigError for a
     layout or device this process cannot provide, before anything is written to disk.
     ``trust_checkpoint``: load a checkpoint whose origin tag does not verify (``--trust-checkpoint``).
+    ``clear_stale_stop``: rank 0 removes a stop request left by an earlier, preempted attempt. False on
+    Ray workers: their driver removed it before any worker started, and one written since is a SIGTERM
+    of this job (to a worker still starting up) that must not be lost.
     """
     if not isinstance(config, Config):
         raise TypeError(f"train_entry takes a validated Config (spindle.runtime.config.load_config), "
@@ -227,7 +231,8 @@ def train_entry(config: Config, run_dir: str, resume: str = "auto", *, trust_che
     if context.is_main:
         run_path.mkdir(parents=True, exist_ok=True)
         record_config(config, run_path)  # an existing run's config.yaml is never rewritten
-        clear_stop(run_path)  # a stop request of an earlier, preempted attempt
+        if clear_stale_stop:
+            clear_stop(run_path)
     if not dist.is_initialized():
         return run_training(config, run_path, context, resume, trust_checkpoint=trust_checkpoint)
     dist.barrier()  # the run directory exists before any rank writes into it

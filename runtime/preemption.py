@@ -174,8 +174,10 @@ def restore_sigterm() -> None:
 def stopping_workers_on_sigterm(run_dir: str | os.PathLike) -> Iterator[None]:
     """For a driver whose ranks run in other processes (`spindle train` on Ray): SIGTERM writes the
     stop file, and the workers finish the step, checkpoint and return. Replaces Ray's own handler
-    (which exits at once) for the duration; the stop file is removed afterwards (also one that a
-    worker's SIGTERM wrote)."""
+    (which exits at once) for the duration. A stop request of an earlier attempt is removed first
+    (before any worker starts: from then on every request is this job's), and the stop file is
+    removed afterwards (also one that a worker's SIGTERM wrote)."""
+    clear_stop(run_dir)
     if threading.current_thread() is not threading.main_thread():
         yield
         return

@@ -302,3 +302,23 @@ def test_sigterm_to_one_ray_worker_checkpoints_and_resumes_exactly(tmp_path: Pat
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resumed at step {step}" in resumed.stdout
     assert losses(run_dir) == uninterrupted_losses  # every step, before and after the preemption
+
+
+def test_a_stop_request_while_ray_workers_start_is_kept_and_a_stale_one_is_not(tmp_path: Path,
+                                                                                capsys: pytest.CaptureFixture) -> None:
+    """The driver removes an earlier attempt's stop request before any worker starts; a request written
+    after that (SIGTERM to a worker still building its model) survives the workers' start
+    (train_entry(clear_stale_stop=False), as on Ray) and stops the run at the first step boundary."""
+    from spindle.runtime.main import train_entry
+    from spindle.runtime.preemption import request_stop
+
+    run_dir = tmp_path / "run"
+    request_stop(run_dir)  # left by an earlier, preempted attempt
+    with stopping_workers_on_sigterm(run_dir):
+        assert not (run_dir / STOP_FILE).exists()
+        request_stop(run_dir)
+        config = load_config(TINY, ["train.steps=3", "logging.wandb=disabled", "logging.progress=false",
+                                    "checkpoint.every=0"], world_size=1)
+        final = train_entry(config, str(run_dir), "never", clear_stale_stop=False)
+    assert final.get("preempted") and final["step"] == 1 and read_latest(run_dir).name == "step_00000001"
+    assert not (run_dir / STOP_FILE).exists()
