@@ -47,7 +47,9 @@ def tiny_setup(cp: int, context, overrides: list[str]):
 
 
 def train_with_policy(policy: str, cp: int, context) -> dict:
-    """STEPS steps with activation-checkpointing `policy`: losses, step-1 gradients, mixer forward counts."""
+    """STEPS steps with activation-checkpointing `policy`: losses, step-1 gradients, mixer forward counts and
+    linear-attention kernel forwards (kernels.linear_attn.api.kernel_forwards, every backend)."""
+    from spindle.kernels.linear_attn import api as linear_kernels
     from spindle.runtime.trainer import train_step
 
     config, model, optimizer, batches = tiny_setup(cp, context, [f"parallel.activation_checkpointing={policy}"])
@@ -56,6 +58,7 @@ def train_with_policy(policy: str, cp: int, context) -> dict:
         block.mixer.register_forward_hook(lambda module, inputs, output, kind=block.kind: forwards.update(
             {kind: forwards[kind] + 1}))
     losses, gradients = [], {}
+    kernel_forwards = sum(linear_kernels.kernel_forwards.values())
     for step in range(STEPS):
         result = train_step(model, optimizer, batches.micro_batches(step), context, lr=1e-3,
                             grad_clip=config.train.grad_clip, precision=None)
@@ -64,7 +67,9 @@ def train_with_policy(policy: str, cp: int, context) -> dict:
             gradients = {name: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).numpy().copy()
                          for name, p in model.named_parameters()}
     recomputing = {block.kind for block in model.layers if block.recompute}
-    return {"losses": losses, "gradients": gradients, "forwards": forwards, "recomputing": recomputing}
+    kernel_forwards = sum(linear_kernels.kernel_forwards.values()) - kernel_forwards
+    return {"losses": losses, "gradients": gradients, "forwards": forwards, "recomputing": recomputing,
+            "kernel_forwards": kernel_forwards}
 
 
 def run_op(name: str, group, generator: torch.Generator) -> None:
