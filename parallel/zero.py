@@ -305,66 +305,65 @@ class ZeroEngine:
     def state_for_load(self, saved: Metadata) -> tuple[dict[str, Any], dict[str, Any]]:
         """Destinations in DeepSpeed's own partitions, so loading writes in place: the master weights, and
         Adam's moments (created, zero, when the optimizer has not stepped yet)."""
-        adam = self._adam
-        entries = saved.state_dict_metadata
         model_state: dict[str, Any] = {}
         optimizer_state: dict[str, Any] = {}
         for part in self._parts():
             model_state[part.name] = FlatRange(part.shape, part.start, part.of(part.flat))
-            prefix = f"optimizer.state.{part.name}."
-            kinds = {name[len(prefix):]: entry for name, entry in entries.items()
-                     if name.startswith(prefix) and "." not in name[len(prefix):]}
-            state = adam.state.setdefault(part.flat, {})
-            unknown = sorted(set(state) - set(kinds))
-            if not kinds or unknown:
-                raise CheckpointError(
-                    f"the checkpoint has optimizer state {sorted(kinds)} for parameter {part.name}, but this "
-                    f"optimizer keeps {sorted(set(state) | set(kinds)) if state else 'AdamW moments and a step'}: it "
-                    f"was written with another optimizer setup (or without optimizer state) and cannot be converted; "
-                    f"resume with the setup that wrote it, or start afresh with --resume never.")
-            destination: dict[str, Any] = {}
-            for key, entry in sorted(kinds.items()):
-                if not isinstance(entry, TensorStorageMetadata):
-                    raise CheckpointError(f"optimizer state {key} of parameter {part.name} is not a tensor in the "
-                                          f"checkpoint; the DeepSpeed engine loads tensor optimizer states only (use "
-                                          f"parallel.dp_engine = 'fsdp' to load this checkpoint).")
-                if len(entry.size) == 0:  # Adam's step: DeepSpeed keeps one per partition (finish_load checks)
-                    destination[key] = torch.zeros((), dtype=entry.properties.dtype)
-                else:
-                    if key not in state:
-                        state[key] = torch.zeros_like(part.flat)
-                    destination[key] = FlatRange(part.shape, part.start, part.of(state[key]))
-            optimizer_state[part.name] = destination
+            optimizer_state[part.name] = self._optimizer_destination(part, _saved_optimizer_entries(saved, part.name))
         return model_state, {"state": optimizer_state, "param_groups": self._param_groups()}
+
+    def _optimizer_destination(self, part: _Part, saved: dict[str, Any]) -> dict[str, Any]:
+        """Where the checkpoint's optimizer entries of ``part`` load: its moments into (views of) Adam's
+        state, scalars (the step) into fresh tensors that ``finish_load`` applies."""
+        state = self._adam.state.setdefault(part.flat, {})
+        lacking = sorted(set(state) - set(saved))
+        if not saved or lacking:
+            raise CheckpointError(
+                f"the checkpoint has no optimizer state {lacking or ''} for parameter {part.name} (it has "
+                f"{sorted(saved)}): it was written with another optimizer setup and cannot be converted; resume "
+                f"with the setup that wrote it, or start afresh with --resume never.")
+        destination: dict[str, Any] = {}
+        for key, entry in sorted(saved.items()):
+            if not isinstance(entry, TensorStorageMetadata):
+                raise CheckpointError(f"optimizer state {key} of parameter {part.name} is not a tensor in the "
+                                      f"checkpoint; the DeepSpeed engine loads tensor optimizer states only (use "
+                                      f"parallel.dp_engine = 'fsdp' to load this checkpoint).")
+            if len(entry.size) == 0:
+                destination[key] = torch.zeros((), dtype=entry.properties.dtype)
+                continue
+            if key not in state:
+                state[key] = torch.zeros_like(part.flat)
+            destination[key] = FlatRange(part.shape, part.start, part.of(state[key]))
+        return destination
 
     def finish_load(self, model_state: dict[str, Any], optimizer_state: dict[str, Any]) -> None:
         """Set the Adam steps and hyperparameters, then refresh the model's weights from the loaded fp32
         master weights (collective over the dp x cp group)."""
         parts = self._parts()
-        adam = self._adam
-        scalars: dict[tuple[int, str], tuple[str, torch.Tensor]] = {}
-        for part in parts:
-            for key, value in optimizer_state["state"][part.name].items():
-                if isinstance(value, FlatRange):
-                    continue
-                first, seen = scalars.setdefault((id(part.flat), key), (part.name, value))
-                if not torch.equal(seen, value):
-                    raise CheckpointError(
-                        f"cannot convert this checkpoint to DeepSpeed: parameters {first} and {part.name} have "
-                        f"optimizer {key} {seen.item()} and {value.item()}, but DeepSpeed keeps one {key} per "
-                        f"partition of AdamW group {part.group}. Resume it with parallel.dp_engine = 'fsdp'.")
-        for part in parts:
-            state = adam.state[part.flat]
-            for key, value in optimizer_state["state"][part.name].items():
-                if not isinstance(value, FlatRange):
-                    current = state.get(key)
-                    state[key] = (value.to(current.device, current.dtype, copy=True) if torch.is_tensor(current)
-                                  else value.clone())
+        self._apply_scalars(parts, optimizer_state["state"])
         self._apply_param_groups(optimizer_state["param_groups"])
         if self.zero_stage == 3:
             _refresh_stage_3_weights(parts)
         else:
             self.engine.optimizer.update_lp_params()  # fp32 partitions -> model weights, all-gathered
+
+    def _apply_scalars(self, parts: list[_Part], loaded: dict[str, dict[str, Any]]) -> None:
+        """Adam's step: DeepSpeed keeps one per flat partition, so every parameter in it must agree."""
+        values: dict[tuple[int, str], tuple[str, torch.Tensor]] = {}
+        for part in parts:
+            for key, value in loaded[part.name].items():
+                if isinstance(value, FlatRange):
+                    continue
+                first, seen = values.setdefault((id(part.flat), key), (part.name, value))
+                if not torch.equal(seen, value):
+                    raise CheckpointError(
+                        f"cannot convert this checkpoint to DeepSpeed: parameters {first} and {part.name} have "
+                        f"optimizer {key} {seen.item()} and {value.item()}, but DeepSpeed keeps one {key} per "
+                        f"partition of AdamW group {part.group}. Resume it with parallel.dp_engine = 'fsdp'.")
+                state = self._adam.state[part.flat]
+                current = state.get(key)
+                state[key] = (value.to(current.device, current.dtype, copy=True) if torch.is_tensor(current)
+                              else value.clone())
 
     def _apply_param_groups(self, saved_groups: list[dict[str, Any]]) -> None:
         """The checkpoint's hyperparameters, as torch's ``load_state_dict`` restores them for FSDP2 runs."""
@@ -377,6 +376,14 @@ class ZeroEngine:
                     f"checkpoint than in this run (differing: {difference[:5]}); resume with the optimizer setup "
                     f"that wrote it, or start afresh with --resume never.")
             group.update({key: value for key, value in saved.items() if key != "params"})
+
+
+def _saved_optimizer_entries(saved: Metadata, name: str) -> dict[str, Any]:
+    """The checkpoint's optimizer state entries of parameter ``name`` (DCP flattens the nested dict to
+    ``optimizer.state.<FQN>.<key>``), by key."""
+    prefix = f"optimizer.state.{name}."
+    return {entry_name[len(prefix):]: entry for entry_name, entry in saved.state_dict_metadata.items()
+            if entry_name.startswith(prefix) and "." not in entry_name[len(prefix):]}
 
 
 def _per_element(value: Any, flat: torch.Tensor) -> bool:

@@ -5,7 +5,9 @@ A checkpoint is a directory ``RUN_DIR/checkpoints/step_<8 digits>/`` holding
 - the torch.distributed.checkpoint (DCP) files of the model, the optimizer and the train counters
   (``.metadata`` and ``__<rank>_<n>.distcp``; the trainer computes the learning rate from the step, so
   there is no scheduler state); model and optimizer state are keyed by parameter FQN
-  (``get_state_dict``), which is what lets DCP reshard them onto another dp/cp/tp layout;
+  (``get_state_dict``), which is what lets DCP reshard them onto another dp/cp/tp layout. The DeepSpeed
+  engine writes the same entries (it is an ``EngineState``: its flat partitions become ``FlatRange``
+  parts of each tensor), so its checkpoints reshard onto another dp size, ZeRO stage or FSDP2 too;
 - one ``rng_rank<k>.pt`` per rank (torch CPU/CUDA, python ``random`` and numpy generator states);
 - ``manifest.json``, written last by rank 0: the SHA-256 and size of every file, the parameter shapes,
   the config and layout, and an HMAC tag over all of it under this user's key (``trust.py``).
@@ -21,7 +23,7 @@ Loading verifies the manifest's tag and the files' hashes before anything reads 
 
 The trainer needs four calls::
 
-    checkpointer = Checkpointer(run_dir, config, model, optimizer, degrees=context.degrees)
+    checkpointer = Checkpointer(run_dir, config, model, optimizer, degrees=context.degrees)  # or engine
     resumed = checkpointer.restore(resume)          # None on a fresh start
     ...  # every optimizer step:
     checkpointer.maybe_save(step, data_cursor=cursor)
