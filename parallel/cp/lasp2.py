@@ -53,7 +53,7 @@ class GatheredStateExchange(ChunkStateExchange):
         _, batch, heads, key_dim, value_dim = self.state_shape
         states = ordered[..., : key_dim * value_dim].reshape(-1, batch, heads, key_dim, value_dim)
         if self.setup.decay_kind == "token":
-            self.chain_transitions = ordered[..., -1]  # [N, B, H]
+            self.chain_transitions = ordered[..., -1].clone()  # [N, B, H], without keeping the gathered states
         elif self.setup.decay_kind == "constant":
             # every chunk has the same length m, so Γ = exp(m·g) for all of them: [1, 1, H] -> [N, 1, H]
             gamma = torch.exp(self.chunk_length * self.constant_log_decay.to(states.dtype))
