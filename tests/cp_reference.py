@@ -117,11 +117,32 @@ def _run_cases(rank: int, world_size: int, world_group, cases: list[tuple[CaseKe
 def _selected_keys(session: pytest.Session) -> list[CaseKey]:
     keys = []
     for item in session.items:
-        callspec = getattr(item, "callspec", None)
-        module = getattr(item, "module", None)
-        if callspec is not None and module is not None and module.__name__ in _REGISTERED and "case" in callspec.params:
-            keys.append((module.__name__, callspec.params["case"]))
+        callspec, module = getattr(item, "callspec", None), getattr(item, "module", None)
+        if callspec is not None and module is not None and module.__name__ in _REGISTERED:
+            if "case" in callspec.params:
+                keys.append((module.__name__, callspec.params["case"]))
     return keys
+
+
+SPAWN_TIMEOUT_S = 600.0  # every CP case of the suite in one spawn, on two busy cores
+
+
+def _run_spawn(chosen: list[tuple[CaseKey, SpawnedCase]]) -> dict[CaseKey, str | None]:
+    """None or the failure messages per case; a spawn that fails as a whole fails each of its cases (once:
+    the next module does not start it again)."""
+    try:
+        per_rank = run_distributed(_run_cases, max(case.size for _, case in chosen), chosen, timeout=SPAWN_TIMEOUT_S)
+    except Exception as error:  # a hang (TimeoutError) or a rank that died outside any case
+        return {key: f"the shared spawn failed: {type(error).__name__}: {error}" for key, _ in chosen}
+    failures: dict[CaseKey, list[str]] = {key: [] for key, _ in chosen}
+    ran: set[CaseKey] = set()
+    for rank, results in enumerate(per_rank):
+        for key, message in results.items():
+            ran.add(key)
+            if message is not None:
+                failures[key].append(f"rank {rank}: {message}")
+    return {key: "\n".join(messages) or (None if key in ran else "ran on no rank")
+            for key, messages in failures.items()}
 
 
 @pytest.fixture(scope="module")
@@ -131,26 +152,16 @@ def case_results(request: pytest.FixtureRequest) -> dict[str, str | None]:
     The first request runs every selected case of every registered module (tests/test_cp_*.py) in one
     spawn of as many gloo ranks as the largest case needs: starting four processes on two cores costs more
     than most cases. Under -k only the selected cases run. Import this fixture into a test module to use it."""
-    pending = [key for key in _selected_keys(request.session) if key not in _RESULTS]
+    pending = list(dict.fromkeys(key for key in _selected_keys(request.session) if key not in _RESULTS))
     if pending:
-        chosen = [(key, _REGISTERED[key[0]][key[1]]) for key in dict.fromkeys(pending)]
         for module in dict.fromkeys(module for module, _ in pending):
             if module in _PREPARE:
                 _PREPARE[module]()
-        per_rank = run_distributed(_run_cases, max(case.size for _, case in chosen), chosen, timeout=SPAWN_TIMEOUT_S)
-        failures: dict[CaseKey, list[str]] = {key: [] for key, _ in chosen}
-        for rank, results in enumerate(per_rank):
-            for key, message in results.items():
-                if message is not None:
-                    failures[key].append(f"rank {rank}: {message}")
-        _RESULTS.update({key: "\n".join(messages) or None for key, messages in failures.items()})
+        _RESULTS.update(_run_spawn([(key, _REGISTERED[key[0]][key[1]]) for key in pending]))
     module = request.module.__name__
     return {case_id: message for (owner, case_id), message in _RESULTS.items() if owner == module}
 
 
-SPAWN_TIMEOUT_S = 600.0  # every CP case of the suite in one spawn, on two busy cores
-
-
 def assert_case_passed(results: dict[str, str | None], case: str) -> None:
-    assert case in results, f"{case} did not run on any rank"
+    assert case in results, f"{case} was not run"
     assert results[case] is None, results[case]
