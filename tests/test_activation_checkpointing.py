@@ -66,6 +66,17 @@ def test_checkpointed_linear_layer_runs_its_kernel_forward_twice(cp: int) -> Non
 
 
 @pytest.mark.slow
+def test_checkpointed_lasp_block_keeps_what_a_single_device_block_keeps() -> None:
+    """The memory the policy promises: between forward and backward a checkpointed L block with LASP-2 keeps
+    what the same block with the single-device kernel keeps (its input's recompute needs), plus at most the
+    chain's Γ ([chunks, B, H] floats): no kernel residuals or gathered states held on the side."""
+    kept = two_rank_checks.results()["block_bytes"]
+    print(f"live bytes kept until backward: {kept}")
+    assert kept["lasp2"][True] <= kept["single"][True] + 1024, kept
+    assert kept["lasp2"][True] * 5 < kept["lasp2"][False], kept  # checkpointing frees most of the block
+
+
+@pytest.mark.slow
 def test_same_losses_and_gradients_with_cp2() -> None:
     results = _two_rank_checkpointing()
     single = train_with_policy("none", 1, ParallelContext.single_process())

@@ -6,6 +6,8 @@
   on new shapes, the same shapes again, and with the switch;
 - "checkpointing": losses, step-1 gradients and mixer forward counts of cp=2 training per
   activation-checkpointing policy;
+- "block_bytes": live bytes one L block keeps from forward to backward, with and without
+  checkpointing, with LASP-2 over the group and with the single-device kernel on the same local tokens;
 - "bench": the rows of `spindle bench cp` for a small case (benchmarks/cp.py's rank worker).
 """
 
@@ -70,6 +72,32 @@ def train_with_policy(policy: str, cp: int, context) -> dict:
     kernel_forwards = sum(linear_kernels.kernel_forwards.values()) - kernel_forwards
     return {"losses": losses, "gradients": gradients, "forwards": forwards, "recomputing": recomputing,
             "kernel_forwards": kernel_forwards}
+
+
+def block_bytes(group) -> dict:
+    """{"lasp2" | "single": {recompute: bytes}}: CPU storages made by one L block's forward that are still
+    alive when its backward starts (benchmarks/harness.py PeakLiveBytes), its output excluded."""
+    from spindle.benchmarks.harness import PeakLiveBytes
+    from spindle.parallel import cp
+    from spindle.runtime.layers import DecoderBlock, LinearAttention
+
+    kept: dict = {}
+    for op in ("lasp2", "single"):
+        for recompute in (False, True):
+            torch.manual_seed(0)
+            mixer = LinearAttention(64, 4, decay="data", feature_map="identity", output_gate="sigmoid",
+                                    layer_index=0, n_layers=2, norm_eps=1e-6)
+            if op == "lasp2":
+                mixer.sequence_op = functools.partial(cp.lasp2, group=group)
+            block = DecoderBlock("L", mixer, 64, 128, 1e-6)
+            block.recompute = recompute
+            x = torch.randn(1, 256, 64, requires_grad=True)
+            with PeakLiveBytes() as tracker:
+                output = block(x, None)
+                torch.zeros(1)  # the tracker drops storages that died since its last op
+                kept.setdefault(op, {})[recompute] = tracker.current - output.untyped_storage().nbytes()
+                output.sum().backward()
+    return kept
 
 
 def run_op(name: str, group, generator: torch.Generator) -> None:
@@ -140,6 +168,7 @@ def _worker(rank: int, world_size: int, group) -> dict:
                "validate_calls": _validate_calls(group, generator)}
     context = ParallelContext.build(ParallelDegrees.resolve(1, 2, 1, world_size), torch.device("cpu"))
     results["checkpointing"] = {policy: train_with_policy(policy, 2, context) for policy in POLICIES}
+    results["block_bytes"] = block_bytes(group)
     results["bench"] = bench_cp._rank_worker(rank, world_size, group, BENCH_ARGS)
     return results
 
