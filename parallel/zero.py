@@ -266,7 +266,8 @@ class ZeroEngine:
         names = {id(parameter): name for name, parameter in self.engine.module.named_parameters()}
         optimizer = self.engine.optimizer
         try:
-            parts = list(_stage_3_parts(optimizer, names) if self.zero_stage == 3 else _stage_1_2_parts(optimizer, names))
+            parts = list(_stage_3_parts(optimizer, names) if self.zero_stage == 3
+                         else _stage_1_2_parts(optimizer, names))
         except (AttributeError, KeyError) as error:
             import deepspeed
 

@@ -643,6 +643,9 @@ class Checkpointer:
         """Load checkpoints whose origin tag does not verify (the user vouches for them)."""
         self.config = _as_dict(config)
         self.model, self.optimizer = model, optimizer
+        if not isinstance(optimizer, (torch.optim.Optimizer, EngineState)):
+            raise TypeError(f"Checkpointer takes a torch optimizer or an EngineState (such as the DeepSpeed engine), "
+                            f"got a {type(optimizer).__name__}.")
         self.state: EngineState = (TorchState(model, optimizer) if isinstance(optimizer, torch.optim.Optimizer)
                                    else optimizer)
         self.degrees = degrees or ParallelDegrees(1, 1, 1)
