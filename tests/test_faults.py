@@ -270,7 +270,9 @@ def test_sigterm_to_one_ray_worker_checkpoints_and_resumes_exactly(tmp_path: Pat
         deadline = time.monotonic() + 300
         while logged_steps(run_dir) < 2 and driver.poll() is None and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert driver.poll() is None and logged_steps(run_dir) < STEPS, "the run ended before it could be preempted"
+        if driver.poll() is not None or logged_steps(run_dir) >= STEPS:
+            stdout, stderr = driver.communicate(timeout=120)
+            raise AssertionError(f"the run ended before it could be preempted: {stdout[-2000:]} {stderr[-4000:]}")
         victim, logged = ray_worker_pid(run_dir, rank=1), logged_steps(run_dir)
         signalled, signalled_at = time.monotonic(), time.time()
         os.kill(victim, signal.SIGTERM)  # rank 1's process only: rank 0 learns it through the agreement
