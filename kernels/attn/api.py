@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import contextlib
-import os
-from collections.abc import Iterator
 
 import torch
 
+from ..backend_switch import BackendSwitch
 from ..shapes import shapes_only
 from . import gpu
 from .masks import MaskSpec, build_mask_spec, check_cu_seqlens, check_window
@@ -18,36 +17,17 @@ BACKENDS = ("auto", "flash_attn3", "flash_attn", "sdpa", "sdpa_efficient", "sdpa
 AUTO_ORDER = ("flash_attn3", "flash_attn", "sdpa", "sdpa_efficient", "sdpa_cpu", "math")  # first that can run a call
 ENVIRONMENT_VARIABLE = "SPINDLE_ATTN_BACKEND"
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-_forced_backend: str | None = None
 
 
-@contextlib.contextmanager
-def force_backend(name: str) -> Iterator[None]:
+_switch = BackendSwitch(BACKENDS, ENVIRONMENT_VARIABLE, "backend")
+
+
+def force_backend(name: str) -> contextlib.AbstractContextManager[None]:
     """Within the block, backend="auto" resolves to `name` (tests drive every path this way).
 
     Outside any block the environment variable SPINDLE_ATTN_BACKEND does the same for a whole process.
     """
-    global _forced_backend
-    if name not in BACKENDS:
-        raise ValueError(f"force_backend: unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
-    previous, _forced_backend = _forced_backend, (None if name == "auto" else name)
-    try:
-        yield
-    finally:
-        _forced_backend = previous
-
-
-def _requested_backend() -> str | None:
-    """The forced backend: force_backend() first, then SPINDLE_ATTN_BACKEND."""
-    if _forced_backend is not None:
-        return _forced_backend
-    name = os.environ.get(ENVIRONMENT_VARIABLE, "").strip()
-    if not name or name == "auto":
-        return None
-    if name not in BACKENDS:
-        raise ValueError(f"{ENVIRONMENT_VARIABLE}={name!r} is not a softmax-attention backend; "
-                         f"choose one of {', '.join(BACKENDS)} or unset it")
-    return name
+    return _switch.force(name)
 
 
 def unsupported_reason(name: str, q: torch.Tensor, window: int | None = None, documents: bool = False,
@@ -88,7 +68,7 @@ def resolve_backend(backend: str, q: torch.Tensor, window: int | None = None, do
     if backend not in BACKENDS:
         raise ValueError(f"attention: unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     if backend == "auto":
-        backend = _requested_backend() or "auto"
+        backend = _switch.forced("attention") or "auto"
     if backend == "auto":  # meta tensors have no device to choose for: math (which runs, and counts FLOPs, on them)
         order = ("math",) if q.device.type == "meta" else AUTO_ORDER
         return next(name for name in order if unsupported_reason(name, q, window, documents, key_length, causal) is None)

@@ -11,11 +11,11 @@ import collections
 import contextlib
 import dataclasses
 import os
-from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
 
+from ..backend_switch import BackendSwitch
 from ..shapes import shapes_only
 from .chunked import linear_attention_chunked
 from .naive import linear_attention_naive
@@ -29,7 +29,6 @@ LOG_DECAY_FLOOR = -30.0
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 TRITON_HEAD_DIMS = (16, 256)
-_forced_backend: str | None = None
 # backend -> kernel forwards run so far (a Python count, no sync): tests read it to see, e.g., that a
 # checkpointed layer runs its kernel twice (forward and recompute), not more
 kernel_forwards: collections.Counter[str] = collections.Counter()
@@ -46,32 +45,13 @@ def triton_available(device: torch.device) -> bool:
     return device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-@contextlib.contextmanager
-def force_backend(name: str) -> Iterator[None]:
+_switch = BackendSwitch(BACKENDS, BACKEND_ENVIRONMENT_VARIABLE, "linear-attention backend")
+
+
+def force_backend(name: str) -> contextlib.AbstractContextManager[None]:
     """Within the block, backend="auto" resolves to `name` (so does SPINDLE_LINEAR_ATTN_BACKEND, with lower
     precedence). An explicit backend= argument still wins."""
-    global _forced_backend
-    if name not in BACKENDS:
-        raise ValueError(f"force_backend: unknown linear-attention backend {name!r}; choose one of {', '.join(BACKENDS)}")
-    previous, _forced_backend = _forced_backend, (None if name == "auto" else name)
-    try:
-        yield
-    finally:
-        _forced_backend = previous
-
-
-def _forced_choice() -> str | None:
-    if _forced_backend is not None:
-        return _forced_backend
-    value = os.environ.get(BACKEND_ENVIRONMENT_VARIABLE, "").strip()
-    if not value or value == "auto":
-        return None
-    if value not in BACKENDS:
-        raise ValueError(
-            f"linear_attention: {BACKEND_ENVIRONMENT_VARIABLE}={value!r} is not a backend; "
-            f"choose one of {', '.join(BACKENDS)} or unset it"
-        )
-    return value
+    return _switch.force(name)
 
 
 # --------------------------------------------------------------------------------------------- checks
@@ -175,7 +155,7 @@ def resolve_backend(backend: str, q: torch.Tensor, v: torch.Tensor) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"linear_attention: unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     if backend == "auto":
-        forced = _forced_choice()
+        forced = _switch.forced("linear_attention")
         if forced is None:
             low, high = TRITON_HEAD_DIMS
             usable = (

@@ -73,6 +73,13 @@ def _configs(blocks: list[dict], warps=(4, 8), stages=(2, 3)) -> list[triton.Con
     return [triton.Config(dict(block), num_warps=w, num_stages=s) for block in blocks for w in warps for s in stages]
 
 
+# block sizes tried by the serial state passes (forward states, backward state gradients) and by the kernels that
+# write [BT, BV] tiles (output, dv); the first of each is the interpreter's
+_STATE_PASS_BLOCKS = [dict(BK=64, BV=64), dict(BK=32, BV=64), dict(BK=64, BV=32), dict(BK=128, BV=64)]
+_VALUE_PASS_BLOCKS = [dict(BK=64, BV=64), dict(BK=64, BV=128), dict(BK=128, BV=64), dict(BK=32, BV=64)]
+_TUNING_KEY = ["DK", "DV", "BT", "DECAY", "VARLEN"]
+
+
 # ----------------------------------------------------------------------------------------------- helpers
 
 
@@ -123,9 +130,12 @@ def _intra_weights(g, head, length, start, cumulative, DECAY: tl.constexpr, BT: 
 
 
 @triton.jit
-def _sequence_program(cu_seqlens, chunk_offsets, length, heads, num_chunks, VARLEN: tl.constexpr):
-    """For the serial state kernels (grid axis 2 = sequence·heads): (sequence, head, bos, sequence length,
-    index of the sequence's first chunk among all chunks). A sequence is a batch row, or a document."""
+def _serial_program(cu_seqlens, chunk_offsets, length, heads, num_chunks, start_state, HAS_START: tl.constexpr,
+                    VARLEN: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
+    """For the serial state kernels, grid (Dk blocks, Dv blocks, sequences·heads). A sequence is a batch row,
+    or a document. Returns (head, bos, sequence length, index of the sequence's first chunk among all chunks,
+    key columns, value columns, offset of this (sequence, head)'s [DK, DV] state, offsets and mask of the
+    program's [BK, BV] tile in it, that tile of `start_state` in fp32 (zeros without HAS_START))."""
     sequence_head = tl.program_id(2).to(tl.int64)
     sequence, head = sequence_head // heads, sequence_head % heads
     if VARLEN:
@@ -136,12 +146,22 @@ def _sequence_program(cu_seqlens, chunk_offsets, length, heads, num_chunks, VARL
         bos = sequence * length
         sequence_length = length
         first_chunk = sequence * num_chunks
-    return sequence, head, bos, sequence_length, first_chunk
+    key_columns = tl.program_id(0) * BK + tl.arange(0, BK)
+    value_columns = tl.program_id(1) * BV + tl.arange(0, BV)
+    own_state = (sequence * heads + head) * DK * DV
+    tile_offsets, tile_mask = _state_tile(key_columns, value_columns, DK, DV)
+    if HAS_START:
+        state = tl.load(start_state + own_state + tile_offsets, mask=tile_mask, other=0.0).to(tl.float32)
+    else:
+        state = tl.zeros([BK, BV], dtype=tl.float32)
+    return (head, bos, sequence_length, first_chunk, key_columns, value_columns, own_state, tile_offsets, tile_mask,
+            state)
 
 
 @triton.jit
-def _chunk_program(cu_seqlens, chunk_table, length, heads, num_chunks, VARLEN: tl.constexpr):
-    """For the chunk-parallel kernels: (head, bos, sequence length, chunk within the sequence, global chunk).
+def _chunk_program(cu_seqlens, chunk_table, length, heads, num_chunks, VARLEN: tl.constexpr, BT: tl.constexpr):
+    """For the chunk-parallel kernels: (head, bos, sequence length, the chunk's first token within the sequence,
+    global chunk).
     Dense grid axes 1, 2 = (chunk, batch·heads); varlen axes 1, 2 = (chunk-table slot, heads), where the
     table row (document, chunk) is (-1, 0) for slots past the last chunk: those programs get a sequence
     length of 0, so every load and store they make is masked off (no early return needed)."""
@@ -164,7 +184,7 @@ def _chunk_program(cu_seqlens, chunk_table, length, heads, num_chunks, VARLEN: t
         bos = batch * length
         sequence_length = length
         global_chunk = batch * num_chunks + chunk
-    return head, bos, sequence_length, chunk, global_chunk
+    return head, bos, sequence_length, chunk * BT, global_chunk
 
 
 @triton.jit
@@ -189,11 +209,57 @@ def _state_tile(key_columns, value_columns, DK: tl.constexpr, DV: tl.constexpr):
     return offsets, (key_columns[:, None] < DK) & (value_columns[None, :] < DV)
 
 
+@triton.jit
+def _head_slab(pointer, bos, heads, head, DIM: tl.constexpr):
+    """Start of one head's columns of a [tokens, heads·DIM] tensor, from token bos (int64 offsets: > 2^31 at a
+    million tokens)."""
+    return pointer + bos * heads * DIM + head * DIM
+
+
+@triton.jit
+def _state_slab(pointer, index, heads, head, DK: tl.constexpr, DV: tl.constexpr):
+    """Start of the row-major [DK, DV] state of one head of chunk (or sequence) `index` in [N, heads, DK, DV]."""
+    return pointer + (index * heads + head) * DK * DV
+
+
+@triton.jit
+def _load_chunk_state(base, key_columns, value_columns, sequence_length, DK: tl.constexpr, DV: tl.constexpr,
+                      VARLEN: tl.constexpr):
+    """[BK, BV] tile of one chunk's state (states or their gradients); spare chunk-table slots read zeros."""
+    offsets, mask = _state_tile(key_columns, value_columns, DK, DV)
+    if VARLEN:
+        mask = mask & (key_columns[:, None] < tl.where(sequence_length > 0, DK, 0))
+    return tl.load(base + offsets, mask=mask, other=0.0)
+
+
+@triton.jit
+def _products_over_keys(a_base, b_base, state_base, heads, start, sequence_length, value_columns,
+                        VARLEN: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BT: tl.constexpr,
+                        BK: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr, STATE_FIRST: tl.constexpr):
+    """(a bᵀ [BT, BT], a·state [BT, BV]) summed over the key blocks, for a chunk's [BT, DK] tiles a and b: q, k
+    and the chunk state in the output kernel; k, q and the state gradient in the dv kernel. The order of the two
+    products changes the compiled kernel (its shared memory); STATE_FIRST keeps each kernel's own, measured
+    order."""
+    scores = tl.zeros([BT, BT], dtype=tl.float32)
+    inter = tl.zeros([BT, BV], dtype=tl.float32)
+    for key_block in range(tl.cdiv(DK, BK)):
+        key_columns = key_block * BK + tl.arange(0, BK)
+        a_tile = _load_tile(a_base, heads * DK, start, sequence_length, key_columns, DK, BT)
+        b_tile = _load_tile(b_base, heads * DK, start, sequence_length, key_columns, DK, BT)
+        state = _load_chunk_state(state_base, key_columns, value_columns, sequence_length, DK, DV, VARLEN)
+        if STATE_FIRST:
+            inter += tl.dot(a_tile, state.to(a_tile.dtype), input_precision=PRECISION)
+            scores += tl.dot(a_tile, tl.trans(b_tile), input_precision=PRECISION)
+        else:
+            scores += tl.dot(a_tile, tl.trans(b_tile), input_precision=PRECISION)
+            inter += tl.dot(a_tile, state.to(a_tile.dtype), input_precision=PRECISION)
+    return scores, inter
+
+
 # ----------------------------------------------------------------------------------------------- forward
 
 
-@_autotune(_configs([dict(BK=64, BV=64), dict(BK=32, BV=64), dict(BK=64, BV=32), dict(BK=128, BV=64)]),
-           key=["DK", "DV", "BT", "DECAY", "VARLEN"])
+@_autotune(_configs(_STATE_PASS_BLOCKS), key=_TUNING_KEY)
 @triton.jit
 def _chunk_states_kernel(
     k, v, g, initial_state, states, final_state, cu_seqlens, chunk_offsets, length, heads, num_chunks,
@@ -201,23 +267,15 @@ def _chunk_states_kernel(
     DK: tl.constexpr, DV: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    key_block, value_block = tl.program_id(0), tl.program_id(1)
-    sequence, head, bos, sequence_length, first_chunk = _sequence_program(
-        cu_seqlens, chunk_offsets, length, heads, num_chunks, VARLEN
-    )
-    key_columns = key_block * BK + tl.arange(0, BK)
-    value_columns = value_block * BV + tl.arange(0, BV)
-    k_base = k + bos * heads * DK + head * DK  # int64 offsets: > 2^31 at a million tokens
-    v_base = v + bos * heads * DV + head * DV
-    state_offsets, state_mask = _state_tile(key_columns, value_columns, DK, DV)
-    if HAS_INITIAL:
-        state = tl.load(initial_state + (sequence * heads + head) * DK * DV + state_offsets, mask=state_mask, other=0.0)
-        state = state.to(tl.float32)
-    else:
-        state = tl.zeros([BK, BV], dtype=tl.float32)
+    (head, bos, sequence_length, first_chunk, key_columns, value_columns, own_state, state_offsets, state_mask,
+     state) = _serial_program(cu_seqlens, chunk_offsets, length, heads, num_chunks, initial_state, HAS_INITIAL,
+                              VARLEN, DK, DV, BK, BV)
+    k_base = _head_slab(k, bos, heads, head, DK)
+    v_base = _head_slab(v, bos, heads, head, DV)
     for chunk in range(tl.cdiv(sequence_length, BT)):
         start = chunk * BT
-        tl.store(states + ((first_chunk + chunk) * heads + head) * DK * DV + state_offsets, state, mask=state_mask)
+        tl.store(_state_slab(states, first_chunk + chunk, heads, head, DK, DV) + state_offsets, state,
+                 mask=state_mask)
         k_tile = _load_tile(k_base, heads * DK, start, sequence_length, key_columns, DK, BT)
         v_tile = _load_tile(v_base, heads * DV, start, sequence_length, value_columns, DV, BT)
         _, key_log, last = _chunk_decay(g, bos, head, heads, sequence_length, start, DECAY, BT)
@@ -226,11 +284,10 @@ def _chunk_states_kernel(
             state = state * tl.exp(last)
         state += tl.dot(tl.trans(k_tile), v_tile, input_precision=PRECISION)
     if STORE_FINAL:
-        tl.store(final_state + (sequence * heads + head) * DK * DV + state_offsets, state, mask=state_mask)
+        tl.store(final_state + own_state + state_offsets, state, mask=state_mask)
 
 
-@_autotune(_configs([dict(BK=64, BV=64), dict(BK=64, BV=128), dict(BK=128, BV=64), dict(BK=32, BV=64)]),
-           key=["DK", "DV", "BT", "DECAY", "VARLEN"])
+@_autotune(_configs(_VALUE_PASS_BLOCKS), key=_TUNING_KEY)
 @triton.jit
 def _chunk_output_kernel(
     q, k, v, g, states, output, cu_seqlens, chunk_table, length, heads, num_chunks, scale,
@@ -238,42 +295,28 @@ def _chunk_output_kernel(
     BK: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr,
 ):
     value_block = tl.program_id(0)
-    head, bos, sequence_length, chunk, global_chunk = _chunk_program(
-        cu_seqlens, chunk_table, length, heads, num_chunks, VARLEN
+    head, bos, sequence_length, start, global_chunk = _chunk_program(
+        cu_seqlens, chunk_table, length, heads, num_chunks, VARLEN, BT
     )
-    start = chunk * BT
     value_columns = value_block * BV + tl.arange(0, BV)
-    q_base = q + bos * heads * DK + head * DK
-    k_base = k + bos * heads * DK + head * DK
-    v_base = v + bos * heads * DV + head * DV
-    state_base = states + (global_chunk * heads + head) * DK * DV
-    inter = tl.zeros([BT, BV], dtype=tl.float32)
-    scores = tl.zeros([BT, BT], dtype=tl.float32)
-    for key_block in range(tl.cdiv(DK, BK)):
-        key_columns = key_block * BK + tl.arange(0, BK)
-        q_tile = _load_tile(q_base, heads * DK, start, sequence_length, key_columns, DK, BT)
-        k_tile = _load_tile(k_base, heads * DK, start, sequence_length, key_columns, DK, BT)
-        state_offsets, state_mask = _state_tile(key_columns, value_columns, DK, DV)
-        if VARLEN:  # spare chunk-table slots read nothing
-            state_mask = state_mask & (key_columns[:, None] < tl.where(sequence_length > 0, DK, 0))
-        state = tl.load(state_base + state_offsets, mask=state_mask, other=0.0)
-        inter += tl.dot(q_tile, state.to(q_tile.dtype), input_precision=PRECISION)
-        scores += tl.dot(q_tile, tl.trans(k_tile), input_precision=PRECISION)
+    scores, inter = _products_over_keys(  # q kᵀ, q h[n]
+        _head_slab(q, bos, heads, head, DK), _head_slab(k, bos, heads, head, DK),
+        _state_slab(states, global_chunk, heads, head, DK, DV), heads, start, sequence_length, value_columns,
+        VARLEN, DK, DV, BT, BK, BV, PRECISION, True)
     cumulative, _, _ = _chunk_decay(g, bos, head, heads, sequence_length, start, DECAY, BT)
     if DECAY != 0:
         inter = inter * tl.exp(cumulative)[:, None]
     scores = scores * _intra_weights(g, head, sequence_length, start, cumulative, DECAY, BT, False)
-    v_tile = _load_tile(v_base, heads * DV, start, sequence_length, value_columns, DV, BT)
+    v_tile = _load_tile(_head_slab(v, bos, heads, head, DV), heads * DV, start, sequence_length, value_columns, DV, BT)
     result = (inter + tl.dot(scores.to(v_tile.dtype), v_tile, input_precision=PRECISION)) * scale
-    _store_tile(output + bos * heads * DV + head * DV, heads * DV, start, sequence_length, value_columns, DV,
+    _store_tile(_head_slab(output, bos, heads, head, DV), heads * DV, start, sequence_length, value_columns, DV,
                 result, BT)
 
 
 # ----------------------------------------------------------------------------------------------- backward
 
 
-@_autotune(_configs([dict(BK=64, BV=64), dict(BK=32, BV=64), dict(BK=64, BV=32), dict(BK=128, BV=64)]),
-           key=["DK", "DV", "BT", "DECAY", "VARLEN"])
+@_autotune(_configs(_STATE_PASS_BLOCKS), key=_TUNING_KEY)
 @triton.jit
 def _chunk_state_grads_kernel(
     q, grad_output, g, grad_final_state, grad_states, grad_initial_state, cu_seqlens, chunk_offsets,
@@ -282,27 +325,17 @@ def _chunk_state_grads_kernel(
     DK: tl.constexpr, DV: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    key_block, value_block = tl.program_id(0), tl.program_id(1)
-    sequence, head, bos, sequence_length, first_chunk = _sequence_program(
-        cu_seqlens, chunk_offsets, length, heads, num_chunks, VARLEN
-    )
-    key_columns = key_block * BK + tl.arange(0, BK)
-    value_columns = value_block * BV + tl.arange(0, BV)
-    q_base = q + bos * heads * DK + head * DK
-    do_base = grad_output + bos * heads * DV + head * DV
-    state_offsets, state_mask = _state_tile(key_columns, value_columns, DK, DV)
-    if HAS_GRAD_FINAL:
-        d_state = tl.load(grad_final_state + (sequence * heads + head) * DK * DV + state_offsets, mask=state_mask,
-                          other=0.0)
-        d_state = d_state.to(tl.float32)
-    else:
-        d_state = tl.zeros([BK, BV], dtype=tl.float32)
+    (head, bos, sequence_length, first_chunk, key_columns, value_columns, own_state, state_offsets, state_mask,
+     d_state) = _serial_program(cu_seqlens, chunk_offsets, length, heads, num_chunks, grad_final_state,
+                                HAS_GRAD_FINAL, VARLEN, DK, DV, BK, BV)
+    q_base = _head_slab(q, bos, heads, head, DK)
+    do_base = _head_slab(grad_output, bos, heads, head, DV)
     count = tl.cdiv(sequence_length, BT)
     for reverse in range(count):
         chunk = count - 1 - reverse
         start = chunk * BT
         # dh[n]: the gradient of the state leaving chunk n (from every later output and the final state)
-        tl.store(grad_states + ((first_chunk + chunk) * heads + head) * DK * DV + state_offsets, d_state,
+        tl.store(_state_slab(grad_states, first_chunk + chunk, heads, head, DK, DV) + state_offsets, d_state,
                  mask=state_mask)
         q_tile = _load_tile(q_base, heads * DK, start, sequence_length, key_columns, DK, BT)
         do_tile = _load_tile(do_base, heads * DV, start, sequence_length, value_columns, DV, BT)
@@ -313,7 +346,7 @@ def _chunk_state_grads_kernel(
             d_state = d_state * tl.exp(last)
         d_state += tl.dot(tl.trans(q_tile.to(do_tile.dtype)), do_tile, input_precision=PRECISION)
     if STORE_INITIAL:
-        tl.store(grad_initial_state + (sequence * heads + head) * DK * DV + state_offsets, d_state, mask=state_mask)
+        tl.store(grad_initial_state + own_state + state_offsets, d_state, mask=state_mask)
 
 
 @_autotune(_configs([dict(BV=64), dict(BV=128), dict(BV=32)]), key=["DK", "DV", "BT", "DECAY", "BK", "VARLEN"])
@@ -328,17 +361,16 @@ def _chunk_dqk_kernel(
     ([key blocks, tokens, H]) for a per-token decay, summed over the chunk ([key blocks, chunks, H]) for a
     constant one."""
     key_block = tl.program_id(0)
-    head, bos, sequence_length, chunk, global_chunk = _chunk_program(
-        cu_seqlens, chunk_table, length, heads, num_chunks, VARLEN
+    head, bos, sequence_length, start, global_chunk = _chunk_program(
+        cu_seqlens, chunk_table, length, heads, num_chunks, VARLEN, BT
     )
-    start = chunk * BT
     key_columns = key_block * BK + tl.arange(0, BK)
-    q_base = q + bos * heads * DK + head * DK
-    k_base = k + bos * heads * DK + head * DK
-    v_base = v + bos * heads * DV + head * DV
-    do_base = grad_output + bos * heads * DV + head * DV
-    state_base = states + (global_chunk * heads + head) * DK * DV
-    grad_state_base = grad_states + (global_chunk * heads + head) * DK * DV
+    q_base = _head_slab(q, bos, heads, head, DK)
+    k_base = _head_slab(k, bos, heads, head, DK)
+    v_base = _head_slab(v, bos, heads, head, DV)
+    do_base = _head_slab(grad_output, bos, heads, head, DV)
+    state_base = _state_slab(states, global_chunk, heads, head, DK, DV)
+    grad_state_base = _state_slab(grad_states, global_chunk, heads, head, DK, DV)
     query_inter = tl.zeros([BT, BK], dtype=tl.float32)  # do h[n]ᵀ
     key_inter = tl.zeros([BT, BK], dtype=tl.float32)  # v dh[n]ᵀ
     d_scores = tl.zeros([BT, BT], dtype=tl.float32)  # do vᵀ
@@ -347,11 +379,8 @@ def _chunk_dqk_kernel(
         value_columns = value_block * BV + tl.arange(0, BV)
         v_tile = _load_tile(v_base, heads * DV, start, sequence_length, value_columns, DV, BT)
         do_tile = _load_tile(do_base, heads * DV, start, sequence_length, value_columns, DV, BT)
-        state_offsets, state_mask = _state_tile(key_columns, value_columns, DK, DV)
-        if VARLEN:  # spare chunk-table slots read nothing
-            state_mask = state_mask & (key_columns[:, None] < tl.where(sequence_length > 0, DK, 0))
-        state = tl.load(state_base + state_offsets, mask=state_mask, other=0.0)
-        grad_state = tl.load(grad_state_base + state_offsets, mask=state_mask, other=0.0)
+        state = _load_chunk_state(state_base, key_columns, value_columns, sequence_length, DK, DV, VARLEN)
+        grad_state = _load_chunk_state(grad_state_base, key_columns, value_columns, sequence_length, DK, DV, VARLEN)
         query_inter += tl.dot(do_tile, tl.trans(state.to(do_tile.dtype)), input_precision=PRECISION)
         key_inter += tl.dot(v_tile, tl.trans(grad_state.to(v_tile.dtype)), input_precision=PRECISION)
         d_scores += tl.dot(do_tile, tl.trans(v_tile), input_precision=PRECISION)
@@ -373,9 +402,9 @@ def _chunk_dqk_kernel(
     q32, k32 = q_tile.to(tl.float32), k_tile.to(tl.float32)
     grad_q_tile = query_inter + query_intra + diagonal[:, None] * k32
     grad_k_tile = key_inter + key_intra + diagonal[:, None] * q32
-    _store_tile(grad_q + bos * heads * DK + head * DK, heads * DK, start, sequence_length, key_columns, DK,
+    _store_tile(_head_slab(grad_q, bos, heads, head, DK), heads * DK, start, sequence_length, key_columns, DK,
                 grad_q_tile, BT)
-    _store_tile(grad_k + bos * heads * DK + head * DK, heads * DK, start, sequence_length, key_columns, DK,
+    _store_tile(_head_slab(grad_k, bos, heads, head, DK), heads * DK, start, sequence_length, key_columns, DK,
                 grad_k_tile, BT)
     if DECAY_GRAD:
         suffix_terms = tl.sum(q32 * (query_inter + query_intra), axis=1) - tl.sum(k32 * key_intra, axis=1)
@@ -397,8 +426,7 @@ def _chunk_dqk_kernel(
                 tl.store(pointer, total)
 
 
-@_autotune(_configs([dict(BK=64, BV=64), dict(BK=64, BV=128), dict(BK=128, BV=64), dict(BK=32, BV=64)]),
-           key=["DK", "DV", "BT", "DECAY", "VARLEN"])
+@_autotune(_configs(_VALUE_PASS_BLOCKS), key=_TUNING_KEY)
 @triton.jit
 def _chunk_dv_kernel(
     q, k, grad_output, g, grad_states, grad_v, cu_seqlens, chunk_table, length, heads, num_chunks, scale,
@@ -406,35 +434,23 @@ def _chunk_dv_kernel(
     BK: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr,
 ):
     value_block = tl.program_id(0)
-    head, bos, sequence_length, chunk, global_chunk = _chunk_program(
-        cu_seqlens, chunk_table, length, heads, num_chunks, VARLEN
+    head, bos, sequence_length, start, global_chunk = _chunk_program(
+        cu_seqlens, chunk_table, length, heads, num_chunks, VARLEN, BT
     )
-    start = chunk * BT
     value_columns = value_block * BV + tl.arange(0, BV)
-    q_base = q + bos * heads * DK + head * DK
-    k_base = k + bos * heads * DK + head * DK
-    grad_state_base = grad_states + (global_chunk * heads + head) * DK * DV
-    scores_t = tl.zeros([BT, BT], dtype=tl.float32)  # [j, i] = k_j·q_i
-    inter = tl.zeros([BT, BV], dtype=tl.float32)  # k dh[n]
-    for key_block in range(tl.cdiv(DK, BK)):
-        key_columns = key_block * BK + tl.arange(0, BK)
-        q_tile = _load_tile(q_base, heads * DK, start, sequence_length, key_columns, DK, BT)
-        k_tile = _load_tile(k_base, heads * DK, start, sequence_length, key_columns, DK, BT)
-        state_offsets, state_mask = _state_tile(key_columns, value_columns, DK, DV)
-        if VARLEN:  # spare chunk-table slots read nothing
-            state_mask = state_mask & (key_columns[:, None] < tl.where(sequence_length > 0, DK, 0))
-        grad_state = tl.load(grad_state_base + state_offsets, mask=state_mask, other=0.0)
-        scores_t += tl.dot(k_tile, tl.trans(q_tile), input_precision=PRECISION)
-        inter += tl.dot(k_tile, grad_state.to(k_tile.dtype), input_precision=PRECISION)
+    scores_t, inter = _products_over_keys(  # [j, i] = k_j·q_i; k dh[n]
+        _head_slab(k, bos, heads, head, DK), _head_slab(q, bos, heads, head, DK),
+        _state_slab(grad_states, global_chunk, heads, head, DK, DV), heads, start, sequence_length, value_columns,
+        VARLEN, DK, DV, BT, BK, BV, PRECISION, False)
     cumulative, key_log, _ = _chunk_decay(g, bos, head, heads, sequence_length, start, DECAY, BT)
     if DECAY != 0:
         inter = inter * tl.exp(key_log)[:, None]
     weights = _intra_weights(g, head, sequence_length, start, cumulative, DECAY, BT, False)  # [i, j]
     scores_t = scores_t * tl.trans(weights) * scale
-    do_tile = _load_tile(grad_output + bos * heads * DV + head * DV, heads * DV, start, sequence_length,
+    do_tile = _load_tile(_head_slab(grad_output, bos, heads, head, DV), heads * DV, start, sequence_length,
                          value_columns, DV, BT)
     result = inter + tl.dot(scores_t.to(do_tile.dtype), do_tile, input_precision=PRECISION)
-    _store_tile(grad_v + bos * heads * DV + head * DV, heads * DV, start, sequence_length, value_columns, DV,
+    _store_tile(_head_slab(grad_v, bos, heads, head, DV), heads * DV, start, sequence_length, value_columns, DV,
                 result, BT)
 
 
