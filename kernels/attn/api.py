@@ -7,7 +7,7 @@ import contextlib
 import torch
 
 from ..backend_switch import BackendSwitch
-from ..shapes import shapes_only
+from ..shapes import check_qkv, shapes_only
 from . import gpu
 from .masks import MaskSpec, build_mask_spec, check_cu_seqlens, check_window
 from .math import attention_backward_math, attention_forward_math
@@ -16,7 +16,6 @@ from .naive import attention_naive
 BACKENDS = ("auto", "flash_attn3", "flash_attn", "sdpa", "sdpa_efficient", "sdpa_cpu", "math", "naive")
 AUTO_ORDER = ("flash_attn3", "flash_attn", "sdpa", "sdpa_efficient", "sdpa_cpu", "math")  # first that can run a call
 ENVIRONMENT_VARIABLE = "SPINDLE_ATTN_BACKEND"
-_SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 _switch = BackendSwitch(BACKENDS, ENVIRONMENT_VARIABLE, "backend")
@@ -83,15 +82,7 @@ def resolve_backend(backend: str, q: torch.Tensor, window: int | None = None, do
 
 
 def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-    for name, tensor in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(tensor, torch.Tensor):
-            raise TypeError(f"attention: {name} must be a torch.Tensor, got {type(tensor).__name__}")
-        if tensor.dim() != 4:
-            raise ValueError(
-                f"attention: {name} must be 4-D [batch, seq, heads, head_dim] (BSHD), got {tuple(tensor.shape)}"
-            )
-        if tensor.dtype not in _SUPPORTED_DTYPES:
-            raise TypeError(f"attention: {name} has dtype {tensor.dtype}; use float16, bfloat16, float32 or float64")
+    check_qkv("attention", q, k, v)
     if k.shape[:3] != v.shape[:3]:
         raise ValueError(f"attention: k and v must agree on [batch, seq, kv_heads], got {tuple(k.shape)} and {tuple(v.shape)}")
     if q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
@@ -102,10 +93,6 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         raise ValueError(
             f"attention: query heads ({q.shape[2]}) must be a multiple of key/value heads ({k.shape[2]}) for GQA"
         )
-    if not (q.dtype == k.dtype == v.dtype):
-        raise TypeError(f"attention: q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if not (q.device == k.device == v.device):
-        raise ValueError(f"attention: q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
 
 
 def empty_query_rows(query_length: int, key_length: int, causal: bool) -> int:

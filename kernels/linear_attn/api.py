@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from ..backend_switch import BackendSwitch
-from ..shapes import shapes_only
+from ..shapes import check_qkv, shapes_only
 from .chunked import linear_attention_chunked
 from .naive import linear_attention_naive
 
@@ -26,7 +26,6 @@ BACKEND_ENVIRONMENT_VARIABLE = "SPINDLE_LINEAR_ATTN_BACKEND"
 # It gives -inf ("reset") a meaning on every path; finite chunk-local cumulative sums keep the kernels' exp
 # differences free of inf - inf.
 LOG_DECAY_FLOOR = -30.0
-_SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 TRITON_HEAD_DIMS = (16, 256)
 # backend -> kernel forwards run so far (a Python count, no sync): tests read it to see, e.g., that a
@@ -58,19 +57,7 @@ def force_backend(name: str) -> contextlib.AbstractContextManager[None]:
 
 
 def _check_tensors(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-    for name, tensor in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(tensor, torch.Tensor):
-            raise TypeError(f"linear_attention: {name} must be a torch.Tensor, got {type(tensor).__name__}")
-        if tensor.dim() != 4:
-            raise ValueError(
-                f"linear_attention: {name} must be 4-D [batch, seq, heads, head_dim] (BSHD), "
-                f"got shape {tuple(tensor.shape)}"
-            )
-        if tensor.dtype not in _SUPPORTED_DTYPES:
-            raise TypeError(
-                f"linear_attention: {name} has dtype {tensor.dtype}; supported are float16, bfloat16, "
-                "float32 and float64 (cast the input)"
-            )
+    check_qkv("linear_attention", q, k, v)
     if k.shape != q.shape:
         raise ValueError(f"linear_attention: k must have the shape of q {tuple(q.shape)}, got {tuple(k.shape)}")
     if v.shape[:3] != q.shape[:3]:
@@ -78,10 +65,6 @@ def _check_tensors(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
             f"linear_attention: v must be [batch, seq, heads, value_dim] = {tuple(q.shape[:3])} + [Dv], "
             f"got {tuple(v.shape)}"
         )
-    if not (q.dtype == k.dtype == v.dtype):
-        raise TypeError(f"linear_attention: q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if not (q.device == k.device == v.device):
-        raise ValueError(f"linear_attention: q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
 
 
 def check_log_decay_values(log_decay: torch.Tensor, caller: str = "linear_attention") -> None:

@@ -14,6 +14,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .naive import starting_state
+
 
 def _to_blocks(x: torch.Tensor, chunk_size: int, dtype: torch.dtype) -> torch.Tensor:
     """[B, T, H, D] -> [B, H, N, C, D], zero-padding T up to N·C."""
@@ -35,7 +37,7 @@ def linear_attention_chunked(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """q, k: [B, T, H, Dk]; v: [B, T, H, Dv]; log_decay: None or [B, T, H] (already broadcast)."""
     compute_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-    batch, length, heads, key_dim = q.shape
+    batch, length, heads, _ = q.shape
     value_dim = v.shape[-1]
     chunk_size = max(1, min(chunk_size, length))
     qb = _to_blocks(q, chunk_size, compute_dtype) * scale  # [B, H, N, C, Dk]
@@ -69,10 +71,7 @@ def linear_attention_chunked(
     # local block states M_n = (K ⊙ exp(G_C − G_i))ᵀ V, then the ordered chain S_n = Γ_n S_{n-1} + M_n
     decayed_keys = kb if key_decay is None else kb * key_decay
     local_states = decayed_keys.transpose(-1, -2) @ vb  # [B, H, N, Dk, Dv]
-    if initial_state is None:
-        state = qb.new_zeros(batch, heads, key_dim, value_dim)
-    else:
-        state = initial_state.to(compute_dtype)
+    state = starting_state(q, v, initial_state)
     incoming = []
     for block in range(num_blocks):
         incoming.append(state)

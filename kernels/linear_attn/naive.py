@@ -11,6 +11,15 @@ from __future__ import annotations
 import torch
 
 
+def starting_state(q: torch.Tensor, v: torch.Tensor, initial_state: torch.Tensor | None) -> torch.Tensor:
+    """S_{-1} in the compute dtype (float64 for float64 inputs, else float32): initial_state, or zeros
+    [B, H, Dk, Dv]."""
+    dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    if initial_state is None:
+        return torch.zeros(q.shape[0], q.shape[2], q.shape[3], v.shape[-1], dtype=dtype, device=q.device)
+    return initial_state.to(dtype)
+
+
 def linear_attention_naive(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -21,14 +30,11 @@ def linear_attention_naive(
     output_final_state: bool,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """q, k: [B, T, H, Dk]; v: [B, T, H, Dv]; log_decay: None or [B, T, H] (already broadcast)."""
-    compute_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-    batch, length, heads, key_dim = q.shape
+    state = starting_state(q, v, initial_state)
+    compute_dtype = state.dtype
+    batch, length, heads, _ = q.shape
     value_dim = v.shape[-1]
     q32, k32, v32 = (x.to(compute_dtype) for x in (q, k, v))
-    if initial_state is None:
-        state = q32.new_zeros(batch, heads, key_dim, value_dim)
-    else:
-        state = initial_state.to(compute_dtype)
     outputs = []
     for t in range(length):
         if log_decay is not None:
