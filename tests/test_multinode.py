@@ -197,3 +197,201 @@ def test_train_from_a_driver_host(reference: Reference, multihost_bed: MultiHost
     check_job(bed, job, run_dir, reference)
     assert f"spindle: finished step {STEPS}" in job.result.stdout, job.result.stdout[-3000:]
     assert f"Ray cluster {bed.gcs_address}: 4 CPU worker(s) on 2 node(s) (2 + 2)" in job.result.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# Node loss (H2): every process of one worker host killed mid-run (a machine that lost power)
+#
+# (b) launch.max_failures = 0: one error naming the lost host, its rank and the resume command.
+# (a) launch.max_failures = 1, launch.min_workers = 1: the job restarts from the last committed checkpoint
+#     on the host left, dp 2 -> 1, and finishes; the losses after the restart equal a clean one-process
+#     run (no Ray) resumed from that checkpoint on dp 1.
+# (c) no room for the job and launch.capacity_timeout_s = 2: a clear error after Ray registered the loss.
+# The jobs run 2 CPUs per worker, so each worker host (2 CPUs) holds one rank; the tests run in this
+# order and restart a killed host only when they need more hosts than are alive.
+# ---------------------------------------------------------------------------------------------
+import threading  # noqa: E402
+
+from spindle.launch.cluster import worker_hosts  # noqa: E402
+from spindle.runtime.checkpoint import read_latest  # noqa: E402
+
+LOSS_STEPS, LOSS_EVERY = 60, 10
+LOSS_JOB = ["launch.cpus_per_worker=2", f"train.steps={LOSS_STEPS}", f"checkpoint.every={LOSS_EVERY}",
+            "checkpoint.keep=10", "logging.wandb=disabled", "logging.progress=false", "launch.collective_timeout_s=60"]
+LOSS_MESSAGES = ("lost host", "waiting for Ray to register", "waiting up to", "continuing on", "spindle: error")
+
+
+@dataclass
+class LossRun:
+    """A `spindle train --address` job on the driver host, and what was seen around the host kill."""
+
+    base: Path
+    process: subprocess.Popen
+    committed: int = 0
+    victim: str = ""
+    """The bed host killed."""
+    killed_at: float = 0.0
+    first_step_after_restart_at: float | None = None
+    seen_at: dict[str, float] = field(default_factory=dict)
+    """Seconds after the kill at which the driver's messages appeared (for the report)."""
+
+    @property
+    def run_dir(self) -> Path:
+        return self.base / "run"
+
+    @property
+    def stdout(self) -> str:
+        return (self.base / "stdout").read_text(errors="replace")
+
+    @property
+    def stderr(self) -> str:
+        return (self.base / "stderr").read_text(errors="replace")
+
+
+def _loss_hosts_alive(bed: MultiHostBed, count: int) -> list[str]:
+    """At least ``count`` worker hosts alive (restarting killed ones) and the driver host joined."""
+    alive = bed.alive_nodes()
+    if bed.ip("drv") not in alive:
+        bed.join_driver_node("drv")
+    up = [host for host in bed.worker_hosts if bed.ip(host) in alive]
+    for host in [host for host in bed.worker_hosts if host not in up][:max(0, count - len(up))]:
+        bed.restart_host(host)
+        up.append(host)
+    return up
+
+
+def _loss_start(bed: MultiHostBed, name: str, dp: int, *extra: str) -> LossRun:
+    base = bed.root / name
+    base.mkdir()
+    argv = [str(SPINDLE), "train", str(TINY), "--run-dir", str(base / "run"), "--address", bed.gcs_address,
+            *[f"--set={item}" for item in (*LOSS_JOB, f"parallel.dp={dp}", *extra)]]
+    with open(base / "stdout", "w") as stdout, open(base / "stderr", "w") as stderr:
+        process = bed.popen("drv", argv, stdout=stdout, stderr=stderr, text=True)
+    return LossRun(base, process)
+
+
+def _loss_records(run_dir: Path) -> list[dict]:
+    records, path = [], run_dir / "metrics.jsonl"
+    for line in (path.read_text().splitlines() if path.exists() else []):
+        try:
+            records.append(json.loads(line))
+        except ValueError:  # the line being written
+            break
+    return records
+
+
+def _loss_kill_after_a_commit(bed: MultiHostBed, run: LossRun, rank: int, timeout_s: float = 300) -> None:
+    """Once a checkpoint is committed and 3 more steps are logged, kill every process of ``rank``'s host
+    (each rank on its own host); a thread then notes the driver's messages and the first step of the
+    restarted group (the metrics file is cut back to the checkpoint's step first, then grows again)."""
+    deadline = time.monotonic() + timeout_s
+    while run.process.poll() is None and time.monotonic() < deadline and not run.committed:
+        latest, records = read_latest(run.run_dir), _loss_records(run.run_dir)
+        if latest is not None and records and records[-1]["step"] >= int(latest.name.rsplit("_", 1)[1]) + 3:
+            run.committed = int(latest.name.rsplit("_", 1)[1])
+        time.sleep(0.05)
+    assert run.committed, f"no checkpoint followed by progress: {run.stdout[-2000:]} {run.stderr[-3000:]}"
+    ranks_by_ip = {host.address: host.ranks for host in worker_hosts(run.run_dir)}
+    by_ip = {bed.ip(name): name for name in bed.worker_hosts}
+    assert all(len(ranks) == 1 for ranks in ranks_by_ip.values()) and set(ranks_by_ip) <= set(by_ip), ranks_by_ip
+    run.victim = by_ip[next(ip for ip, ranks in ranks_by_ip.items() if ranks == (rank,))]
+    run.killed_at = time.monotonic()
+    bed.kill_host(run.victim)
+    threading.Thread(target=_loss_watch, args=(run,), daemon=True).start()
+
+
+def _loss_watch(run: LossRun) -> None:
+    cut_back = False
+    while run.process.poll() is None and run.first_step_after_restart_at is None:
+        steps = [record["step"] for record in _loss_records(run.run_dir)]
+        cut_back = cut_back or (bool(steps) and steps[-1] <= run.committed)
+        if cut_back and steps and steps[-1] > run.committed:
+            run.first_step_after_restart_at = time.monotonic()
+        stderr = run.stderr
+        for message in LOSS_MESSAGES:
+            if message not in run.seen_at and message in stderr:
+                run.seen_at[message] = time.monotonic() - run.killed_at
+        time.sleep(0.05)
+
+
+def _loss_finish(name: str, run: LossRun, timeout_s: float = 400) -> None:
+    try:
+        run.process.wait(timeout=timeout_s)
+    finally:
+        if run.process.poll() is None:
+            run.process.kill()
+            run.process.wait()
+    recover = (f"{run.first_step_after_restart_at - run.killed_at:.1f} s" if run.first_step_after_restart_at
+               else "no restart")
+    events = ", ".join(f"'{message}' +{at:.1f} s" for message, at in run.seen_at.items())
+    last = max((record["step"] for record in _loss_records(run.run_dir)), default=0)
+    print(f"\n[node loss: {name}] killed host {run.victim} after the commit of step {run.committed}; steps "
+          f"logged {last}; from the kill to the first step after the restart: {recover}; driver: {events}")
+
+
+@pytest.mark.slow
+def test_node_loss_without_restarts_names_the_lost_host(multihost_bed: MultiHostBed) -> None:
+    bed = multihost_bed
+    _loss_hosts_alive(bed, 2)
+    run = _loss_start(bed, "loss-no-restart", 2, "launch.max_failures=0")
+    _loss_kill_after_a_commit(bed, run, rank=1)
+    _loss_finish("no restarts", run)
+    assert run.process.returncode == 1, run.stdout[-3000:] + run.stderr[-5000:]
+    error = next((line for line in run.stderr.splitlines() if line.startswith("spindle: error: ")), "")
+    for fragment in [f"lost host {bed.ip(run.victim)} (Ray node ", "with rank 1: the job stopped without restarts "
+                     "(launch.max_failures = 0)", "Nothing committed is lost: resume from the last committed "
+                     f"checkpoint ({run.run_dir}/checkpoints/step_", f"with `spindle train {TINY} --run-dir",
+                     "room for 1 worker(s): add --set parallel.dp=1", "launch.max_failures > 0"]:
+        assert fragment in error, run.stderr[-5000:]
+    assert int(read_latest(run.run_dir).name.rsplit("_", 1)[1]) >= run.committed  # nothing committed was lost
+
+
+@pytest.mark.slow
+def test_node_loss_restarts_on_fewer_workers_from_the_last_commit(multihost_bed: MultiHostBed,
+                                                                   tmp_path: Path) -> None:
+    bed = multihost_bed
+    _loss_hosts_alive(bed, 2)
+    run = _loss_start(bed, "loss-shrink", 2, "launch.max_failures=1", "launch.min_workers=1")
+    _loss_kill_after_a_commit(bed, run, rank=1)
+    _loss_finish("restart on dp 1", run)
+    assert run.process.returncode == 0, run.stdout[-3000:] + run.stderr[-5000:]
+    assert re.search(rf"spindle: lost host {re.escape(bed.ip(run.victim))} \(Ray node \w+, hostname \S+\) with "
+                     rf"rank 1; restart 1 of 1 from the last committed checkpoint \(\S+/step_{run.committed:08d}\)",
+                     run.stderr), run.stderr[-5000:]
+    assert "continuing on 1 of 2 worker(s): parallel.dp 2 -> 1 (cp 1, tp 1 kept; launch.min_workers = 1)" in \
+        run.stderr
+    assert re.search(rf"resumed at step {run.committed} from \S+ \(written on dp 2, cp 1, tp 1: resharded\)",
+                     run.stdout), run.stdout[-3000:]
+    records = _loss_records(run.run_dir)
+    assert [record["step"] for record in records] == list(range(1, LOSS_STEPS + 1))  # each step once
+
+    # The reference: one process without Ray, resumed from the same checkpoint on dp 1.
+    checkpoint = run.run_dir / "checkpoints" / f"step_{run.committed:08d}"
+    command = [sys.executable, "-m", "spindle.runtime.main", str(TINY), "--run-dir", str(tmp_path / "reference"),
+               "--resume", str(checkpoint), *[f"--set={item}" for item in (*LOSS_JOB, "parallel.dp=1")]]
+    result = subprocess.run(command, cwd=tmp_path, env={**_plain_environment(), "OMP_NUM_THREADS": "1"},
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    expected = {record["step"]: record["loss"] for record in read_metrics(tmp_path / "reference")}
+    after = [record for record in records if record["step"] > run.committed]
+    assert [record["step"] for record in after] == sorted(expected)
+    worst = max(abs(record["loss"] - expected[record["step"]]) / abs(expected[record["step"]]) for record in after)
+    print(f"[node loss: restart on dp 1] largest relative loss difference to the reference: {worst:.2e}")
+    assert worst <= 1e-6
+
+
+@pytest.mark.slow
+def test_node_loss_waits_for_capacity_then_fails_clearly(multihost_bed: MultiHostBed) -> None:
+    bed = multihost_bed
+    _loss_hosts_alive(bed, 1)
+    run = _loss_start(bed, "loss-no-room", 1, "launch.max_failures=1", "launch.capacity_timeout_s=2")
+    _loss_kill_after_a_commit(bed, run, rank=0)
+    _loss_finish("no room within launch.capacity_timeout_s", run)
+    assert run.process.returncode == 1, run.stdout[-3000:] + run.stderr[-5000:]
+    ip = bed.ip(run.victim)
+    for fragment in [f"spindle: lost host {ip} (Ray node ", "with rank 0; restart 1 of 1 from the last committed "
+                     "checkpoint", "waiting up to 2 s more (launch.capacity_timeout_s = 2) for room for the job's 1 "
+                     "worker(s) of 2 CPU each (launch.min_workers = 0 allows no fewer); the cluster now has room for 0",
+                     "spindle: error: no capacity to restart after 2 s (launch.capacity_timeout_s)",
+                     "bring the lost host back or add nodes", f"resume with `spindle train {TINY} --run-dir"]:
+        assert fragment in run.stderr, run.stderr[-5000:]
