@@ -493,15 +493,6 @@ class FlatRange(torch.Tensor):
         return (f"FlatRange(shape={tuple(self.shape)}, elements [{self._start}, "
                 f"{self._start + self._local.numel()}), dtype={self.dtype})")
 
-    @property
-    def local(self) -> torch.Tensor:
-        """The 1-D elements this rank holds."""
-        return self._local
-
-    @property
-    def start(self) -> int:
-        return self._start
-
     def copy_to(self, device: torch.device | str = "cpu") -> "FlatRange":
         """The same range over a copy of ``local`` (an asynchronous save writes the copy)."""
         return FlatRange(self.shape, self._start, self._local.detach().to(device, copy=True))
