@@ -17,7 +17,7 @@ if not torch.cuda.is_available():
 from numerics import assert_tensors_close, nan_poisoned_allocations, outputs_and_gradients
 
 from spindle.kernels import linear_attention
-from spindle.kernels.linear_attn import force_backend, triton_available
+from spindle.kernels.linear_attn import triton_available
 
 TRITON_ON_CPU = triton_available(torch.device("cpu"))
 
