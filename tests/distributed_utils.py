@@ -18,7 +18,9 @@ raises TimeoutError. Collectives also time out on their own after `timeout` seco
 
 Starting processes dominates the cost of a small test (several seconds per spawn on two cores), so
 loop over cases inside one spawn, and cover several group sizes in one spawn with `subgroup(size)`,
-which also checks that code derives ranks from the group it is given rather than from WORLD.
+which also checks that code derives ranks from the group it is given rather than from WORLD. For
+checks that fit a CP group, tests/cp_reference.py's `register_cases` does this for you: each case keeps
+its own test id, and the cases of every module that registers share one spawn.
 """
 
 from __future__ import annotations
