@@ -157,5 +157,5 @@ allgather_attention = attention_op(
     "allgather_attention", _allgather, "Softmax attention over a CP group by all-gathering K/V (LASP-2H's "
     "softmax layers).",
     {"head_groups": (1, "gather the K/V heads in this many sequential groups (H_kv % head_groups == 0)\n"
-                        "            to bound the gathered memory to 2·B·T·(H_kv / head_groups)·D elements.")},
+                        "        to bound the gathered memory to 2·B·T·(H_kv / head_groups)·D elements.")},
 )

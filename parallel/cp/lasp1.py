@@ -112,5 +112,5 @@ class ChainedStateExchange(ChunkStateExchange):
 lasp1 = lasp_op(
     "lasp1", ChainedStateExchange, "contiguous",
     "Causal linear attention with decay over a CP group, passing the state rank to rank (LASP-1).\n\n"
-    "    Same semantics and result as `lasp2`; the default layout is \"contiguous\" (one pass up the ranks).\n"
-    "    \"zigzag\" works too, at twice the serial hops.")
+    "Same semantics and result as `lasp2`; the default layout is \"contiguous\" (one pass up the ranks).\n"
+    "\"zigzag\" works too, at twice the serial hops.")

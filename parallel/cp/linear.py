@@ -105,23 +105,23 @@ def linear_context_parallel(
 
 _LASP_ARGUMENTS = """
 
-    Args:
-        q, k: this rank's shard [B, n, H, Dk]; v: [B, n, H, Dv] (n = T / P tokens, in `layout` order).
-        group: the CP process group; rank and world size come from it.
-        layout: "zigzag" (the two chunks are chained in global order) or "contiguous"; default "{layout}".
-        log_decay: None, [H] (constant per head; replicated, its gradient on each rank is this
-            rank's contribution, summed by the usual gradient reduction), or this rank's shard
-            [B, n, H] of a per-token decay (sharded like q). Values <= 0.
-        scale: multiplies q; default Dk ** -0.5.
-        delay: d >= 0; token i reads the state S_(i-d) (keys j <= i - d), 0 for i < d (window.py).
-        cu_seqlens: packed documents, int [N + 1] offsets into the B·T tokens of the GLOBAL (unsharded)
-            batch (0, B·T and every row start; identical on every rank): the state restarts at every
-            document start, wherever it falls (inside a chunk, on a rank or zigzag seam). Same bytes
-            exchanged; offsets stay on the device. With delay the shift stays inside each document.
+Args:
+    q, k: this rank's shard [B, n, H, Dk]; v: [B, n, H, Dv] (n = T / P tokens, in `layout` order).
+    group: the CP process group; rank and world size come from it.
+    layout: "zigzag" (the two chunks are chained in global order) or "contiguous"; default "{layout}".
+    log_decay: None, [H] (constant per head; replicated, its gradient on each rank is this
+        rank's contribution, summed by the usual gradient reduction), or this rank's shard
+        [B, n, H] of a per-token decay (sharded like q). Values <= 0.
+    scale: multiplies q; default Dk ** -0.5.
+    delay: d >= 0; token i reads the state S_(i-d) (keys j <= i - d), 0 for i < d (window.py).
+    cu_seqlens: packed documents, int [N + 1] offsets into the B·T tokens of the GLOBAL (unsharded)
+        batch (0, B·T and every row start; identical on every rank): the state restarts at every
+        document start, wherever it falls (inside a chunk, on a rank or zigzag seam). Same bytes
+        exchanged; offsets stay on the device. With delay the shift stays inside each document.
 
-    Returns:
-        o, [B, n, H, Dv] in the dtype of q: equal to spindle.kernels.linear_attention on the
-        unsharded tensors, sharded the same way. Differentiable in q, k, v and log_decay.
+Returns:
+    o, [B, n, H, Dv] in the dtype of q: equal to spindle.kernels.linear_attention on the
+    unsharded tensors, sharded the same way. Differentiable in q, k, v and log_decay.
 """
 
 

@@ -53,18 +53,18 @@ def validate_attention_inputs(caller: str, group: dist.ProcessGroup, arguments: 
 
 _ATTENTION_ARGUMENTS = """
 
-    Args:
-        q: this rank's shard [B, n, H, D]; k, v: [B, n, H_kv, D] with H % H_kv == 0 (GQA).
-        group: the CP process group; rank and world size come from it.
-        layout: how the sequence is sharded: "zigzag" (default, balanced causal work) or "contiguous".
-        causal: causal masking in global token order; False attends to the whole sequence.
-        scale: softmax scale, default D ** -0.5.
-        cu_seqlens: packed documents, int [N + 1] offsets into the B·T tokens of the GLOBAL (unsharded)
-            batch, identical on every rank; queries see keys of their own document only.
+Args:
+    q: this rank's shard [B, n, H, D]; k, v: [B, n, H_kv, D] with H % H_kv == 0 (GQA).
+    group: the CP process group; rank and world size come from it.
+    layout: how the sequence is sharded: "zigzag" (default, balanced causal work) or "contiguous".
+    causal: causal masking in global token order; False attends to the whole sequence.
+    scale: softmax scale, default D ** -0.5.
+    cu_seqlens: packed documents, int [N + 1] offsets into the B·T tokens of the GLOBAL (unsharded)
+        batch, identical on every rank; queries see keys of their own document only.
 {options}
-    Returns:
-        o [B, n, H, D] in the dtype of q, equal to spindle.kernels.attention on the unsharded tensors,
-        sharded the same way. Differentiable in q, k, v.
+Returns:
+    o [B, n, H, D] in the dtype of q, equal to spindle.kernels.attention on the unsharded tensors,
+    sharded the same way. Differentiable in q, k, v.
 """
 
 
@@ -86,7 +86,7 @@ def attention_op(name: str, scheme: Callable[..., torch.Tensor], summary: str,
                      "documents": cu_seqlens is not None}
         return scheme(q, k, v, group, validate_attention_inputs(name, group, arguments), cu_seqlens, **chosen)
 
-    entries = "".join(f"        {key}: {text}\n" for key, (_, text) in (options or {}).items())
+    entries = "".join(f"    {key}: {text}\n" for key, (_, text) in (options or {}).items())
     return publish(op, name, scheme.__module__, summary + _ATTENTION_ARGUMENTS.format(options=entries), defaults)
 
 

@@ -142,9 +142,10 @@ def _ulysses(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: dist.Proc
 
 
 ulysses_attention = attention_op(
-    "ulysses_attention", _ulysses, "Softmax attention over a CP group with Ulysses all-to-alls (sequence shards <-> "
-    "head shards).\n\n    H and H_kv must be divisible by P. With cu_seqlens, each rank holds whole sequences in global "
-    "order after the\n    exchange, so the local kernel applies the document mask as on one device.",
+    "ulysses_attention", _ulysses,
+    "Softmax attention over a CP group with Ulysses all-to-alls (sequence shards <-> head shards).\n\n"
+    "H and H_kv must be divisible by P. With cu_seqlens, each rank holds whole sequences in global order\n"
+    "after the exchange, so the local kernel applies the document mask as on one device.",
     {"all_to_all": ("auto", "'auto' (DeepSpeed's sequence-parallel layer when installed, else 'torch'),\n"
-                            "            'deepspeed', or 'torch' (our all_to_all_single exchange).")},
+                            "        'deepspeed', or 'torch' (our all_to_all_single exchange).")},
 )
