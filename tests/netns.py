@@ -67,10 +67,18 @@ import pytest
 
 NETNS_DIR = Path("/run/netns")
 VENV_BIN = Path(sys.executable).parent
-GCS_PORT, DASHBOARD_PORT, CLIENT_PORT = 6379, 8265, 10001
+GCS_PORT, DASHBOARD_PORT = 6379, 8265
 OBJECT_STORE_BYTES = 128 * 1024**2
 """Per node; Ray's minimum is about 75 MiB, and the tests move kilobytes."""
 START_TIMEOUT_S = 120.0
+NODE_SETTINGS = {
+    # A loaded CI machine can take longer than Ray's default 30 s for a raylet to register.
+    "RAY_raylet_start_wait_time_s": "120",
+    # No idle Python workers started ahead of time: spindle's workers need their own runtime environment
+    # and never reuse them, and each costs seconds of CPU on a two-core machine.
+    "RAY_enable_worker_prestart": "0", "RAY_prestart_worker_first_driver": "0", "RAY_num_prestart_python_workers": "0",
+}
+"""Ray settings (environment) of every node's `ray start`."""
 _PREFIX_PATTERN = re.compile(r"^spn(\d+)([a-z])-")
 _CLONE_NEWNET = 0x40000000
 T = TypeVar("T")
@@ -245,7 +253,7 @@ class MultiHostBed:
         self.hosts: dict[str, Host] = {}
         self._add_host("head", 1, ["--head", f"--port={GCS_PORT}", f"--num-cpus={head_cpus}",
                                    "--dashboard-host=0.0.0.0", f"--dashboard-port={DASHBOARD_PORT}",
-                                   f"--ray-client-server-port={CLIENT_PORT}", '--resources={"host_head": 1}',
+                                   '--resources={"host_head": 1}',
                                    *([f"--system-config={json.dumps(self.system_config)}"] if self.system_config else [])])
         for index in range(1, workers + 1):
             self._add_host(f"w{index}", 10 + index,
@@ -352,7 +360,10 @@ class MultiHostBed:
                        if key not in ("RAY_ADDRESS", "RAY_AUTH_TOKEN", "RAY_API_SERVER_ADDRESS")}
         environment.update(PATH=f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}", OMP_NUM_THREADS="1",
                            RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="token",
-                           RAY_AUTH_TOKEN_PATH=str(self.token_path), **extra)
+                           RAY_AUTH_TOKEN_PATH=str(self.token_path),
+                           # Ray Train gives a worker group 60 s to start; four workers importing torch on a
+                           # loaded two-core machine can take longer.
+                           RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S="300", **extra)
         return environment
 
     def popen(self, host: str, argv: list[str], **options: object) -> subprocess.Popen:
@@ -439,9 +450,8 @@ class MultiHostBed:
         host.log_path = self.root / f"{name}.log"
         host.log_offset = host.log_path.stat().st_size if host.log_path.exists() else 0
         with open(host.log_path, "a") as log:
-            # A loaded CI machine can take longer than Ray's default 30 s for a raylet to register.
             host.process = self.popen(name, argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                                      env=self.environment(RAY_raylet_start_wait_time_s="120"))
+                                      env=self.environment(**NODE_SETTINGS))
 
     def _check_running(self, name: str) -> None:
         process = self.hosts[name].process
@@ -512,16 +522,22 @@ def multihost_cluster(**options: object) -> Iterator[MultiHostBed]:
         bed.close()
 
 
+FAST_NODE_DEATH = {"health_check_period_ms": 1000, "health_check_timeout_ms": 2000,
+                   "health_check_failure_threshold": 4, "health_check_initial_delay_ms": 1000}
+"""The GCS declares a silent node dead after about 5-10 s (Ray's defaults: about 15 s for a killed host,
+up to a minute for a cut link), tolerant enough for a loaded machine."""
+
+
 @pytest.fixture(scope="module")
 def multihost_bed() -> Iterator[MultiHostBed]:
-    """One bed per test module (head with 0 CPUs, two worker hosts with 2 CPUs each, a driver host);
-    skipped, with the reason, where network namespaces cannot be created."""
+    """One bed per test module (head with 0 CPUs, two worker hosts with 2 CPUs each, a driver host, fast
+    node-death detection); skipped, with the reason, where network namespaces cannot be created."""
     reason = netns_unavailable_reason()
     if reason is not None:
         pytest.skip(f"no multi-host test bed: {reason}")
-    with multihost_cluster() as bed:
+    with multihost_cluster(system_config=FAST_NODE_DEATH) as bed:
         yield bed
 
 
-__all__ = ["BedError", "Host", "MultiHostBed", "multihost_bed", "multihost_cluster", "netns_unavailable_reason",
+__all__ = ["FAST_NODE_DEATH", "BedError", "Host", "MultiHostBed", "multihost_bed", "multihost_cluster", "netns_unavailable_reason",
            "sweep_stale_beds"]

@@ -18,6 +18,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -89,14 +90,17 @@ class Reference:
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory: pytest.TempPathFactory) -> Reference:
+def reference(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Reference]:
     """Started first, so it runs while the bed comes up."""
     run_dir = tmp_path_factory.mktemp("reference") / "run"
     command = [sys.executable, "-m", "spindle.runtime.main", str(TINY), "--run-dir", str(run_dir),
                *overrides("parallel.dp=1", "parallel.cp=1", "checkpoint.every=0", "logging.progress=false")]
     process = subprocess.Popen(command, cwd="/tmp", text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                env={**_plain_environment(), "OMP_NUM_THREADS": "1"})
-    return Reference(process, run_dir)
+    yield Reference(process, run_dir)
+    if process.poll() is None:  # a test failed before it needed the reference
+        process.kill()
+        process.communicate()
 
 
 def _plain_environment() -> dict[str, str]:
@@ -117,7 +121,7 @@ class Job:
     """rank -> bed host ("w1", ...) of the process that wrote the rank's heartbeat, seen while it ran."""
 
 
-def run_job(bed: MultiHostBed, run_dir: Path, argv: list[str], timeout_s: float = 240) -> Job:
+def run_job(bed: MultiHostBed, run_dir: Path, argv: list[str], timeout_s: float = 480) -> Job:
     """Run ``argv`` on the driver host; while it runs, find each rank's process (its heartbeat names the
     pid) and the namespace, i.e. the host, it lives in."""
     process = bed.popen("drv", argv, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
