@@ -1,10 +1,12 @@
-"""Packed documents on several gloo ranks, in one 4-rank spawn:
+"""Packed documents on several gloo ranks, in the CP tests' shared spawn (tests/cp_reference.py), each case
+its own test id:
 
 - Ulysses, all-gather and ring attention with cu_seqlens at P = 2, 3, 4, both layouts, B = 2, documents
   that cross rank seams, end exactly on a rank or chunk seam, or are shorter than a chunk: outputs and
   every input gradient against each document run alone through the single-device kernel (float64);
 - the whole trainer on packed batches of a prepared folder (dp2 x cp2 with all-gather attention, cp2 x
-  tp2 with ring attention, zigzag) against one process: the same per-step losses and gradient norms.
+  tp2 with ring attention, zigzag) against one process: the same per-step losses and gradient norms
+  (recorded by the ranks, compared here: tests/spawned_training.py).
 """
 from __future__ import annotations
 
@@ -14,17 +16,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from distributed_utils import run_distributed, subgroup
+from cp_reference import SpawnedCase, assert_case_passed, case_results, register_cases  # noqa: F401 (fixture)
+from spawned_training import (CORPUS, RESULTS_DIR, TRAINING_WORLD, assert_same_steps, check_world, one_process,
+                              prepare_corpus, record, recorded, train_losses)
 from spindle import kernels
 from spindle.parallel import cp as context_parallel
 from spindle.parallel.layout import ParallelContext, ParallelDegrees
 from spindle.runtime.config import Config, load_config, resolve
-from spindle.runtime.data import build_dataset
-from spindle.runtime.main import build_engine, build_model
-from spindle.runtime.optim import build_optimizer, learning_rate
-from spindle.runtime.prepare import PrepareOptions, prepare
-from spindle.runtime.trainer import BatchProvider, train_step
-from text_corpus import make_documents, train_tokenizer, write_jsonl
 
 pytestmark = pytest.mark.slow
 
@@ -44,21 +42,6 @@ def packed_config(folder: str, world_size: int, dp: int = 1, cp: int = 1, tp: in
                  "train.steps": STEPS, "train.global_batch": 4, "train.micro_batch": 1, "train.precision": "fp32"}
     return resolve(load_config(TINY, [f"{key}={value}" for key, value in overrides.items()],
                                world_size=world_size), world_size)
-
-
-def train_losses(config: Config, context: ParallelContext) -> dict:
-    dataset = build_dataset(config.data, config.model.vocab_size, config.train.seed)
-    model = build_model(config, context)
-    engine = build_engine(config, model, build_optimizer(model, config.train), context)
-    batches = BatchProvider(dataset, config.train.global_batch, config.train.micro_batch,
-                            context.dp_rank, context.dp_size)
-    losses, norms = [], []
-    for step in range(STEPS):
-        result = train_step(model, engine, batches.micro_batches(step), context, lr=learning_rate(step, config.train),
-                            grad_clip=config.train.grad_clip, precision=None)
-        losses.append(float(result.loss))
-        norms.append(float(result.grad_norm))
-    return {"losses": losses, "grad_norms": norms}
 
 
 def documents_alone(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -98,40 +81,48 @@ def _check_scheme(scheme: str, group: torch.distributed.ProcessGroup, layout: st
     return float(error)
 
 
-def _worker(rank: int, world_size: int, group: object, folder: str) -> dict:
-    errors = {}
-    for size in (2, 3, 4):
-        members = subgroup(size)
-        for layout in ("zigzag", "contiguous"):
-            for scheme in SCHEMES:
-                if members is not None:
-                    errors[f"{scheme}-P{size}-{layout}"] = _check_scheme(scheme, members, layout)
-    training = {}
-    for name, degrees, softmax in (("dp2-cp2-allgather", (2, 2, 1), "allgather"), ("cp2-tp2-ring", (1, 2, 2), "ring")):
-        config = packed_config(folder, world_size, *degrees, softmax=softmax)
-        context = ParallelContext.build(ParallelDegrees(*degrees), torch.device("cpu"), cp_layout="zigzag")
-        training[name] = train_losses(config, context)
-    return {"errors": errors, "training": training}
+def _kernel_case(group: torch.distributed.ProcessGroup, scheme: str, layout: str) -> str | None:
+    error = _check_scheme(scheme, group, layout)
+    return None if error < 1e-10 else f"largest difference {error:.3g} from the documents run alone"
 
 
-@pytest.fixture(scope="module")
-def prepared(tmp_path_factory: pytest.TempPathFactory) -> str:
-    folder = tmp_path_factory.mktemp("packed")
-    documents = make_documents(80, seed=11, max_words=20)
-    tokenizer = train_tokenizer(folder / "tokenizer.json", documents)
-    prepare(PrepareOptions(inputs=[str(write_jsonl(folder / "text.jsonl", documents))], tokenizer=str(tokenizer),
-                           out=str(folder / "prepared"), progress=False))
-    return str(folder / "prepared")
+# name -> (dp, cp, tp), cp_softmax
+TRAINING = {"dp2-cp2-allgather": ((2, 2, 1), "allgather"), "cp2-tp2-ring": ((1, 2, 2), "ring")}
 
 
-def test_packed_documents_on_four_ranks(prepared: str) -> None:
-    results = run_distributed(_worker, 4, prepared, timeout=300)
-    errors = {case: error for result in results for case, error in result["errors"].items()}
-    assert len(errors) == 6 * len(SCHEMES), errors  # every (scheme, P, layout) ran on some rank
-    assert max(errors.values()) < 1e-10, errors
-    reference = train_losses(packed_config(prepared, 1), ParallelContext.single_process())
-    for result in results:
-        for layout, training in result["training"].items():
-            for key in ("losses", "grad_norms"):
-                actual, expected = training[key], reference[key]
-                assert max(abs(a - e) / abs(e) for a, e in zip(actual, expected)) < 1e-5, (layout, key, actual)
+def _training_case(group: torch.distributed.ProcessGroup, name: str, folder: str, results_dir: str) -> str | None:
+    if problem := check_world(group):
+        return problem
+    degrees, softmax = TRAINING[name]
+    config = packed_config(folder, TRAINING_WORLD, *degrees, softmax=softmax)
+    context = ParallelContext.build(ParallelDegrees(*degrees), torch.device("cpu"), cp_layout="zigzag")
+    record(group, results_dir, f"{__name__}-{name}", train_losses(config, context))
+    return None
+
+
+def _cases() -> dict[str, SpawnedCase]:
+    cases = {f"{scheme}-P{size}-{layout}": SpawnedCase(size, _kernel_case, {"scheme": scheme, "layout": layout})
+             for size in (2, 3, 4) for layout in ("zigzag", "contiguous") for scheme in SCHEMES}
+    for name in TRAINING:
+        cases[f"train-{name}"] = SpawnedCase(TRAINING_WORLD, _training_case,
+                                             {"name": name, "folder": str(CORPUS), "results_dir": str(RESULTS_DIR)})
+    return cases
+
+
+CASES = register_cases(__name__, _cases(), prepare=prepare_corpus)
+
+
+@pytest.mark.parametrize("case", [case for case in CASES if not case.startswith("train-")])
+def test_packed_documents_kernels(case: str, case_results: dict[str, str | None]) -> None:
+    """Outputs and every input gradient against each document alone (float64, 1e-10)."""
+    assert_case_passed(case_results, case)
+
+
+@pytest.mark.parametrize("case", [case for case in CASES if case.startswith("train-")])
+def test_packed_documents_training(case: str, case_results: dict[str, str | None]) -> None:
+    """The same per-step losses and gradient norms as one process (1e-5)."""
+    assert_case_passed(case_results, case)
+    actual = recorded(RESULTS_DIR, f"{__name__}-{case.removeprefix('train-')}")
+    expected = one_process(f"{__name__}-reference",
+                           lambda: train_losses(packed_config(str(CORPUS), 1), ParallelContext.single_process()))
+    assert_same_steps(case, actual, expected, {"losses": 1e-5, "grad_norms": 1e-5})

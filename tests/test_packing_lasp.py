@@ -4,24 +4,28 @@
   single-device kernel in float64: outputs and the gradients of q, k, v and the log-decay (none,
   constant [H], per token). The [2, 24] batch has documents shorter than any chunk, starts exactly on
   rank and zigzag chunk seams, documents crossing several seams and a chunk holding several documents;
+- offsets without a row's start: one clear message;
 - the trainer on packed batches of a prepared folder, hybrid "LA" (constant decay) and "LLA"
-  (per-token decay) models, on cp2 and dp2 x cp2 against one process: the same per-step losses.
+  (per-token decay) models, dp2 x cp2 with each scheme on each layout, against one process: the same
+  per-step losses (recorded by the ranks, compared here: tests/spawned_training.py).
 
-Two spawns: 2 ranks (P = 2 and cp2 training), 4 ranks (P = 3, 4 and dp2 x cp2 training).
+Every case runs in the CP tests' shared spawn (tests/cp_reference.py), each its own test id.
 """
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import pytest
 import torch
 
-from distributed_utils import run_distributed, subgroup
+from cp_reference import SpawnedCase, assert_case_passed, case_results, register_cases  # noqa: F401 (fixture)
+from spawned_training import (CORPUS, RESULTS_DIR, TRAINING_WORLD, assert_same_steps, check_world, one_process,
+                              prepare_corpus, record, recorded, train_losses)
 from spindle import kernels
 from spindle.parallel import cp as context_parallel
 from spindle.parallel.layout import ParallelContext, ParallelDegrees
 from spindle.runtime.config import Config, load_config, resolve
-from test_packing_distributed import prepared, train_losses  # noqa: F401 (prepared: the corpus fixture)
 
 pytestmark = pytest.mark.slow
 
@@ -68,6 +72,7 @@ def documents_alone(q, k, v, log_decay=None) -> torch.Tensor:
     return torch.cat(rows)
 
 
+@functools.cache  # once per rank: the cases of a kind share it
 def reference(kind: str) -> list[torch.Tensor]:
     """[output, dq, dk, dv (, dlog_decay)] of documents_alone."""
     tensors, upstream = inputs(kind)
@@ -104,37 +109,51 @@ def packed_config(folder: str, world_size: int, model: str, dp: int = 1, cp: int
                                world_size=world_size), world_size)
 
 
-# name -> (model, (dp, cp), cp_linear, cp_layout), by the world size that trains it
-TRAINING = {2: {"cp2-LA-lasp2-zigzag": ("LA", (1, 2), "lasp2", "zigzag"),
-                "cp2-LLA-lasp1-contiguous": ("LLA", (1, 2), "lasp1", "contiguous")},
-            4: {"dp2-cp2-LLA-lasp2-zigzag": ("LLA", (2, 2), "lasp2", "zigzag"),
-                "dp2-cp2-LA-lasp1-zigzag": ("LA", (2, 2), "lasp1", "zigzag")}}
+def _kernel_case(group: torch.distributed.ProcessGroup, scheme: str, layout: str, kind: str) -> str | None:
+    error = check_case(scheme, group, layout, kind, reference(kind))
+    return None if error < 1e-12 else f"largest difference {error:.3g} from the documents run alone"
 
 
-def _worker(rank: int, world_size: int, group: object, folder: str) -> dict:
-    expected = {kind: reference(kind) for kind in DECAYS}
-    errors = {}
-    for size in ((2,) if world_size == 2 else (3, 4)):
-        members = subgroup(size)
-        if members is None:
-            continue
-        for scheme in OPS:
-            for layout in ("zigzag", "contiguous"):
-                for kind in DECAYS:
-                    errors[f"{scheme}-P{size}-{layout}-{kind}"] = check_case(scheme, members, layout, kind,
-                                                                             expected[kind])
-    if world_size == 2:  # offsets without the second row's start: one clear message on every rank
-        tensors, _ = inputs("none")
-        local = [context_parallel.shard(x, group, layout="zigzag") for x in tensors]
-        missing_row = torch.tensor([0, 3, 4, 6, 11, 12, 20, 32, 33, 41, 48], dtype=torch.int32)
-        with pytest.raises(ValueError, match="every row start"):
-            context_parallel.lasp2(*local, group, cu_seqlens=missing_row)
-    training = {}
-    for name, (model, (dp, cp), linear, layout) in TRAINING[world_size].items():
-        config = packed_config(folder, world_size, model, dp, cp, linear, layout)
-        context = ParallelContext.build(ParallelDegrees(dp, cp, 1), torch.device("cpu"), cp_layout=layout)
-        training[name] = (model, train_losses(config, context)["losses"])
-    return {"errors": errors, "training": training}
+def _missing_row_start(group: torch.distributed.ProcessGroup) -> str | None:
+    """Offsets without the second row's start: one clear message on every rank."""
+    tensors, _ = inputs("none")
+    local = [context_parallel.shard(x, group, layout="zigzag") for x in tensors]
+    missing_row = torch.tensor([0, 3, 4, 6, 11, 12, 20, 32, 33, 41, 48], dtype=torch.int32)
+    with pytest.raises(ValueError, match="every row start"):
+        context_parallel.lasp2(*local, group, cu_seqlens=missing_row)
+    return None
+
+
+# name -> (model, cp_linear, cp_layout), each on dp2 x cp2: both schemes and layouts, both models
+TRAINING = {"LA-lasp2-zigzag": ("LA", "lasp2", "zigzag"),
+            "LLA-lasp1-contiguous": ("LLA", "lasp1", "contiguous"),
+            "LLA-lasp2-zigzag": ("LLA", "lasp2", "zigzag"),
+            "LA-lasp1-zigzag": ("LA", "lasp1", "zigzag")}
+DP, CP = 2, 2
+
+
+def _training_case(group: torch.distributed.ProcessGroup, name: str, folder: str, results_dir: str) -> str | None:
+    if problem := check_world(group):
+        return problem
+    model, linear, layout = TRAINING[name]
+    config = packed_config(folder, TRAINING_WORLD, model, DP, CP, linear, layout)
+    context = ParallelContext.build(ParallelDegrees(DP, CP, 1), torch.device("cpu"), cp_layout=layout)
+    record(group, results_dir, f"{__name__}-{name}", train_losses(config, context))
+    return None
+
+
+def _cases() -> dict[str, SpawnedCase]:
+    cases = {f"{scheme}-P{size}-{layout}-{kind}": SpawnedCase(size, _kernel_case,
+                                                               {"scheme": scheme, "layout": layout, "kind": kind})
+             for size in (2, 3, 4) for scheme in OPS for layout in ("zigzag", "contiguous") for kind in DECAYS}
+    cases["missing-row-start"] = SpawnedCase(2, _missing_row_start)
+    for name in TRAINING:
+        cases[f"train-dp{DP}-cp{CP}-{name}"] = SpawnedCase(
+            TRAINING_WORLD, _training_case, {"name": name, "folder": str(CORPUS), "results_dir": str(RESULTS_DIR)})
+    return cases
+
+
+CASES = register_cases(__name__, _cases(), prepare=prepare_corpus)
 
 
 def test_documents_matter() -> None:
@@ -144,18 +163,18 @@ def test_documents_matter() -> None:
     assert float((plain - documents_alone(*tensors)).abs().max()) > 0.1
 
 
-@pytest.mark.parametrize("world_size", [2, 4], ids=["2-ranks", "4-ranks"])
-def test_lasp_with_packed_documents(prepared: str, world_size: int) -> None:  # noqa: F811
-    results = run_distributed(_worker, world_size, prepared, timeout=300)
-    errors = {case: error for result in results for case, error in result["errors"].items()}
-    sizes = (2,) if world_size == 2 else (3, 4)
-    assert len(errors) == len(sizes) * len(OPS) * 2 * len(DECAYS), sorted(errors)  # every case ran on some rank
-    assert max(errors.values()) < 1e-12, errors
-    references = {}
-    for result in results:
-        for name, (model, losses) in result["training"].items():
-            if model not in references:
-                references[model] = train_losses(packed_config(prepared, 1, model),
-                                                 ParallelContext.single_process())["losses"]
-            expected = references[model]
-            assert max(abs(a - e) / abs(e) for a, e in zip(losses, expected)) < 1e-5, (name, losses, expected)
+@pytest.mark.parametrize("case", [case for case in CASES if not case.startswith("train-")])
+def test_lasp_with_packed_documents(case: str, case_results: dict[str, str | None]) -> None:
+    """Output and every gradient against each document alone (float64, 1e-12), or the clear error."""
+    assert_case_passed(case_results, case)
+
+
+@pytest.mark.parametrize("case", [case for case in CASES if case.startswith("train-")])
+def test_lasp_training_on_packed_documents(case: str, case_results: dict[str, str | None]) -> None:
+    """The same per-step losses as one process (1e-5)."""
+    assert_case_passed(case_results, case)
+    name = case.removeprefix(f"train-dp{DP}-cp{CP}-")
+    model = TRAINING[name][0]
+    expected = one_process(f"{__name__}-{model}", lambda: train_losses(packed_config(str(CORPUS), 1, model),
+                                                                       ParallelContext.single_process()))
+    assert_same_steps(case, recorded(RESULTS_DIR, f"{__name__}-{name}"), expected, {"losses": 1e-5})
