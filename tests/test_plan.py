@@ -190,6 +190,10 @@ def test_block_bytes_equal_a_real_cpu_forward(case: str, precision: str) -> None
     layer = plan.layer_activations(kind, plan.shape_of(config), layout)
     assert layer.saved == real_saved_bytes(config, kind, bf16_weights=layout.bf16_parameters)
     assert layer.checkpoint == real_saved_bytes(config, kind, bf16_weights=layout.bf16_parameters, recompute=True)
+    if kind == "A" and layout.autocast:  # flash-attn's stand-in on fake tensors keeps what sdpa_cpu keeps here
+        gpu_layout = plan.layout_of(config, device_type="cuda")
+        assert plan.kernel_backends(plan.shape_of(config), gpu_layout)[1] == "flash_attn"
+        assert plan.layer_activations(kind, plan.shape_of(config), gpu_layout).saved == layer.saved
 
 
 @needs_triton
