@@ -3,9 +3,10 @@
 - the R mixer and the S mixer against a direct masked float64 formula (RoPE, window mask, φ feature
   map, delayed linear branch, per-branch RMSNorm), outputs and every gradient, under GQA;
 - config rules of `model.window` and the layer letters; FLOPs of R/S layers;
-- a tiny RLRA model trains the same per-step losses on one process, cp=2 (zigzag with LASP-2 and a
-  window above the 16-token chunk; contiguous with LASP-1 and a window above the 32-token chunk),
-  dp2 x cp2 and cp2 x tp2 (fp32, 1e-5), through the real build path of tests/test_composition.py.
+- a tiny RLRA model trains the same per-step losses on one process, dp2 x cp2 (zigzag with LASP-2 and a
+  window above the 16-token chunk; contiguous with LASP-1 and a window above the 32-token chunk) and
+  cp2 x tp2 (fp32, 1e-5), through the real build path of tests/test_composition.py, in the CP tests'
+  shared spawn (tests/cp_reference.py; the ranks record, this process compares: tests/spawned_training.py).
 """
 
 from __future__ import annotations
@@ -16,7 +17,9 @@ import pytest
 import torch
 from test_composition import TINY, overrides_of, train_layout
 
-from distributed_utils import run_distributed
+from cp_reference import SpawnedCase, assert_case_passed, case_results, register_cases  # noqa: F401 (fixture)
+from spawned_training import (RESULTS_DIR, TRAINING_WORLD, assert_same_steps, check_world, make_results_dir,
+                              one_process, record, recorded)
 from spindle.parallel.layout import ParallelContext, ParallelDegrees
 from spindle.runtime.config import ConfigError, load_config, resolve
 from spindle.runtime.layers import RAttention, RotaryEmbedding, SlidingWindowAttention, plus_minus_softmax
@@ -190,8 +193,10 @@ TOLERANCE = 1e-5
 BASE = ["model.layers=RLRA", "model.n_layers=4"]
 # tiny.yaml: seq_len 64; cp=2 chunks are 16 (zigzag) or 32 (contiguous) tokens
 # (windows below one rank's chunk are covered op by op in tests/test_cp_window.py)
-TWO_RANK = {"cp2-zigzag-w20": ("cp2-lasp2-zigzag", 20), "cp2-contiguous-lasp1-w40": ("cp2-lasp1-contiguous", 40)}
-FOUR_RANK = {"dp2-cp2-w20": ("dp2-cp2", 20), "cp2-tp2-w20": ("cp2-tp2", 20)}
+# case -> (layout, window), each on the 4-rank world (lasp2 and zigzag are the defaults)
+LAYOUTS = {"dp2-cp2-lasp2-zigzag-w20": ("dp2-cp2-lasp2-zigzag", 20),
+           "dp2-cp2-lasp1-contiguous-w40": ("dp2-cp2-lasp1-contiguous", 40),
+           "cp2-tp2-w20": ("cp2-tp2", 20)}
 
 
 def _config(layout: str, window: int, world_size: int):
@@ -199,31 +204,33 @@ def _config(layout: str, window: int, world_size: int):
     return resolve(load_config(TINY, settings, world_size=world_size), world_size)
 
 
-def _parity_worker(rank: int, world_size: int, group: object, cases: dict) -> dict | None:
-    results = {}
-    for name, (layout, window) in cases.items():
-        config = _config(layout, window, world_size)
-        degrees = ParallelDegrees.resolve(config.parallel.dp, config.parallel.cp, config.parallel.tp, world_size)
-        context = ParallelContext.build(degrees, torch.device("cpu"), cp_layout=config.parallel.cp_layout)
-        results[name] = train_layout(config, context)
-    return results if rank == 0 else None
+def _parity_case(group: torch.distributed.ProcessGroup, case: str, results_dir: str) -> str | None:
+    if problem := check_world(group):
+        return problem
+    layout, window = LAYOUTS[case]
+    config = _config(layout, window, TRAINING_WORLD)
+    degrees = ParallelDegrees.resolve(config.parallel.dp, config.parallel.cp, config.parallel.tp, TRAINING_WORLD)
+    context = ParallelContext.build(degrees, torch.device("cpu"), cp_layout=config.parallel.cp_layout)
+    result = train_layout(config, context)
+    record(group, results_dir, f"{__name__}-{case}", {key: result[key] for key in ("losses", "grad_norms")})
+    return None
+
+
+PARITY_CASES = register_cases(
+    __name__, {case: SpawnedCase(TRAINING_WORLD, _parity_case, {"case": case, "results_dir": str(RESULTS_DIR)})
+               for case in LAYOUTS}, prepare=make_results_dir)
 
 
 @pytest.mark.slow
-def test_rlra_model_same_losses_on_every_layout() -> None:
-    references = {window: train_layout(_config("dp1", window, 1), ParallelContext.single_process())
-                  for window in (20, 40)}
-    results = {**run_distributed(_parity_worker, 2, TWO_RANK, timeout=300)[0],
-               **run_distributed(_parity_worker, 4, FOUR_RANK, timeout=300)[0]}
-    cases = {**TWO_RANK, **FOUR_RANK}
-    for name, result in results.items():
-        reference = references[cases[name][1]]
-        assert all(math.isfinite(loss) for loss in reference["losses"])
-        assert reference["losses"][-1] != reference["losses"][0]  # it trained
-        for value, expected in zip(result["losses"], reference["losses"], strict=True):
-            assert abs(value - expected) <= TOLERANCE * abs(expected), (name, result["losses"], reference["losses"])
-        for value, expected in zip(result["grad_norms"], reference["grad_norms"], strict=True):
-            assert abs(value - expected) <= 1e-4 * abs(expected), (name, result["grad_norms"], reference["grad_norms"])
+@pytest.mark.parametrize("case", list(PARITY_CASES))
+def test_rlra_model_same_losses_on_every_layout(case: str, case_results: dict[str, str | None]) -> None:
+    assert_case_passed(case_results, case)
+    window = LAYOUTS[case][1]
+    reference = one_process(f"{__name__}-w{window}",
+                            lambda: train_layout(_config("dp1", window, 1), ParallelContext.single_process()))
+    assert all(math.isfinite(loss) for loss in reference["losses"])
+    assert_same_steps(case, recorded(RESULTS_DIR, f"{__name__}-{case}"), reference,
+                      {"losses": TOLERANCE, "grad_norms": 1e-4})
 
 
 # --------------------------------------------------------------------------- the planner's rows
