@@ -38,7 +38,13 @@ bin on PATH, one OMP thread, the cluster's auth token, no RAY_ADDRESS). ``bed.ht
 fetches a URL from inside a host's namespace (the test process itself lives outside every bed
 namespace and cannot reach 10.213.X.* directly; a helper thread enters the namespace for one request).
 
-The cluster uses Ray's token authentication with a token file private to the bed (0600).
+The cluster uses Ray's token authentication with a token file private to the bed (0600). The module
+fixture's head declares a silent node dead within about 5-10 s (``FAST_NODE_DEATH``).
+``SPINDLE_NETNS_KEEP_LOGS=1`` keeps the bed's directory (every host's Ray logs) after ``close()``.
+
+What is shared, unlike separate machines: the filesystem (a run directory under ``bed.root`` plays the
+shared storage), the hostname, and the process table (Ray finds "local" raylets and GCS servers by
+scanning it, so it sees every host's; spindle's driver therefore picks its node by address).
 ``netns_unavailable_reason()`` says why a bed cannot be built here (not root, no ``ip``, the kernel
 refuses namespaces or veth pairs), and the fixture skips with that reason.
 """
