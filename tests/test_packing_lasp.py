@@ -6,8 +6,8 @@
   rank and zigzag chunk seams, documents crossing several seams and a chunk holding several documents;
 - offsets without a row's start: one clear message;
 - the trainer on packed batches of a prepared folder, hybrid "LA" (constant decay) and "LLA"
-  (per-token decay) models, dp2 x cp2 with each scheme on each layout, against one process: the same
-  per-step losses (recorded by the ranks, compared here: tests/spawned_training.py).
+  (per-token decay) models, dp2 x cp2 (LASP-2 zigzag with both, LASP-1 zigzag and contiguous), against
+  one process: the same per-step losses (recorded by the ranks, compared here: tests/spawned_training.py).
 
 Every case runs in the CP tests' shared spawn (tests/cp_reference.py), each its own test id.
 """
@@ -124,7 +124,7 @@ def _missing_row_start(group: torch.distributed.ProcessGroup) -> str | None:
     return None
 
 
-# name -> (model, cp_linear, cp_layout), each on dp2 x cp2: both schemes and layouts, both models
+# name -> (model, cp_linear, cp_layout), each on dp2 x cp2
 TRAINING = {"LA-lasp2-zigzag": ("LA", "lasp2", "zigzag"),
             "LLA-lasp1-contiguous": ("LLA", "lasp1", "contiguous"),
             "LLA-lasp2-zigzag": ("LLA", "lasp2", "zigzag"),
