@@ -151,7 +151,8 @@ def case_results(request: pytest.FixtureRequest) -> dict[str, str | None]:
 
     The first request runs every selected case of every registered module (tests/test_cp_*.py, the packing
     and RAttention tests) in one spawn of as many gloo ranks as the largest case needs: starting four
-    processes on two cores costs more than most cases. Under -k only the selected cases run. Import this fixture into a test module to use it."""
+    processes on two cores costs more than most cases. Under -k only the selected cases run. Import this
+    fixture into a test module to use it."""
     pending = list(dict.fromkeys(key for key in _selected_keys(request.session) if key not in _RESULTS))
     if pending:
         for module in dict.fromkeys(module for module, _ in pending):
