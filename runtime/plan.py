@@ -444,7 +444,11 @@ def kernel_backends(shape: Shape, layout: Layout) -> tuple[str, str | None]:
     for windows; for fp32 on a GPU that stands for the memory-efficient kernel (o and lse alike) and math."""
     if layout.device_type == "cpu":
         return "torch", None
-    linear = "triton" if 16 <= shape.head_dim <= 256 else "torch"
+    import importlib.util
+
+    # without triton installed here the Triton kernel's saves cannot be read; the torch path stands in
+    triton = importlib.util.find_spec("triton") is not None
+    linear = "triton" if triton and 16 <= shape.head_dim <= 256 else "torch"
     return linear, ("flash_attn" if layout.autocast else None)
 
 
