@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install --quiet --upgrade pip setuptools wheel
 	$(PIP) install --quiet torch==$(TORCH_VERSION)
 	$(PIP) install --quiet -e '.[dev]'
-	DS_BUILD_OPS=0 $(PIP) install --quiet --no-build-isolation 'deepspeed>=0.16' 'megatron-core>=0.16,<0.17' || \
+	DS_BUILD_OPS=0 $(PIP) install --quiet --no-build-isolation 'deepspeed>=0.19,<0.20' 'megatron-core>=0.16,<0.17' || \
 	  echo "warning: deepspeed / megatron-core extras did not install; tests that need them will be skipped"
 	@# DeepSpeed JIT-builds a small shared-memory op with g++ on first use (minutes on 2 cores): build it once
 	@# here rather than inside the first test that initializes ZeRO.
