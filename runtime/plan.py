@@ -931,9 +931,6 @@ def flops(shape: Shape, layout: Layout) -> Flops:
         recompute = sum(counted.forward(kind, layout.seq_len)
                         for kind in shape.pattern if checkpointed(kind, layout.checkpointing))
         hardware_per_token = counted.step(layout.seq_len) + recompute
-    if layout.cp > 1 and LINEAR_BACKWARD_RECOMPUTES_FORWARD:
-        # the LASP backward reruns each linear layer's local forward kernel (cp_layer_cost)
-        hardware_per_token += shape.linear_layers * linear_kernel_flops(1, shape.heads, 1, shape.head_dim)
     if layout.cp_layout == "contiguous" and layout.cp > 1:
         # the last cp rank attends to the most keys: (2P−1)/P of the average
         attention = shape.softmax_layers * 6 * layout.seq_len * shape.dim
@@ -948,10 +945,10 @@ def flops(shape: Shape, layout: Layout) -> Flops:
 # Launch and synchronization cost of one dependent hop of LASP-1's chain on top of link latency (an
 # assumption: a point-to-point receive, a small kernel and a send per hop); docs/algorithms.md.
 LASP1_HOP_OVERHEAD_S = 20e-6
-# parallel/cp/linear.py's backward reruns the local forward kernel (to get gradients with the incoming
-# state held fixed) before the local backward: one extra forward per linear layer under CP.
-LINEAR_BACKWARD_RECOMPUTES_FORWARD = True
-LINEAR_BACKWARD_FACTOR = 2.0  # the chunked kernel's backward costs about two forwards
+# The chunked kernel's backward costs about two forwards. Under CP nothing is added: parallel/cp/linear.py
+# runs the local kernel as the differentiable op between its two state-exchange steps, so the LASP backward
+# is the kernel's own backward plus closed-form state terms, with no rerun of the local forward.
+LINEAR_BACKWARD_FACTOR = 2.0
 SOFTMAX_BACKWARD_FACTOR = 2.5  # flash-attention backward: about 2.5 forwards
 
 
@@ -1010,7 +1007,7 @@ def cp_layer_cost(scheme: str, shape: CpShape, bandwidth: float, latency: float,
     Compute runs at ``flop_rate``; every transfer costs latency + bytes / bandwidth per step of a ring
     (collectives over P ranks take P − 1 steps). Assumptions (docs/algorithms.md, "cost model"):
     - lasp2: one all-gather of the fp32 d×d states per direction; each overlaps the local kernel of its
-      direction (forward: the intra-rank forward; backward: the rerun forward and the local backward).
+      direction (forward: the intra-rank forward; backward: the local backward).
     - lasp1: the same bytes as a chain of P − 1 dependent hops per direction, each also paying
       LASP1_HOP_OVERHEAD_S; nothing to overlap, since a rank needs its incoming state to go on.
     - ring (zigzag): P equal steps; a hop moves local K and V (backward: also fp32 dK/dV) while a step
@@ -1022,7 +1019,7 @@ def cp_layer_cost(scheme: str, shape: CpShape, bandwidth: float, latency: float,
     p, n, b, d = shape.world_size, shape.local_tokens, shape.batch, shape.head_dim
     if scheme in ("lasp2", "lasp1"):
         forward = linear_kernel_flops(b, shape.heads, n, d) / flop_rate
-        backward = LINEAR_BACKWARD_FACTOR * forward + (forward if LINEAR_BACKWARD_RECOMPUTES_FORWARD else 0.0)
+        backward = LINEAR_BACKWARD_FACTOR * forward
         state = shape.states_per_rank * b * shape.heads * d * d * 4
         if p == 1:
             return CpLayerCost(scheme, forward, backward, 0.0, 0.0, 0.0)

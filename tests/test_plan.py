@@ -495,8 +495,10 @@ def test_lasp1_chain_is_serial_and_lasp2_overlaps() -> None:
     slow = plan.cp_layer_cost("lasp2", _cp_shape(64), bandwidth, latency, 1e9)
     assert slow.forward_exposed_s == 0 == slow.backward_exposed_s
     assert plan.cp_layer_cost("lasp1", _cp_shape(64), bandwidth, latency, 1e9).forward_exposed_s == pytest.approx(63 * hop)
-    # the backward reruns the local forward: 2 forwards of backward + 1 rerun
-    assert lasp2.backward_compute_s == pytest.approx(3 * lasp2.forward_compute_s)
+    # the backward is the kernel's own (LINEAR_BACKWARD_FACTOR forwards), with no rerun of the local forward
+    forward_flops = 2.0 * 32 * 32768 * (plan.LINEAR_CHUNK * 128 + 2 * 128 * 128)
+    assert lasp2.forward_compute_s == pytest.approx(forward_flops / rate)
+    assert lasp2.backward_compute_s == pytest.approx(plan.LINEAR_BACKWARD_FACTOR * forward_flops / rate)
 
 
 def test_ring_hides_hops_shorter_than_a_step_and_allgather_does_not() -> None:
