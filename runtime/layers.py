@@ -347,9 +347,12 @@ def single_device_rattention(local_q: torch.Tensor, local_k: torch.Tensor, resid
     documents = {} if cu_seqlens is None else {"cu_seqlens": cu_seqlens}
     local = kernels.attention(local_q, local_k, v, causal=True, window=window, scale=local_scale, **documents)
     groups = residual_q.shape[2] // residual_k.shape[2]
+    # recompute_states (Triton): the backward recomputes the fp32 chunk states, B·H·⌈T/C⌉·2hd·hd, instead
+    # of keeping them; at long T they are the largest thing the residual branch saves (5 GiB per layer at
+    # 1M tokens, head_dim 64), for one more state pass (2·2hd·hd FLOPs per token and head)
     residual, _ = kernels.linear_attention(
         residual_q, residual_k.repeat_interleave(groups, dim=2), v.repeat_interleave(groups, dim=2),
-        log_decay=log_decay, scale=residual_scale, delay=window, **documents)
+        log_decay=log_decay, scale=residual_scale, delay=window, recompute_states=True, **documents)
     return local, residual
 
 

@@ -322,7 +322,9 @@ def test_lasp2_beats_ring_at_long_sequences() -> None:
 # ---------------------------------------------------------------------------------------------
 # Presets, recommendation, check_fits
 # ---------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("path", PRESETS, ids=lambda p: p.name)
+# the R preset's fit rests on R's linear branch recomputing its chunk states (runtime/layers.py): keeping
+# them adds 5 GiB to the layer backward's peak and no longer fits an H200
+@pytest.mark.parametrize("path", [*PRESETS, REPO / "configs" / "rattention-1m-1gpu.yaml"], ids=lambda p: p.name)
 def test_presets_validate_and_fit(path: Path) -> None:
     config = load_config(path)
     result = plan.make_plan(config, "h200")
