@@ -91,12 +91,23 @@ def bind_gloo_to_node_address() -> tuple[str, str | None]:
     import psutil
     import ray
 
-    address = ray.util.get_node_ip_address()
+    address = node_address()
     interface = next((name for name, entries in psutil.net_if_addrs().items()
                       if any(entry.address == address for entry in entries)), None)
     if interface is not None:
         os.environ.setdefault("GLOO_SOCKET_IFNAME", interface)
     return address, interface
+
+
+def node_address() -> str:
+    """The address this worker's Ray node registered with (``ray start --node-ip-address``); a worker's own
+    guess (``ray.util.get_node_ip_address``) is the address that routes outward, another one on a
+    multi-homed host."""
+    import ray
+
+    node_id = ray.get_runtime_context().get_node_id()
+    registered = [node["NodeManagerAddress"] for node in ray.nodes() if node["NodeID"] == node_id]
+    return registered[0] if registered else ray.util.get_node_ip_address()
 
 
 class _NodeAddressTorchBackend(_TorchBackend):
