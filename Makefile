@@ -30,7 +30,7 @@ run: setup
 
 # pytest exits 5 when it collected nothing: that is a broken suite, not a pass.
 test: setup
-	@$(PY) -m pytest -q tests $(PYTEST_ARGS); rc=$$?; \
+	@$(PY) -m pytest -q --durations=25 tests $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "error: pytest collected no tests" >&2; exit 1; fi; exit $$rc
 
 clean:
